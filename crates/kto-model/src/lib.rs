@@ -1,0 +1,1 @@
+//! Llama-family models with LoRA adapters on candle.
