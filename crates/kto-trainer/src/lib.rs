@@ -1,1 +1,2 @@
-//! KTO training.
+//! KTO training against a frozen reference, matching TRL 1.16's `KTOTrainer`.
+pub mod config;
