@@ -1,0 +1,305 @@
+//! Checkpoint folders: written whole to a temporary folder, sealed with a manifest of sizes and SHA-256
+//! checksums, then renamed to `checkpoint-N`. A folder without a valid manifest is incomplete and never resumed
+//! from; pruning never deletes the only complete checkpoint.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::metrics::MetricsAccumulator;
+
+pub const MANIFEST: &str = "manifest.json";
+pub const TRAINER_STATE: &str = "trainer_state.json";
+pub const OPTIMIZER: &str = "optimizer.safetensors";
+pub const CONFIG: &str = "config.toml";
+pub const ADAPTER_DIR: &str = "adapter";
+
+/// Everything besides the adapter and optimizer needed to continue a run exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps taken; also the scheduler position (the schedule is a function of the step).
+    pub global_step: usize,
+    /// transformers' fractional `state.epoch` after the last step.
+    pub epoch: f64,
+    /// Data position: the epoch the next step belongs to and how many of its micro-batches are done.
+    pub epoch_index: usize,
+    pub micro_batches_done: usize,
+    /// The seed of the run's random streams (batch shuffling, dropout); positions are derived from the data position.
+    pub seed: u64,
+    /// Metric values accumulated since the last logged row.
+    pub metrics_pending: MetricsAccumulator,
+    /// Every `metrics.jsonl` row written so far.
+    pub metrics_rows: Vec<Map<String, Value>>,
+    /// The kto version that wrote the state: resuming needs the same arithmetic.
+    pub kto_version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ManifestEntry {
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub step: usize,
+    pub files: Vec<ManifestEntry>,
+}
+
+pub fn checkpoint_dir(output_dir: &Path, step: usize) -> PathBuf {
+    output_dir.join(format!("checkpoint-{step}"))
+}
+
+/// A sibling temporary path for an atomic write of `path`.
+pub fn temp_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// Writes `bytes` to a temporary sibling, then renames it over `path`.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temp_path(path);
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
+
+/// Creates `output_dir/checkpoint-<step>`: `fill` writes the files into a temporary folder, which is then sealed
+/// with a manifest and renamed into place (replacing an existing folder of the same step).
+pub fn write_checkpoint(output_dir: &Path, step: usize, fill: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+    std::fs::create_dir_all(output_dir).with_context(|| format!("creating {}", output_dir.display()))?;
+    let final_dir = checkpoint_dir(output_dir, step);
+    let tmp_dir = output_dir.join(format!(".checkpoint-{step}.tmp-{}", std::process::id()));
+    if tmp_dir.exists() {
+        std::fs::remove_dir_all(&tmp_dir)?;
+    }
+    std::fs::create_dir_all(&tmp_dir).with_context(|| format!("creating {}", tmp_dir.display()))?;
+    fill(&tmp_dir).with_context(|| format!("writing checkpoint {}", final_dir.display()))?;
+    let manifest = Manifest { step, files: list_files(&tmp_dir)? };
+    write_atomic(&tmp_dir.join(MANIFEST), serde_json::to_string_pretty(&manifest)?.as_bytes())?;
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).with_context(|| format!("replacing {}", final_dir.display()))?;
+    }
+    std::fs::rename(&tmp_dir, &final_dir)
+        .with_context(|| format!("renaming {} to {}", tmp_dir.display(), final_dir.display()))?;
+    Ok(final_dir)
+}
+
+/// Every file under `dir` (recursively, manifest excluded) with size and checksum, sorted by path.
+fn list_files(dir: &Path) -> Result<Vec<ManifestEntry>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).with_context(|| format!("listing {}", d.display()))? {
+            let path = entry?.path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let rel = path.strip_prefix(dir).expect("under dir").to_string_lossy().replace('\\', "/");
+            if rel == MANIFEST {
+                continue;
+            }
+            let (size, sha256) = file_digest(&path)?;
+            out.push(ManifestEntry { path: rel, size, sha256 });
+        }
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(out)
+}
+
+/// Size and SHA-256 (hex) of a file, streamed.
+pub fn file_digest(path: &Path) -> Result<(u64, String)> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        hasher.update(&buf[..n]);
+    }
+    Ok((size, hex(&hasher.finalize())))
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Reads the manifest and checks every listed file: present, same size and, with `verify_checksums`, same SHA-256.
+pub fn check_complete(dir: &Path, verify_checksums: bool) -> Result<Manifest> {
+    let path = dir.join(MANIFEST);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}: no manifest (incomplete checkpoint)", dir.display()))?;
+    let manifest: Manifest = serde_json::from_str(&text).with_context(|| format!("{}: unreadable", path.display()))?;
+    for entry in &manifest.files {
+        let file = dir.join(&entry.path);
+        let meta = std::fs::metadata(&file).with_context(|| format!("{}: listed in the manifest but missing", file.display()))?;
+        ensure!(meta.len() == entry.size, "{}: {} bytes, the manifest says {}", file.display(), meta.len(), entry.size);
+        if verify_checksums {
+            let (_, sha) = file_digest(&file)?;
+            ensure!(sha == entry.sha256, "{}: checksum mismatch (corrupted checkpoint)", file.display());
+        }
+    }
+    Ok(manifest)
+}
+
+/// The `checkpoint-N` folders under `output_dir`, newest (largest N) first.
+fn checkpoints_newest_first(output_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(output_dir) else { return Ok(found) };
+    for entry in entries {
+        let path = entry?.path();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if let Some(step) = name.strip_prefix("checkpoint-").and_then(|n| n.parse::<usize>().ok()) {
+            if path.is_dir() {
+                found.push((step, path));
+            }
+        }
+    }
+    found.sort_by(|a, b| b.0.cmp(&a.0));
+    Ok(found)
+}
+
+/// The newest checkpoint whose manifest checks out (sizes only; checksums are verified when resuming).
+pub fn latest_complete(output_dir: &Path) -> Result<Option<PathBuf>> {
+    for (_, dir) in checkpoints_newest_first(output_dir)? {
+        if check_complete(&dir, false).is_ok() {
+            return Ok(Some(dir));
+        }
+    }
+    Ok(None)
+}
+
+/// Keeps the `limit` newest complete checkpoints (`0` keeps all) and removes older ones, complete or not. The newest
+/// complete checkpoint is never removed, and nothing newer than it is touched (a run may be writing it).
+pub fn prune(output_dir: &Path, limit: usize) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    if limit == 0 {
+        return Ok(removed);
+    }
+    let mut complete_seen = 0;
+    for (_, dir) in checkpoints_newest_first(output_dir)? {
+        let complete = check_complete(&dir, false).is_ok();
+        if complete {
+            complete_seen += 1;
+            if complete_seen <= limit {
+                continue;
+            }
+        } else if complete_seen == 0 {
+            continue;
+        }
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing old checkpoint {}", dir.display()))?;
+        removed.push(dir);
+    }
+    Ok(removed)
+}
+
+impl TrainerState {
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        write_atomic(&dir.join(TRAINER_STATE), serde_json::to_string_pretty(self)?.as_bytes())
+    }
+
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join(TRAINER_STATE);
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let state: TrainerState = serde_json::from_str(&text).with_context(|| format!("{}: unreadable", path.display()))?;
+        if state.kto_version != env!("CARGO_PKG_VERSION") {
+            bail!(
+                "{}: written by kto {}, this is kto {}: resume with the same version",
+                path.display(),
+                state.kto_version,
+                env!("CARGO_PKG_VERSION")
+            );
+        }
+        Ok(state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, step: usize) -> Result<PathBuf> {
+        write_checkpoint(dir, step, |tmp| {
+            std::fs::write(tmp.join("a.bin"), vec![step as u8; 10])?;
+            std::fs::create_dir_all(tmp.join(ADAPTER_DIR))?;
+            std::fs::write(tmp.join(ADAPTER_DIR).join("b.json"), b"{}")?;
+            Ok(())
+        })
+    }
+
+    #[test]
+    fn manifest_lists_files_and_detects_damage() -> Result<()> {
+        let out = tempfile::tempdir()?;
+        let dir = write(out.path(), 3)?;
+        assert_eq!(dir, out.path().join("checkpoint-3"));
+        let manifest = check_complete(&dir, true)?;
+        let paths: Vec<&str> = manifest.files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(paths, vec!["a.bin", "adapter/b.json"]);
+        assert_eq!(manifest.files[0].size, 10);
+        std::fs::write(dir.join("a.bin"), vec![9u8; 10])?;
+        assert!(check_complete(&dir, false).is_ok(), "same size passes the quick check");
+        assert!(check_complete(&dir, true).is_err(), "checksum catches the change");
+        std::fs::write(dir.join("a.bin"), vec![9u8; 3])?;
+        assert!(check_complete(&dir, false).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn latest_complete_skips_incomplete_and_failed_writes() -> Result<()> {
+        let out = tempfile::tempdir()?;
+        assert!(latest_complete(out.path())?.is_none());
+        write(out.path(), 2)?;
+        write(out.path(), 10)?;
+        // a crashed save: folder without manifest
+        std::fs::create_dir_all(out.path().join("checkpoint-12"))?;
+        // a failed fill leaves no checkpoint-14
+        assert!(write_checkpoint(out.path(), 14, |_| bail!("disk full")).is_err());
+        assert!(!out.path().join("checkpoint-14").exists());
+        assert_eq!(latest_complete(out.path())?, Some(out.path().join("checkpoint-10")));
+        Ok(())
+    }
+
+    #[test]
+    fn prune_keeps_newest_complete() -> Result<()> {
+        let out = tempfile::tempdir()?;
+        for step in [1, 2, 3] {
+            write(out.path(), step)?;
+        }
+        std::fs::create_dir_all(out.path().join("checkpoint-4"))?; // incomplete, newer: untouched
+        let removed = prune(out.path(), 1)?;
+        assert_eq!(removed.len(), 2);
+        assert!(out.path().join("checkpoint-3").exists() && out.path().join("checkpoint-4").exists());
+        // Only one complete checkpoint: nothing more to delete even if it is damaged later.
+        std::fs::remove_file(out.path().join("checkpoint-3").join("a.bin"))?;
+        assert!(prune(out.path(), 1)?.is_empty());
+        assert!(prune(out.path(), 0)?.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn trainer_state_round_trips() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let state = TrainerState {
+            global_step: 5,
+            epoch: 1.25,
+            epoch_index: 1,
+            micro_batches_done: 2,
+            seed: 42,
+            metrics_pending: MetricsAccumulator::default(),
+            metrics_rows: vec![Map::new()],
+            kto_version: env!("CARGO_PKG_VERSION").into(),
+        };
+        state.save(dir.path())?;
+        assert_eq!(TrainerState::load(dir.path())?, state);
+        Ok(())
+    }
+}

@@ -1,0 +1,148 @@
+//! Held-out evaluation figures that TRL does not report: reward accuracy, reward AUROC and pair accuracy.
+//!
+//! Each sample has an implied reward `r = β·(log π(y|x) − log π_ref(y|x))` and, through its evaluation batch, a
+//! reference point `β·KL` (0 for apo_zero_unpaired). KTO's value is `σ(r − β·KL)` for a desirable sample and
+//! `σ(β·KL − r)` for an undesirable one, so a sample is on the right side when `r − β·KL` is > 0 (desirable) or
+//! < 0 (undesirable).
+
+use std::collections::BTreeMap;
+
+/// One evaluated sample.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScoredSample {
+    pub desirable: bool,
+    /// Implied reward β·logratio.
+    pub reward: f64,
+    /// β·KL of the sample's evaluation batch (0 when the loss has no KL term).
+    pub reference_point: f64,
+    /// Samples from one preference pair share an id.
+    pub pair_id: Option<u64>,
+}
+
+/// Fraction of samples on the right side of their reference point. `None` without samples.
+pub fn reward_accuracy(samples: &[ScoredSample]) -> Option<f64> {
+    if samples.is_empty() {
+        return None;
+    }
+    let right = samples
+        .iter()
+        .filter(|s| {
+            let margin = s.reward - s.reference_point;
+            if s.desirable {
+                margin > 0.0
+            } else {
+                margin < 0.0
+            }
+        })
+        .count();
+    Some(right as f64 / samples.len() as f64)
+}
+
+/// AUROC of the implied reward as a score for "desirable": the probability that a random desirable sample has a
+/// higher reward than a random undesirable one, ties counting half (Mann–Whitney U / (n₊·n₋)). `None` unless both
+/// classes are present.
+pub fn reward_auroc(samples: &[ScoredSample]) -> Option<f64> {
+    let positives = samples.iter().filter(|s| s.desirable).count();
+    let negatives = samples.len() - positives;
+    if positives == 0 || negatives == 0 {
+        return None;
+    }
+    let mut sorted: Vec<(f64, bool)> = samples.iter().map(|s| (s.reward, s.desirable)).collect();
+    sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
+    // Walk groups of equal scores: each positive beats every negative below the group and ties with the group's.
+    let mut negatives_below = 0usize;
+    let mut wins = 0.0f64;
+    let mut i = 0;
+    while i < sorted.len() {
+        let mut j = i;
+        while j < sorted.len() && sorted[j].0 == sorted[i].0 {
+            j += 1;
+        }
+        let group_pos = sorted[i..j].iter().filter(|s| s.1).count();
+        let group_neg = (j - i) - group_pos;
+        wins += group_pos as f64 * (negatives_below as f64 + 0.5 * group_neg as f64);
+        negatives_below += group_neg;
+        i = j;
+    }
+    Some(wins / (positives as f64 * negatives as f64))
+}
+
+/// Fraction of (chosen, rejected) combinations inside each pair with `reward(chosen) > reward(rejected)`. Pairs
+/// that lost a side (e.g. dropped for length) are skipped. `None` when no complete pair exists.
+pub fn pair_accuracy(samples: &[ScoredSample]) -> Option<f64> {
+    let mut pairs: BTreeMap<u64, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    for s in samples {
+        if let Some(id) = s.pair_id {
+            let entry = pairs.entry(id).or_default();
+            if s.desirable {
+                entry.0.push(s.reward);
+            } else {
+                entry.1.push(s.reward);
+            }
+        }
+    }
+    let (mut right, mut total) = (0usize, 0usize);
+    for (chosen, rejected) in pairs.values() {
+        for c in chosen {
+            for r in rejected {
+                total += 1;
+                if c > r {
+                    right += 1;
+                }
+            }
+        }
+    }
+    (total > 0).then(|| right as f64 / total as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(desirable: bool, reward: f64) -> ScoredSample {
+        ScoredSample { desirable, reward, reference_point: 0.0, pair_id: None }
+    }
+
+    #[test]
+    fn accuracy_uses_the_reference_point() {
+        let samples = [
+            s(true, 0.3),
+            s(true, -0.1),
+            s(false, -0.2),
+            s(false, 0.4),
+            ScoredSample { desirable: true, reward: 0.3, reference_point: 0.5, pair_id: None },
+        ];
+        assert_eq!(reward_accuracy(&samples), Some(2.0 / 5.0));
+        assert_eq!(reward_accuracy(&[s(true, 0.0)]), Some(0.0), "zero margin is not on the right side");
+        assert_eq!(reward_accuracy(&[]), None);
+    }
+
+    #[test]
+    fn auroc_hand_computed() {
+        // positives 3, 1; negatives 2, 0: pairs (3>2, 3>0, 1<2, 1>0) = 3/4
+        let samples = [s(true, 3.0), s(true, 1.0), s(false, 2.0), s(false, 0.0)];
+        assert_eq!(reward_auroc(&samples), Some(0.75));
+        // perfect separation and its reverse
+        assert_eq!(reward_auroc(&[s(true, 2.0), s(false, 1.0)]), Some(1.0));
+        assert_eq!(reward_auroc(&[s(true, 1.0), s(false, 2.0)]), Some(0.0));
+        // ties count half: positive 1 ties negative 1, beats negative 0 -> (0.5 + 1) / 2
+        assert_eq!(reward_auroc(&[s(true, 1.0), s(false, 1.0), s(false, 0.0)]), Some(0.75));
+        assert_eq!(reward_auroc(&[s(true, 1.0), s(true, 1.0)]), None);
+    }
+
+    #[test]
+    fn pair_accuracy_hand_computed() {
+        let p = |desirable, reward, id| ScoredSample { desirable, reward, reference_point: 0.0, pair_id: Some(id) };
+        let samples = [
+            p(true, 0.5, 1),
+            p(false, 0.1, 1),
+            p(true, -0.3, 2),
+            p(false, 0.2, 2),
+            p(true, 0.9, 3), // lost its rejected side: skipped
+            s(false, 5.0),
+        ];
+        assert_eq!(pair_accuracy(&samples), Some(0.5));
+        assert_eq!(pair_accuracy(&[s(true, 1.0)]), None);
+        assert_eq!(pair_accuracy(&[p(true, 1.0, 7), p(false, 1.0, 7)]), Some(0.0), "a tie is not a win");
+    }
+}
