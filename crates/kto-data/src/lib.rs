@@ -1,12 +1,18 @@
 //! Preference data for KTO: input formats, HH-RLHF conversion, TRL's tokenization, batches.
+//!
+//! text files → [`formats`] (+ [`hh`]) → [`Sample`]s → [`tokenize`] (+ [`chat_template`]) → [`TokenizedSample`]s
+//! → [`batch`] → [`SequenceBatch`]es; [`balance`] for class weights; [`prepare`] for `kto prepare`.
+pub mod balance;
 pub mod batch;
 pub mod chat_template;
 pub mod drops;
 pub mod formats;
 pub mod hh;
+pub mod prepare;
 pub mod sample;
 pub mod tokenize;
 
-pub use batch::SequenceBatch;
-pub use formats::Format;
+pub use batch::{BatchConfig, BatchOrder, KlPairing, MicroBatch, MicroBatches, SequenceBatch};
+pub use formats::{Format, ReadOptions, ReadReport};
 pub use sample::{Message, Sample, Text};
+pub use tokenize::{TokenizationConfig, TokenizedSample, TokenizerBundle, TruncationMode};
