@@ -56,7 +56,10 @@ pub fn checkpoint_dir(output_dir: &Path, step: usize) -> PathBuf {
 
 /// A sibling temporary path for an atomic write of `path`.
 pub fn temp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
@@ -64,14 +67,20 @@ pub fn temp_path(path: &Path) -> PathBuf {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = temp_path(path);
     std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     Ok(())
 }
 
 /// Creates `output_dir/checkpoint-<step>`: `fill` writes the files into a temporary folder, which is then sealed
 /// with a manifest and renamed into place (replacing an existing folder of the same step).
-pub fn write_checkpoint(output_dir: &Path, step: usize, fill: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
-    std::fs::create_dir_all(output_dir).with_context(|| format!("creating {}", output_dir.display()))?;
+pub fn write_checkpoint(
+    output_dir: &Path,
+    step: usize,
+    fill: impl FnOnce(&Path) -> Result<()>,
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(output_dir)
+        .with_context(|| format!("creating {}", output_dir.display()))?;
     let final_dir = checkpoint_dir(output_dir, step);
     let tmp_dir = output_dir.join(format!(".checkpoint-{step}.tmp-{}", std::process::id()));
     if tmp_dir.exists() {
@@ -79,10 +88,17 @@ pub fn write_checkpoint(output_dir: &Path, step: usize, fill: impl FnOnce(&Path)
     }
     std::fs::create_dir_all(&tmp_dir).with_context(|| format!("creating {}", tmp_dir.display()))?;
     fill(&tmp_dir).with_context(|| format!("writing checkpoint {}", final_dir.display()))?;
-    let manifest = Manifest { step, files: list_files(&tmp_dir)? };
-    write_atomic(&tmp_dir.join(MANIFEST), serde_json::to_string_pretty(&manifest)?.as_bytes())?;
+    let manifest = Manifest {
+        step,
+        files: list_files(&tmp_dir)?,
+    };
+    write_atomic(
+        &tmp_dir.join(MANIFEST),
+        serde_json::to_string_pretty(&manifest)?.as_bytes(),
+    )?;
     if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).with_context(|| format!("replacing {}", final_dir.display()))?;
+        std::fs::remove_dir_all(&final_dir)
+            .with_context(|| format!("replacing {}", final_dir.display()))?;
     }
     std::fs::rename(&tmp_dir, &final_dir)
         .with_context(|| format!("renaming {} to {}", tmp_dir.display(), final_dir.display()))?;
@@ -100,12 +116,20 @@ fn list_files(dir: &Path) -> Result<Vec<ManifestEntry>> {
                 stack.push(path);
                 continue;
             }
-            let rel = path.strip_prefix(dir).expect("under dir").to_string_lossy().replace('\\', "/");
+            let rel = path
+                .strip_prefix(dir)
+                .expect("under dir")
+                .to_string_lossy()
+                .replace('\\', "/");
             if rel == MANIFEST {
                 continue;
             }
             let (size, sha256) = file_digest(&path)?;
-            out.push(ManifestEntry { path: rel, size, sha256 });
+            out.push(ManifestEntry {
+                path: rel,
+                size,
+                sha256,
+            });
         }
     }
     out.sort_by(|a, b| a.path.cmp(&b.path));
@@ -115,12 +139,15 @@ fn list_files(dir: &Path) -> Result<Vec<ManifestEntry>> {
 /// Size and SHA-256 (hex) of a file, streamed.
 pub fn file_digest(path: &Path) -> Result<(u64, String)> {
     use std::io::Read;
-    let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
     loop {
-        let n = file.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        let n = file
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
         if n == 0 {
             break;
         }
@@ -137,15 +164,28 @@ pub fn hex(bytes: &[u8]) -> String {
 /// Reads the manifest and checks every listed file: present, same size and, with `verify_checksums`, same SHA-256.
 pub fn check_complete(dir: &Path, verify_checksums: bool) -> Result<Manifest> {
     let path = dir.join(MANIFEST);
-    let text = std::fs::read_to_string(&path).with_context(|| format!("{}: no manifest (incomplete checkpoint)", dir.display()))?;
-    let manifest: Manifest = serde_json::from_str(&text).with_context(|| format!("{}: unreadable", path.display()))?;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("{}: no manifest (incomplete checkpoint)", dir.display()))?;
+    let manifest: Manifest =
+        serde_json::from_str(&text).with_context(|| format!("{}: unreadable", path.display()))?;
     for entry in &manifest.files {
         let file = dir.join(&entry.path);
-        let meta = std::fs::metadata(&file).with_context(|| format!("{}: listed in the manifest but missing", file.display()))?;
-        ensure!(meta.len() == entry.size, "{}: {} bytes, the manifest says {}", file.display(), meta.len(), entry.size);
+        let meta = std::fs::metadata(&file)
+            .with_context(|| format!("{}: listed in the manifest but missing", file.display()))?;
+        ensure!(
+            meta.len() == entry.size,
+            "{}: {} bytes, the manifest says {}",
+            file.display(),
+            meta.len(),
+            entry.size
+        );
         if verify_checksums {
             let (_, sha) = file_digest(&file)?;
-            ensure!(sha == entry.sha256, "{}: checksum mismatch (corrupted checkpoint)", file.display());
+            ensure!(
+                sha == entry.sha256,
+                "{}: checksum mismatch (corrupted checkpoint)",
+                file.display()
+            );
         }
     }
     Ok(manifest)
@@ -154,11 +194,19 @@ pub fn check_complete(dir: &Path, verify_checksums: bool) -> Result<Manifest> {
 /// The `checkpoint-N` folders under `output_dir`, newest (largest N) first.
 fn checkpoints_newest_first(output_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
     let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir(output_dir) else { return Ok(found) };
+    let Ok(entries) = std::fs::read_dir(output_dir) else {
+        return Ok(found);
+    };
     for entry in entries {
         let path = entry?.path();
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        if let Some(step) = name.strip_prefix("checkpoint-").and_then(|n| n.parse::<usize>().ok()) {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if let Some(step) = name
+            .strip_prefix("checkpoint-")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
             if path.is_dir() {
                 found.push((step, path));
             }
@@ -196,7 +244,8 @@ pub fn prune(output_dir: &Path, limit: usize) -> Result<Vec<PathBuf>> {
         } else if complete_seen == 0 {
             continue;
         }
-        std::fs::remove_dir_all(&dir).with_context(|| format!("removing old checkpoint {}", dir.display()))?;
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("removing old checkpoint {}", dir.display()))?;
         removed.push(dir);
     }
     Ok(removed)
@@ -204,13 +253,18 @@ pub fn prune(output_dir: &Path, limit: usize) -> Result<Vec<PathBuf>> {
 
 impl TrainerState {
     pub fn save(&self, dir: &Path) -> Result<()> {
-        write_atomic(&dir.join(TRAINER_STATE), serde_json::to_string_pretty(self)?.as_bytes())
+        write_atomic(
+            &dir.join(TRAINER_STATE),
+            serde_json::to_string_pretty(self)?.as_bytes(),
+        )
     }
 
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join(TRAINER_STATE);
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let state: TrainerState = serde_json::from_str(&text).with_context(|| format!("{}: unreadable", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let state: TrainerState = serde_json::from_str(&text)
+            .with_context(|| format!("{}: unreadable", path.display()))?;
         if state.kto_version != env!("CARGO_PKG_VERSION") {
             bail!(
                 "{}: written by kto {}, this is kto {}: resume with the same version",
@@ -246,8 +300,14 @@ mod tests {
         assert_eq!(paths, vec!["a.bin", "adapter/b.json"]);
         assert_eq!(manifest.files[0].size, 10);
         std::fs::write(dir.join("a.bin"), vec![9u8; 10])?;
-        assert!(check_complete(&dir, false).is_ok(), "same size passes the quick check");
-        assert!(check_complete(&dir, true).is_err(), "checksum catches the change");
+        assert!(
+            check_complete(&dir, false).is_ok(),
+            "same size passes the quick check"
+        );
+        assert!(
+            check_complete(&dir, true).is_err(),
+            "checksum catches the change"
+        );
         std::fs::write(dir.join("a.bin"), vec![9u8; 3])?;
         assert!(check_complete(&dir, false).is_err());
         Ok(())
@@ -264,7 +324,10 @@ mod tests {
         // a failed fill leaves no checkpoint-14
         assert!(write_checkpoint(out.path(), 14, |_| bail!("disk full")).is_err());
         assert!(!out.path().join("checkpoint-14").exists());
-        assert_eq!(latest_complete(out.path())?, Some(out.path().join("checkpoint-10")));
+        assert_eq!(
+            latest_complete(out.path())?,
+            Some(out.path().join("checkpoint-10"))
+        );
         Ok(())
     }
 
@@ -277,7 +340,9 @@ mod tests {
         std::fs::create_dir_all(out.path().join("checkpoint-4"))?; // incomplete, newer: untouched
         let removed = prune(out.path(), 1)?;
         assert_eq!(removed.len(), 2);
-        assert!(out.path().join("checkpoint-3").exists() && out.path().join("checkpoint-4").exists());
+        assert!(
+            out.path().join("checkpoint-3").exists() && out.path().join("checkpoint-4").exists()
+        );
         // Only one complete checkpoint: nothing more to delete even if it is damaged later.
         std::fs::remove_file(out.path().join("checkpoint-3").join("a.bin"))?;
         assert!(prune(out.path(), 1)?.is_empty());

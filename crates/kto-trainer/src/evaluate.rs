@@ -7,6 +7,68 @@
 
 use std::collections::BTreeMap;
 
+use anyhow::Result;
+use kto_data::batch::MicroBatch;
+use serde_json::{Map, Value};
+
+use crate::forward::{score_micro_batch, PolicyModel, Reference};
+use crate::loss::LossSettings;
+use crate::metrics::{json_f64, MetricsAccumulator};
+
+/// Evaluates the policy on `batches` (the held-out set in dataset order): TRL's `eval_*` metrics (each averaged over
+/// batches, `eval_loss` weighted by batch size as transformers' evaluation loop does) plus reward accuracy, AUROC and,
+/// when samples carry pair ids, pair accuracy. `train_tokens` is the training token count TRL repeats as
+/// `eval_num_tokens`.
+pub fn evaluate_batches<M: PolicyModel>(
+    model: &M,
+    batches: impl Iterator<Item = MicroBatch>,
+    reference: Reference,
+    settings: &LossSettings,
+    train_tokens: u64,
+) -> Result<Map<String, Value>> {
+    let mut acc = MetricsAccumulator::default();
+    let mut scored = Vec::new();
+    let (mut loss_sum, mut count) = (0.0f64, 0usize);
+    for batch in batches {
+        let out = score_micro_batch(model, &batch, reference, settings, false)?;
+        let rows = batch.labels.len();
+        loss_sum += out.loss.loss.to_scalar::<f32>()? as f64 * rows as f64;
+        count += rows;
+        acc.add_eval_batch(&out.metrics);
+        let reference_point = settings.beta * out.loss.kl as f64;
+        for (i, &desirable) in batch.labels.iter().enumerate() {
+            scored.push(ScoredSample {
+                desirable,
+                reward: out.loss.rewards[i] as f64,
+                reference_point,
+                pair_id: batch.pairs[i],
+            });
+        }
+    }
+    let mut row = Map::new();
+    row.insert(
+        "eval_loss".into(),
+        json_f64(if count > 0 {
+            loss_sum / count as f64
+        } else {
+            f64::NAN
+        }),
+    );
+    row.extend(acc.take_eval_metrics(train_tokens));
+    let figures = [
+        ("eval_reward_accuracy", reward_accuracy(&scored)),
+        ("eval_reward_auroc", reward_auroc(&scored)),
+        ("eval_pair_accuracy", pair_accuracy(&scored)),
+    ];
+    for (name, value) in figures {
+        if let Some(v) = value {
+            row.insert(name.into(), json_f64(v));
+        }
+    }
+    row.insert("eval_samples".into(), Value::from(count));
+    Ok(row)
+}
+
 /// One evaluated sample.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ScoredSample {
@@ -100,7 +162,12 @@ mod tests {
     use super::*;
 
     fn s(desirable: bool, reward: f64) -> ScoredSample {
-        ScoredSample { desirable, reward, reference_point: 0.0, pair_id: None }
+        ScoredSample {
+            desirable,
+            reward,
+            reference_point: 0.0,
+            pair_id: None,
+        }
     }
 
     #[test]
@@ -110,10 +177,19 @@ mod tests {
             s(true, -0.1),
             s(false, -0.2),
             s(false, 0.4),
-            ScoredSample { desirable: true, reward: 0.3, reference_point: 0.5, pair_id: None },
+            ScoredSample {
+                desirable: true,
+                reward: 0.3,
+                reference_point: 0.5,
+                pair_id: None,
+            },
         ];
         assert_eq!(reward_accuracy(&samples), Some(2.0 / 5.0));
-        assert_eq!(reward_accuracy(&[s(true, 0.0)]), Some(0.0), "zero margin is not on the right side");
+        assert_eq!(
+            reward_accuracy(&[s(true, 0.0)]),
+            Some(0.0),
+            "zero margin is not on the right side"
+        );
         assert_eq!(reward_accuracy(&[]), None);
     }
 
@@ -126,13 +202,21 @@ mod tests {
         assert_eq!(reward_auroc(&[s(true, 2.0), s(false, 1.0)]), Some(1.0));
         assert_eq!(reward_auroc(&[s(true, 1.0), s(false, 2.0)]), Some(0.0));
         // ties count half: positive 1 ties negative 1, beats negative 0 -> (0.5 + 1) / 2
-        assert_eq!(reward_auroc(&[s(true, 1.0), s(false, 1.0), s(false, 0.0)]), Some(0.75));
+        assert_eq!(
+            reward_auroc(&[s(true, 1.0), s(false, 1.0), s(false, 0.0)]),
+            Some(0.75)
+        );
         assert_eq!(reward_auroc(&[s(true, 1.0), s(true, 1.0)]), None);
     }
 
     #[test]
     fn pair_accuracy_hand_computed() {
-        let p = |desirable, reward, id| ScoredSample { desirable, reward, reference_point: 0.0, pair_id: Some(id) };
+        let p = |desirable, reward, id| ScoredSample {
+            desirable,
+            reward,
+            reference_point: 0.0,
+            pair_id: Some(id),
+        };
         let samples = [
             p(true, 0.5, 1),
             p(false, 0.1, 1),
@@ -143,6 +227,10 @@ mod tests {
         ];
         assert_eq!(pair_accuracy(&samples), Some(0.5));
         assert_eq!(pair_accuracy(&[s(true, 1.0)]), None);
-        assert_eq!(pair_accuracy(&[p(true, 1.0, 7), p(false, 1.0, 7)]), Some(0.0), "a tie is not a win");
+        assert_eq!(
+            pair_accuracy(&[p(true, 1.0, 7), p(false, 1.0, 7)]),
+            Some(0.0),
+            "a tie is not a win"
+        );
     }
 }

@@ -56,10 +56,17 @@ pub fn kto_loss(inputs: &LossInputs, settings: &LossSettings) -> Result<LossOutp
     let policy = inputs.policy_logps.to_dtype(DType::F32)?;
     let reference = inputs.reference_logps.to_dtype(DType::F32)?.detach();
 
-    let kl = match (settings.loss_type.uses_kl(), inputs.policy_kl_logps, inputs.reference_kl_logps) {
+    let kl = match (
+        settings.loss_type.uses_kl(),
+        inputs.policy_kl_logps,
+        inputs.reference_kl_logps,
+    ) {
         (false, _, _) => 0.0f32,
         (true, Some(p), Some(r)) => {
-            ensure!(p.dims() == [rows] && r.dims() == [rows], "KL log-prob tensors must have shape [{rows}]");
+            ensure!(
+                p.dims() == [rows] && r.dims() == [rows],
+                "KL log-prob tensors must have shape [{rows}]"
+            );
             let diff = (p.to_dtype(DType::F32)?.detach() - r.to_dtype(DType::F32)?.detach())?;
             // mean() in f32, then clamp(min=0), as TRL (the clamp also maps -0.0 to 0.0 there: max(x, 0)).
             let mean = diff.mean_all()?.to_scalar::<f32>()?;
@@ -69,12 +76,18 @@ pub fn kto_loss(inputs: &LossInputs, settings: &LossSettings) -> Result<LossOutp
                 mean.max(0.0)
             }
         }
-        (true, _, _) => anyhow::bail!("loss_type kto needs the policy and reference log-probs of the KL pairs"),
+        (true, _, _) => {
+            anyhow::bail!("loss_type kto needs the policy and reference log-probs of the KL pairs")
+        }
     };
 
     let logratios = (&policy - &reference)?;
-    let chosen_idx: Vec<u32> = (0..rows as u32).filter(|&i| inputs.labels[i as usize]).collect();
-    let rejected_idx: Vec<u32> = (0..rows as u32).filter(|&i| !inputs.labels[i as usize]).collect();
+    let chosen_idx: Vec<u32> = (0..rows as u32)
+        .filter(|&i| inputs.labels[i as usize])
+        .collect();
+    let rejected_idx: Vec<u32> = (0..rows as u32)
+        .filter(|&i| !inputs.labels[i as usize])
+        .collect();
     let beta = settings.beta;
     let mut parts = Vec::with_capacity(2);
     if !chosen_idx.is_empty() {
@@ -82,7 +95,9 @@ pub fn kto_loss(inputs: &LossInputs, settings: &LossSettings) -> Result<LossOutp
         let lr = logratios.index_select(&idx, 0)?;
         let losses = match settings.loss_type {
             // Eq. (7) of the KTO paper: 1 - sigmoid(beta * (logratio - KL))
-            LossType::Kto => one_minus(&candle_nn::ops::sigmoid(&scale(&shift(&lr, -kl)?, beta)?)?)?,
+            LossType::Kto => {
+                one_minus(&candle_nn::ops::sigmoid(&scale(&shift(&lr, -kl)?, beta)?)?)?
+            }
             LossType::ApoZeroUnpaired => one_minus(&candle_nn::ops::sigmoid(&scale(&lr, beta)?)?)?,
         };
         parts.push(scale(&losses, settings.desirable_weight)?);
@@ -92,7 +107,10 @@ pub fn kto_loss(inputs: &LossInputs, settings: &LossSettings) -> Result<LossOutp
         let lr = logratios.index_select(&idx, 0)?;
         let losses = match settings.loss_type {
             // 1 - sigmoid(beta * (KL - logratio))
-            LossType::Kto => one_minus(&candle_nn::ops::sigmoid(&scale(&shift(&lr.neg()?, kl)?, beta)?)?)?,
+            LossType::Kto => one_minus(&candle_nn::ops::sigmoid(&scale(
+                &shift(&lr.neg()?, kl)?,
+                beta,
+            )?)?)?,
             LossType::ApoZeroUnpaired => candle_nn::ops::sigmoid(&scale(&lr, beta)?)?,
         };
         parts.push(scale(&losses, settings.undesirable_weight)?);
@@ -102,7 +120,12 @@ pub fn kto_loss(inputs: &LossInputs, settings: &LossSettings) -> Result<LossOutp
 
     let rewards = scale(&logratios.detach(), beta)?.to_vec1::<f32>()?;
     let policy_logps = policy.detach().to_vec1::<f32>()?;
-    Ok(LossOutput { loss, kl, rewards, policy_logps })
+    Ok(LossOutput {
+        loss,
+        kl,
+        rewards,
+        policy_logps,
+    })
 }
 
 /// `x * factor` with the factor rounded to f32 first, as torch multiplies an f32 tensor by a Python float.
@@ -125,9 +148,9 @@ pub struct RowStats {
     /// Completion tokens scored per row.
     pub completion_tokens: Vec<usize>,
     /// Per row, the sum over completion positions of the vocabulary-mean logit.
-    pub mean_logit_sums: Vec<f32>,
+    pub mean_logit_sums: Vec<f64>,
     /// Per row, the sum over completion positions of the entropy of the next-token distribution.
-    pub entropy_sums: Vec<f32>,
+    pub entropy_sums: Vec<f64>,
     /// Real (non-pad) tokens per row of the target sequences (TRL's `attention_mask.sum()`).
     pub sequence_tokens: Vec<usize>,
 }
@@ -153,24 +176,37 @@ pub struct MicroBatchMetrics {
 pub fn batch_metrics(labels: &[bool], out: &LossOutput, rows: &RowStats) -> MicroBatchMetrics {
     let n = labels.len();
     debug_assert!(rows.completion_tokens.len() == n && rows.entropy_sums.len() == n);
-    // TRL: (entropy_sum / total_tokens).item(): an f32 division.
-    let entropy_sum: f32 = rows.entropy_sums.iter().sum();
+    // TRL: entropy_sum / total_tokens over every completion token of the micro-batch.
+    let entropy_sum: f64 = rows.entropy_sums.iter().sum();
     let total_tokens: usize = rows.completion_tokens.iter().sum();
-    let entropy = if total_tokens > 0 { (entropy_sum / total_tokens as f32) as f64 } else { 0.0 };
+    let entropy = if total_tokens > 0 {
+        entropy_sum / total_tokens as f64
+    } else {
+        0.0
+    };
 
     let class_mean = |want: bool, values: &[f32]| -> Option<f64> {
         let count = labels.iter().filter(|&&l| l == want).count();
         (count > 0).then(|| {
             // nansum in f32, then `.item() / count` in f64.
-            let sum: f32 = (0..n).filter(|&i| labels[i] == want && !values[i].is_nan()).map(|i| values[i]).sum();
+            let sum: f32 = (0..n)
+                .filter(|&i| labels[i] == want && !values[i].is_nan())
+                .map(|i| values[i])
+                .sum();
             sum as f64 / count as f64
         })
     };
     let logits_mean = |want: bool| -> Option<f64> {
-        let tokens: usize = (0..n).filter(|&i| labels[i] == want).map(|i| rows.completion_tokens[i]).sum();
+        let tokens: usize = (0..n)
+            .filter(|&i| labels[i] == want)
+            .map(|i| rows.completion_tokens[i])
+            .sum();
         (tokens > 0).then(|| {
-            let sum: f32 = (0..n).filter(|&i| labels[i] == want).map(|i| rows.mean_logit_sums[i]).sum();
-            sum as f64 / tokens as f64
+            let sum: f64 = (0..n)
+                .filter(|&i| labels[i] == want)
+                .map(|i| rows.mean_logit_sums[i])
+                .sum();
+            sum / tokens as f64
         })
     };
     let rewards_chosen = class_mean(true, &out.rewards);
@@ -202,7 +238,12 @@ mod tests {
     }
 
     fn settings(loss_type: LossType, beta: f64, wd: f64, wu: f64) -> LossSettings {
-        LossSettings { loss_type, beta, desirable_weight: wd, undesirable_weight: wu }
+        LossSettings {
+            loss_type,
+            beta,
+            desirable_weight: wd,
+            undesirable_weight: wu,
+        }
     }
 
     #[test]
@@ -225,7 +266,10 @@ mod tests {
         // KL = mean(0.5, -1, -1) < 0 -> clamped to 0
         assert_eq!(out.kl, 0.0);
         let lr = [1.0f64, -2.0, 0.5];
-        let expected = ((1.0 - sigmoid(0.5 * lr[0])) + (1.0 - sigmoid(0.5 * lr[2])) + 1.5 * (1.0 - sigmoid(-0.5 * lr[1]))) / 3.0;
+        let expected = ((1.0 - sigmoid(0.5 * lr[0]))
+            + (1.0 - sigmoid(0.5 * lr[2]))
+            + 1.5 * (1.0 - sigmoid(-0.5 * lr[1])))
+            / 3.0;
         let got = out.loss.to_scalar::<f32>()? as f64;
         assert!((got - expected).abs() < 1e-6, "{got} vs {expected}");
         assert_eq!(out.rewards, vec![0.5, -1.0, 0.25]);
@@ -324,7 +368,11 @@ mod tests {
 
         let only_chosen = [true, true, true];
         let m = batch_metrics(&only_chosen, &out, &rows);
-        assert!(m.rewards_rejected.is_none() && m.rewards_margins.is_none() && m.logits_rejected.is_none());
+        assert!(
+            m.rewards_rejected.is_none()
+                && m.rewards_margins.is_none()
+                && m.logits_rejected.is_none()
+        );
         Ok(())
     }
 }

@@ -111,7 +111,10 @@ impl MetricsAccumulator {
                 row.insert(format!("{prefix}{name}"), json_f64(mean));
             }
         }
-        row.insert(format!("{prefix}num_tokens"), json_f64(self.total_tokens as f64));
+        row.insert(
+            format!("{prefix}num_tokens"),
+            json_f64(self.total_tokens as f64),
+        );
         row
     }
 
@@ -125,8 +128,15 @@ impl MetricsAccumulator {
         row.insert("grad_norm".into(), json_f64(info.grad_norm));
         row.insert("learning_rate".into(), json_f64(info.learning_rate));
         row.extend(self.averaged(""));
-        let per_second = if elapsed_seconds > 0.0 { self.samples_since_log as f64 / elapsed_seconds } else { 0.0 };
-        row.insert("samples_per_second".into(), json_f64((per_second * 1000.0).round() / 1000.0));
+        let per_second = if elapsed_seconds > 0.0 {
+            self.samples_since_log as f64 / elapsed_seconds
+        } else {
+            0.0
+        };
+        row.insert(
+            "samples_per_second".into(),
+            json_f64((per_second * 1000.0).round() / 1000.0),
+        );
         self.clear_since_log();
         row
     }
@@ -142,13 +152,18 @@ impl MetricsAccumulator {
 
     fn clear_since_log(&mut self) {
         let total_tokens = self.total_tokens;
-        *self = MetricsAccumulator { total_tokens, ..Default::default() };
+        *self = MetricsAccumulator {
+            total_tokens,
+            ..Default::default()
+        };
     }
 }
 
 /// JSON has no NaN or infinity: those are written as `null`.
 pub fn json_f64(x: f64) -> Value {
-    serde_json::Number::from_f64(x).map(Value::Number).unwrap_or(Value::Null)
+    serde_json::Number::from_f64(x)
+        .map(Value::Number)
+        .unwrap_or(Value::Null)
 }
 
 /// Appends one row to `metrics.jsonl` (created when missing).
@@ -175,12 +190,14 @@ pub fn write_rows(path: &Path, rows: &[Map<String, Value>]) -> Result<()> {
 
 /// Reads every row of a `metrics.jsonl`; errors name the line.
 pub fn read_rows(path: &Path) -> Result<Vec<Map<String, Value>>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| {
-            serde_json::from_str(l).with_context(|| format!("{}:{}: not a JSON object", path.display(), i + 1))
+            serde_json::from_str(l)
+                .with_context(|| format!("{}:{}: not a JSON object", path.display(), i + 1))
         })
         .collect()
 }
@@ -212,14 +229,22 @@ mod tests {
         acc.add_micro_batch(&m(3.0, None, Some(-0.3), 5), 0.8 / 2.0, 4);
         acc.add_micro_batch(&m(6.0, Some(0.6), None, 5), 0.8 / 2.0, 4);
         acc.end_step();
-        let info = StepInfo { step: 2, epoch: 0.5, grad_norm: 1.5, learning_rate: 1e-3 };
+        let info = StepInfo {
+            step: 2,
+            epoch: 0.5,
+            grad_norm: 1.5,
+            learning_rate: 1e-3,
+        };
         let row = acc.take_train_row(info, 2.0);
         let get = |k: &str| row[k].as_f64().unwrap();
         assert!((get("loss") - (0.5 + 0.8) / 2.0).abs() < 1e-7);
         assert_eq!(get("kl"), 3.0);
         assert!((get("rewards/chosen") - 0.4).abs() < 1e-12);
         assert!((get("rewards/rejected") + 0.2).abs() < 1e-12);
-        assert!((get("rewards/margins") - 0.5).abs() < 1e-12, "margins average only micro-batches with both");
+        assert!(
+            (get("rewards/margins") - 0.5).abs() < 1e-12,
+            "margins average only micro-batches with both"
+        );
         assert_eq!(get("num_tokens"), 40.0);
         assert_eq!(get("samples_per_second"), 8.0);
         assert_eq!(row["step"], Value::from(2));
@@ -228,7 +253,11 @@ mod tests {
         acc.add_micro_batch(&m(0.0, Some(1.0), None, 1), 0.1, 4);
         acc.end_step();
         let row = acc.take_train_row(StepInfo { step: 3, ..info }, 1.0);
-        assert_eq!(row["num_tokens"].as_f64(), Some(41.0), "the token count is cumulative");
+        assert_eq!(
+            row["num_tokens"].as_f64(),
+            Some(41.0),
+            "the token count is cumulative"
+        );
         assert!((row["loss"].as_f64().unwrap() - 0.1).abs() < 1e-7);
     }
 

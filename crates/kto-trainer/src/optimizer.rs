@@ -43,7 +43,11 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(settings: AdamWSettings) -> Self {
-        Self { settings, step: 0, moments: HashMap::new() }
+        Self {
+            settings,
+            step: 0,
+            moments: HashMap::new(),
+        }
     }
 
     pub fn step_count(&self) -> u64 {
@@ -52,18 +56,35 @@ impl AdamW {
 
     /// One update of every parameter that has a gradient, at learning rate `lr`. Parameters without a gradient are
     /// left alone (torch skips `p.grad is None`).
-    pub fn step(&mut self, params: &[(String, Var)], grads: &HashMap<String, Tensor>, lr: f64) -> Result<()> {
+    pub fn step(
+        &mut self,
+        params: &[(String, Var)],
+        grads: &HashMap<String, Tensor>,
+        lr: f64,
+    ) -> Result<()> {
         self.step += 1;
         let t = self.step as i32;
-        let AdamWSettings { beta1, beta2, eps, weight_decay } = self.settings;
+        let AdamWSettings {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } = self.settings;
         let bias_correction1 = 1.0 - beta1.powi(t);
         let bias_correction2 = 1.0 - beta2.powi(t);
         let step_size = lr / bias_correction1;
         let bias_correction2_sqrt = bias_correction2.sqrt();
         for (name, var) in params {
-            let Some(grad) = grads.get(name) else { continue };
+            let Some(grad) = grads.get(name) else {
+                continue;
+            };
             let param = var.as_tensor();
-            ensure!(grad.dims() == param.dims(), "gradient of {name} has shape {:?}, the parameter {:?}", grad.dims(), param.dims());
+            ensure!(
+                grad.dims() == param.dims(),
+                "gradient of {name} has shape {:?}, the parameter {:?}",
+                grad.dims(),
+                param.dims()
+            );
             let grad = grad.to_dtype(DType::F32)?;
             let mut p = param.to_dtype(DType::F32)?;
             if weight_decay != 0.0 {
@@ -71,7 +92,10 @@ impl AdamW {
             }
             let moments = match self.moments.remove(name) {
                 Some(m) => m,
-                None => Moments { exp_avg: grad.zeros_like()?, exp_avg_sq: grad.zeros_like()? },
+                None => Moments {
+                    exp_avg: grad.zeros_like()?,
+                    exp_avg_sq: grad.zeros_like()?,
+                },
             };
             let exp_avg = lerp(&moments.exp_avg, &grad, 1.0 - beta1)?;
             let exp_avg_sq = (moments.exp_avg_sq.affine(f32_scalar(beta2), 0.0)?
@@ -83,7 +107,13 @@ impl AdamW {
             let update = exp_avg.affine(f32_scalar(-step_size), 0.0)?.div(&denom)?;
             let new_param = (p + update)?.to_dtype(param.dtype())?;
             var.set(&new_param)?;
-            self.moments.insert(name.clone(), Moments { exp_avg, exp_avg_sq });
+            self.moments.insert(
+                name.clone(),
+                Moments {
+                    exp_avg,
+                    exp_avg_sq,
+                },
+            );
         }
         Ok(())
     }
@@ -92,13 +122,24 @@ impl AdamW {
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut tensors: HashMap<String, Tensor> = HashMap::new();
         for (name, m) in &self.moments {
-            tensors.insert(format!("{name}.exp_avg"), m.exp_avg.to_device(&Device::Cpu)?);
-            tensors.insert(format!("{name}.exp_avg_sq"), m.exp_avg_sq.to_device(&Device::Cpu)?);
+            tensors.insert(
+                format!("{name}.exp_avg"),
+                m.exp_avg.to_device(&Device::Cpu)?,
+            );
+            tensors.insert(
+                format!("{name}.exp_avg_sq"),
+                m.exp_avg_sq.to_device(&Device::Cpu)?,
+            );
         }
-        tensors.insert(STEP_KEY.to_string(), Tensor::new(&[self.step as i64], &Device::Cpu)?);
+        tensors.insert(
+            STEP_KEY.to_string(),
+            Tensor::new(&[self.step as i64], &Device::Cpu)?,
+        );
         let tmp = crate::checkpoint::temp_path(path);
-        candle_core::safetensors::save(&tensors, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+        candle_core::safetensors::save(&tensors, &tmp)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
         Ok(())
     }
 
@@ -108,7 +149,10 @@ impl AdamW {
             .with_context(|| format!("reading optimizer state {}", path.display()))?;
         let step = match tensors.remove(STEP_KEY) {
             Some(t) => t.to_vec1::<i64>()?.first().copied().unwrap_or(0),
-            None => bail!("{}: no `{STEP_KEY}` tensor: not an optimizer state written by kto", path.display()),
+            None => bail!(
+                "{}: no `{STEP_KEY}` tensor: not an optimizer state written by kto",
+                path.display()
+            ),
         };
         let mut moments = HashMap::new();
         for (name, var) in params {
@@ -131,16 +175,32 @@ impl AdamW {
             };
             match (take("exp_avg")?, take("exp_avg_sq")?) {
                 (Some(exp_avg), Some(exp_avg_sq)) => {
-                    moments.insert(name.clone(), Moments { exp_avg, exp_avg_sq });
+                    moments.insert(
+                        name.clone(),
+                        Moments {
+                            exp_avg,
+                            exp_avg_sq,
+                        },
+                    );
                 }
                 (None, None) if step == 0 => {}
-                _ => bail!("{}: missing the moments of parameter {name}", path.display()),
+                _ => bail!(
+                    "{}: missing the moments of parameter {name}",
+                    path.display()
+                ),
             }
         }
         if let Some(extra) = tensors.keys().next() {
-            bail!("{}: tensor {extra} matches no trainable parameter", path.display());
+            bail!(
+                "{}: tensor {extra} matches no trainable parameter",
+                path.display()
+            );
         }
-        Ok(Self { settings, step: step as u64, moments })
+        Ok(Self {
+            settings,
+            step: step as u64,
+            moments,
+        })
     }
 }
 
@@ -186,7 +246,11 @@ pub fn clip_grad_norm(grads: &mut HashMap<String, Tensor>, max_norm: f64) -> Res
 /// The 2-norm of one tensor as torch's `vector_norm` returns it in f32; the sum of squares is accumulated in f64
 /// (torch reduces pairwise, so a plain f32 running sum would drift on large tensors).
 fn tensor_norm(t: &Tensor) -> Result<f32> {
-    let sum_sq = t.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+    let sum_sq = t
+        .to_dtype(DType::F64)?
+        .sqr()?
+        .sum_all()?
+        .to_scalar::<f64>()?;
     Ok(sum_sq.sqrt() as f32)
 }
 
@@ -195,7 +259,12 @@ mod tests {
     use super::*;
 
     fn settings(weight_decay: f64) -> AdamWSettings {
-        AdamWSettings { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay }
+        AdamWSettings {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+        }
     }
 
     /// The reference in f64, written from torch's documentation of AdamW.
@@ -221,7 +290,11 @@ mod tests {
     fn adamw_matches_reference_updates() -> Result<()> {
         let dev = Device::Cpu;
         let p0 = [0.5f64, -1.0, 2.0, 1e-3];
-        let grads = vec![vec![0.1, -0.2, 0.0, 3.0], vec![-0.3, 0.1, 1e-4, 2.0], vec![0.05, 0.05, -0.5, -1.0]];
+        let grads = vec![
+            vec![0.1, -0.2, 0.0, 3.0],
+            vec![-0.3, 0.1, 1e-4, 2.0],
+            vec![0.05, 0.05, -0.5, -1.0],
+        ];
         let lrs = [0.01, 0.005, 0.02];
         let s = settings(0.1);
         let var = Var::new(&p0.map(|x| x as f32), &dev)?;
@@ -235,7 +308,10 @@ mod tests {
         let got = var.as_tensor().to_vec1::<f32>()?;
         let want = reference(&p0, &grads, &lrs, s);
         for (g, w) in got.iter().zip(&want) {
-            assert!((*g as f64 - w).abs() < 1e-6 * w.abs().max(1.0), "{got:?} vs {want:?}");
+            assert!(
+                (*g as f64 - w).abs() < 1e-6 * w.abs().max(1.0),
+                "{got:?} vs {want:?}"
+            );
         }
         // The first step of Adam moves each weight by about lr (sign of the gradient); a zero gradient moves it by
         // weight decay only.
@@ -255,7 +331,10 @@ mod tests {
         };
         let grads = |k: f32| -> Result<HashMap<String, Tensor>> {
             Ok(HashMap::from([
-                ("a".to_string(), Tensor::new(&[0.1f32 * k, -0.2, 0.3], &dev)?),
+                (
+                    "a".to_string(),
+                    Tensor::new(&[0.1f32 * k, -0.2, 0.3], &dev)?,
+                ),
                 ("b".to_string(), Tensor::new(&[[k, 0.25f32]], &dev)?),
             ]))
         };
@@ -279,7 +358,10 @@ mod tests {
             second.step(&resumed, &grads(k as f32)?, 0.1)?;
         }
         for ((_, a), (_, b)) in straight.iter().zip(&resumed) {
-            assert_eq!(a.as_tensor().flatten_all()?.to_vec1::<f32>()?, b.as_tensor().flatten_all()?.to_vec1::<f32>()?);
+            assert_eq!(
+                a.as_tensor().flatten_all()?.to_vec1::<f32>()?,
+                b.as_tensor().flatten_all()?.to_vec1::<f32>()?
+            );
         }
         let wrong = vec![("c".to_string(), Var::new(&[1.0f32], &dev)?)];
         assert!(AdamW::load(&path, s, &wrong).is_err());
@@ -301,7 +383,11 @@ mod tests {
         let mut small = HashMap::from([("a".to_string(), Tensor::new(&[0.3f32, 0.4], &dev)?)]);
         let norm = clip_grad_norm(&mut small, 1.0)?;
         assert!((norm - 0.5).abs() < 1e-7);
-        assert_eq!(small["a"].to_vec1::<f32>()?, vec![0.3, 0.4], "below max_norm: coefficient clamped to 1");
+        assert_eq!(
+            small["a"].to_vec1::<f32>()?,
+            vec![0.3, 0.4],
+            "below max_norm: coefficient clamped to 1"
+        );
         let norm = clip_grad_norm(&mut small, f64::INFINITY)?;
         assert!((norm - 0.5).abs() < 1e-7);
         Ok(())

@@ -28,17 +28,34 @@ impl TrainingPlan {
         max_steps: i64,
         num_train_epochs: f64,
     ) -> Result<Self> {
-        ensure!(num_samples > 0, "the training set has no samples left after tokenization");
-        ensure!(batch_size > 0 && gradient_accumulation_steps > 0, "batch size and accumulation must be >= 1");
+        ensure!(
+            num_samples > 0,
+            "the training set has no samples left after tokenization"
+        );
+        ensure!(
+            batch_size > 0 && gradient_accumulation_steps > 0,
+            "batch size and accumulation must be >= 1"
+        );
         let micro_batches_per_epoch = num_samples.div_ceil(batch_size);
-        let steps_per_epoch = micro_batches_per_epoch.div_ceil(gradient_accumulation_steps).max(1);
+        let steps_per_epoch = micro_batches_per_epoch
+            .div_ceil(gradient_accumulation_steps)
+            .max(1);
         let (max_steps, num_epochs) = if max_steps > 0 {
             let max_steps = max_steps as usize;
             (max_steps, max_steps.div_ceil(steps_per_epoch))
         } else {
-            ((num_train_epochs * steps_per_epoch as f64).ceil() as usize, num_train_epochs.ceil() as usize)
+            (
+                (num_train_epochs * steps_per_epoch as f64).ceil() as usize,
+                num_train_epochs.ceil() as usize,
+            )
         };
-        Ok(Self { micro_batches_per_epoch, gradient_accumulation_steps, steps_per_epoch, max_steps, num_epochs })
+        Ok(Self {
+            micro_batches_per_epoch,
+            gradient_accumulation_steps,
+            steps_per_epoch,
+            max_steps,
+            num_epochs,
+        })
     }
 
     /// The micro-batch range (indices into the epoch's batches) that optimizer step `step_in_epoch` accumulates.
@@ -50,7 +67,10 @@ impl TrainingPlan {
 
     /// Where global step `global_step` (0-based count of steps already taken) starts: (epoch, step in that epoch).
     pub fn position_of_step(&self, global_step: usize) -> (usize, usize) {
-        (global_step / self.steps_per_epoch, global_step % self.steps_per_epoch)
+        (
+            global_step / self.steps_per_epoch,
+            global_step % self.steps_per_epoch,
+        )
     }
 
     /// transformers' `state.epoch` after a step that ended with micro-batch `last_micro_batch` (0-based) of epoch
@@ -67,7 +87,10 @@ mod tests {
     #[test]
     fn fixture_run_has_three_steps_per_epoch() -> Result<()> {
         let plan = TrainingPlan::new(12, 4, 1, 3, 3.0)?;
-        assert_eq!((plan.steps_per_epoch, plan.max_steps, plan.num_epochs), (3, 3, 1));
+        assert_eq!(
+            (plan.steps_per_epoch, plan.max_steps, plan.num_epochs),
+            (3, 3, 1)
+        );
         assert_eq!(plan.epoch_progress(0, 0), 1.0 / 3.0);
         assert_eq!(plan.epoch_progress(0, 2), 1.0);
         Ok(())

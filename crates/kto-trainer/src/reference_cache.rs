@@ -50,7 +50,8 @@ impl CacheKeyBuilder {
 
     /// A large file's identity without reading it: canonical path, size and modification time (model weights).
     pub fn file_identity(self, name: &str, path: &Path) -> Result<Self> {
-        let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+        let meta =
+            std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
         let modified = meta
             .modified()
             .ok()
@@ -58,7 +59,10 @@ impl CacheKeyBuilder {
             .map(|d| d.as_nanos())
             .unwrap_or(0);
         let canonical = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-        Ok(self.text(name, &format!("{}:{}:{modified}", canonical.display(), meta.len())))
+        Ok(self.text(
+            name,
+            &format!("{}:{}:{modified}", canonical.display(), meta.len()),
+        ))
     }
 
     pub fn finish(self) -> String {
@@ -83,11 +87,21 @@ pub fn load(dir: &Path, key: &str, expected_len: usize) -> Result<Option<Referen
         .remove("ref_logps")
         .with_context(|| format!("{}: no ref_logps tensor", path.display()))?
         .to_vec1::<f32>()?;
-    ensure!(targets.len() == expected_len, "{}: {} samples, expected {expected_len}", path.display(), targets.len());
+    ensure!(
+        targets.len() == expected_len,
+        "{}: {} samples, expected {expected_len}",
+        path.display(),
+        targets.len()
+    );
     let kl = match tensors.remove("ref_KL_logps") {
         Some(t) => {
             let kl = t.to_vec1::<f32>()?;
-            ensure!(kl.len() == expected_len, "{}: {} KL samples, expected {expected_len}", path.display(), kl.len());
+            ensure!(
+                kl.len() == expected_len,
+                "{}: {} KL samples, expected {expected_len}",
+                path.display(),
+                kl.len()
+            );
             Some(kl)
         }
         None => None,
@@ -100,13 +114,21 @@ pub fn store(dir: &Path, key: &str, logps: &ReferenceLogps) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = cache_path(dir, key);
     let mut tensors = std::collections::HashMap::new();
-    tensors.insert("ref_logps".to_string(), Tensor::new(logps.targets.as_slice(), &Device::Cpu)?);
+    tensors.insert(
+        "ref_logps".to_string(),
+        Tensor::new(logps.targets.as_slice(), &Device::Cpu)?,
+    );
     if let Some(kl) = &logps.kl {
-        tensors.insert("ref_KL_logps".to_string(), Tensor::new(kl.as_slice(), &Device::Cpu)?);
+        tensors.insert(
+            "ref_KL_logps".to_string(),
+            Tensor::new(kl.as_slice(), &Device::Cpu)?,
+        );
     }
     let tmp = crate::checkpoint::temp_path(&path);
-    candle_core::safetensors::save(&tensors, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    candle_core::safetensors::save(&tensors, &tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     Ok(path)
 }
 
@@ -120,7 +142,10 @@ mod tests {
         let data = dir.path().join("data.jsonl");
         std::fs::write(&data, "{\"a\": 1}\n")?;
         let key = |batch: &str| -> Result<String> {
-            Ok(CacheKeyBuilder::new().file_contents("data", &data)?.text("batch_size", batch).finish())
+            Ok(CacheKeyBuilder::new()
+                .file_contents("data", &data)?
+                .text("batch_size", batch)
+                .finish())
         };
         let a = key("4")?;
         assert_eq!(a, key("4")?, "deterministic");
@@ -128,19 +153,28 @@ mod tests {
         std::fs::write(&data, "{\"a\": 2}\n")?;
         assert_ne!(a, key("4")?, "data contents are part of the key");
         // length prefixes: ("ab","c") differs from ("a","bc")
-        assert_ne!(CacheKeyBuilder::new().text("ab", "c").finish(), CacheKeyBuilder::new().text("a", "bc").finish());
+        assert_ne!(
+            CacheKeyBuilder::new().text("ab", "c").finish(),
+            CacheKeyBuilder::new().text("a", "bc").finish()
+        );
         Ok(())
     }
 
     #[test]
     fn store_then_load() -> Result<()> {
         let dir = tempfile::tempdir()?;
-        let logps = ReferenceLogps { targets: vec![-1.5, -2.25], kl: Some(vec![-3.0, -4.0]) };
+        let logps = ReferenceLogps {
+            targets: vec![-1.5, -2.25],
+            kl: Some(vec![-3.0, -4.0]),
+        };
         assert!(load(dir.path(), "k", 2)?.is_none());
         store(dir.path(), "k", &logps)?;
         assert_eq!(load(dir.path(), "k", 2)?, Some(logps));
         assert!(load(dir.path(), "k", 3).is_err());
-        let no_kl = ReferenceLogps { targets: vec![-1.0], kl: None };
+        let no_kl = ReferenceLogps {
+            targets: vec![-1.0],
+            kl: None,
+        };
         store(dir.path(), "j", &no_kl)?;
         assert_eq!(load(dir.path(), "j", 1)?, Some(no_kl));
         Ok(())

@@ -21,14 +21,26 @@ impl Schedule {
     /// `warmup` as in `TrainingArguments.get_warmup_steps`: `>= 1` is a step count, below 1 a ratio of the total
     /// steps, rounded up.
     pub fn new(kind: SchedulerType, learning_rate: f64, warmup: f64, total_steps: usize) -> Self {
-        let warmup_steps =
-            if warmup >= 1.0 { warmup as usize } else { (total_steps as f64 * warmup).ceil() as usize };
-        Self { kind, learning_rate, warmup_steps, total_steps }
+        let warmup_steps = if warmup >= 1.0 {
+            warmup as usize
+        } else {
+            (total_steps as f64 * warmup).ceil() as usize
+        };
+        Self {
+            kind,
+            learning_rate,
+            warmup_steps,
+            total_steps,
+        }
     }
 
     /// The multiplier `lambda(step)` of transformers' `LambdaLR`.
     pub fn factor(&self, step: usize) -> f64 {
-        let (step_f, warmup, total) = (step as f64, self.warmup_steps as f64, self.total_steps as f64);
+        let (step_f, warmup, total) = (
+            step as f64,
+            self.warmup_steps as f64,
+            self.total_steps as f64,
+        );
         let warming_up = step < self.warmup_steps;
         let warmup_factor = step_f / warmup.max(1.0);
         match self.kind {
@@ -56,7 +68,8 @@ impl Schedule {
                 } else {
                     let num_cycles = 0.5;
                     let progress = (step_f - warmup) / (total - warmup).max(1.0);
-                    (0.5 * (1.0 + (std::f64::consts::PI * num_cycles * 2.0 * progress).cos())).max(0.0)
+                    (0.5 * (1.0 + (std::f64::consts::PI * num_cycles * 2.0 * progress).cos()))
+                        .max(0.0)
                 }
             }
         }
@@ -83,7 +96,9 @@ mod tests {
         // get_linear_schedule_with_warmup(num_warmup_steps=2, num_training_steps=10), base lr 1.0
         let s = Schedule::new(SchedulerType::Linear, 1.0, 2.0, 10);
         let got: Vec<f64> = (0..11).map(|k| s.learning_rate_at(k)).collect();
-        let want = [0.0, 0.5, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0];
+        let want = [
+            0.0, 0.5, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0,
+        ];
         for (g, w) in got.iter().zip(want) {
             assert!((g - w).abs() < 1e-15, "{got:?}");
         }
@@ -122,7 +137,13 @@ mod tests {
 
     #[test]
     fn warmup_ratio_rounds_up() {
-        assert_eq!(Schedule::new(SchedulerType::Linear, 1.0, 0.1, 15).warmup_steps, 2);
-        assert_eq!(Schedule::new(SchedulerType::Linear, 1.0, 3.0, 15).warmup_steps, 3);
+        assert_eq!(
+            Schedule::new(SchedulerType::Linear, 1.0, 0.1, 15).warmup_steps,
+            2
+        );
+        assert_eq!(
+            Schedule::new(SchedulerType::Linear, 1.0, 3.0, 15).warmup_steps,
+            3
+        );
     }
 }

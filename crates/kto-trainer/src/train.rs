@@ -1,0 +1,377 @@
+//! The training loop, top to bottom: TRL 1.16's `KTOTrainer` inside transformers 5.17's `Trainer` loop.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor, Var};
+use kto_data::batch::{BatchConfig, BatchOrder, KlPairing, MicroBatches};
+use kto_data::tokenize::TokenizedSample;
+
+use crate::checkpoint::{self, TrainerState};
+use crate::config::Config;
+use crate::evaluate::evaluate_batches;
+use crate::forward::{score_micro_batch, PolicyModel, Reference};
+use crate::loss::LossSettings;
+use crate::metrics::{self, MetricsAccumulator, StepInfo};
+use crate::optimizer::{clip_grad_norm, AdamW, AdamWSettings};
+use crate::plan::TrainingPlan;
+use crate::reference_cache::ReferenceLogps;
+use crate::schedule::Schedule;
+
+pub const METRICS_FILE: &str = "metrics.jsonl";
+pub const FINAL_ADAPTER_DIR: &str = "adapter";
+const TRAINABLE_FILE: &str = "trainable.safetensors";
+
+/// Everything a training run needs besides the model.
+pub struct TrainJob<'a> {
+    /// The resolved config; both loss weights must be numbers (resolve `"auto"` first).
+    pub config: &'a Config,
+    pub train: &'a [TokenizedSample],
+    pub eval: Option<&'a [TokenizedSample]>,
+    pub pad_id: u32,
+    /// Precomputed reference log-probs (`precompute_ref_log_probs`), by sample index.
+    pub train_reference: Option<&'a ReferenceLogps>,
+    pub eval_reference: Option<&'a ReferenceLogps>,
+    /// A `checkpoint-N` folder to continue from.
+    pub resume_from: Option<&'a Path>,
+    /// Stop (as if interrupted) once this many optimizer steps are done in total; the checkpoints stay as saved.
+    pub stop_after_step: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainSummary {
+    pub global_step: usize,
+    pub max_steps: usize,
+    /// `output_dir/adapter` when training ran to its end.
+    pub final_adapter: Option<PathBuf>,
+}
+
+/// The settings of the loss, with both weights resolved.
+pub fn loss_settings(config: &Config) -> Result<LossSettings> {
+    Ok(LossSettings {
+        loss_type: config.kto.loss_type,
+        beta: config.kto.beta,
+        desirable_weight: config.kto.desirable_weight.value("desirable_weight")?,
+        undesirable_weight: config.kto.undesirable_weight.value("undesirable_weight")?,
+    })
+}
+
+/// The micro-batches of a dataset: train or eval batch size, TRL's KL rotation (always by the *train* batch size).
+pub fn micro_batches<'a>(
+    config: &Config,
+    samples: &'a [TokenizedSample],
+    pad_id: u32,
+    eval: bool,
+) -> Result<MicroBatches<'a>> {
+    let t = &config.train;
+    MicroBatches::new(
+        samples,
+        BatchConfig {
+            batch_size: if eval {
+                t.per_device_eval_batch_size
+            } else {
+                t.per_device_train_batch_size
+            },
+            order: if t.shuffle && !eval {
+                BatchOrder::Shuffled { seed: t.seed }
+            } else {
+                BatchOrder::Sequential
+            },
+            kl: if config.kto.loss_type.uses_kl() {
+                KlPairing::Rotate {
+                    chunk_size: t.per_device_train_batch_size,
+                }
+            } else {
+                KlPairing::Off
+            },
+            max_length: Some(config.data.max_length),
+            pad_id,
+        },
+    )
+}
+
+/// Trains the model's adapter. Per optimizer step: for each micro-batch of the accumulation group, the policy
+/// log-probs of the targets (with gradient), the policy and reference log-probs of the KL pairs (no gradient), the
+/// reference log-probs of the targets; the loss divided by the group size; backward; gradients summed. Then
+/// clipping, AdamW, the schedule, logging, evaluation and saving.
+pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSummary> {
+    let config = job.config;
+    let t = &config.train;
+    let output_dir = config
+        .train
+        .output_dir
+        .clone()
+        .context("[train] output_dir is not set")?;
+    std::fs::create_dir_all(&output_dir)
+        .with_context(|| format!("creating {}", output_dir.display()))?;
+    let metrics_path = output_dir.join(METRICS_FILE);
+    let settings = loss_settings(config)?;
+    let train_batches = micro_batches(config, job.train, job.pad_id, false)?;
+    let eval_batches = match job.eval {
+        Some(samples) if !samples.is_empty() => {
+            Some(micro_batches(config, samples, job.pad_id, true)?)
+        }
+        _ => None,
+    };
+    let train_reference = job
+        .train_reference
+        .map_or(Reference::Online, Reference::Precomputed);
+    let eval_reference = job
+        .eval_reference
+        .map_or(Reference::Online, Reference::Precomputed);
+    let plan = TrainingPlan::new(
+        job.train.len(),
+        t.per_device_train_batch_size,
+        t.gradient_accumulation_steps,
+        t.max_steps,
+        t.num_train_epochs,
+    )?;
+    let schedule = Schedule::new(
+        t.lr_scheduler_type,
+        t.learning_rate,
+        t.warmup_steps,
+        plan.max_steps,
+    );
+    let params = model.trainable_parameters();
+    if params.is_empty() {
+        bail!("the model has no trainable parameters (no LoRA adapter installed)");
+    }
+    let adamw = AdamWSettings {
+        beta1: t.adam_beta1,
+        beta2: t.adam_beta2,
+        eps: t.adam_epsilon,
+        weight_decay: t.weight_decay,
+    };
+
+    // Fresh start or exact resume.
+    let (mut optimizer, mut state) = match job.resume_from {
+        None => {
+            metrics::write_rows(&metrics_path, &[])?;
+            (AdamW::new(adamw), fresh_state(t.seed))
+        }
+        Some(dir) => {
+            checkpoint::check_complete(dir, true)?;
+            let state = TrainerState::load(dir)?;
+            load_trainable(&params, &dir.join(TRAINABLE_FILE))?;
+            let optimizer = AdamW::load(&dir.join(checkpoint::OPTIMIZER), adamw, &params)?;
+            metrics::write_rows(&metrics_path, &state.metrics_rows)?;
+            tracing::info!(
+                "resuming from {} at step {}",
+                dir.display(),
+                state.global_step
+            );
+            (optimizer, state)
+        }
+    };
+    let mut pending: MetricsAccumulator = std::mem::take(&mut state.metrics_pending);
+    let mut since_log = Instant::now();
+    tracing::info!(
+        "{} samples, {} micro-batches per epoch, {} steps per epoch, {} steps",
+        job.train.len(),
+        plan.micro_batches_per_epoch,
+        plan.steps_per_epoch,
+        plan.max_steps
+    );
+
+    let (first_epoch, mut first_step_in_epoch) = plan.position_of_step(state.global_step);
+    'epochs: for epoch in first_epoch..plan.num_epochs {
+        let order_batches: Vec<_> = train_batches.epoch(epoch as u64).collect();
+        for step_in_epoch in first_step_in_epoch..plan.steps_per_epoch {
+            if state.global_step >= plan.max_steps
+                || job.stop_after_step.is_some_and(|s| state.global_step >= s)
+            {
+                break 'epochs;
+            }
+            let step = state.global_step + 1;
+            model.begin_step(t.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step as u64)?;
+            let group = plan.micro_batches_of_step(step_in_epoch);
+            let group_size = group.len();
+            let mut grads: HashMap<String, Tensor> = HashMap::new();
+            for micro in group.clone() {
+                let batch = &order_batches[micro];
+                let scored = score_micro_batch(model, batch, train_reference, &settings, true)?;
+                // transformers divides by the number of micro-batches in this accumulation group.
+                let scaled = scored.loss.loss.affine(1.0 / group_size as f64, 0.0)?;
+                let scaled_value = scaled.to_scalar::<f32>()?;
+                if !scaled_value.is_finite() {
+                    bail!(non_finite_message("loss", step, &output_dir));
+                }
+                let step_grads = scaled.backward()?;
+                for (name, var) in &params {
+                    if let Some(g) = step_grads.get(var.as_tensor()) {
+                        let summed = match grads.remove(name) {
+                            Some(acc) => (acc + g)?,
+                            None => g.clone(),
+                        };
+                        grads.insert(name.clone(), summed);
+                    }
+                }
+                pending.add_micro_batch(&scored.metrics, scaled_value, batch.indices.len());
+            }
+            let max_norm = if t.max_grad_norm > 0.0 {
+                t.max_grad_norm
+            } else {
+                f64::INFINITY
+            };
+            let grad_norm = clip_grad_norm(&mut grads, max_norm)?;
+            if !grad_norm.is_finite() {
+                bail!(non_finite_message("gradient norm", step, &output_dir));
+            }
+            let learning_rate = schedule.learning_rate_at(state.global_step);
+            optimizer.step(&params, &grads, learning_rate)?;
+            drop(grads);
+
+            state.global_step = step;
+            state.epoch = plan.epoch_progress(epoch, group.end - 1);
+            (state.epoch_index, state.micro_batches_done) = (epoch, group.end);
+            pending.end_step();
+            let is_last = step >= plan.max_steps;
+
+            if step % t.logging_steps == 0 {
+                let info = StepInfo {
+                    step,
+                    epoch: state.epoch,
+                    grad_norm: grad_norm as f64,
+                    learning_rate,
+                };
+                let row = pending.take_train_row(info, since_log.elapsed().as_secs_f64());
+                since_log = Instant::now();
+                metrics::append_row(&metrics_path, &row)?;
+                tracing::info!("{}", serde_json::to_string(&row)?);
+                state.metrics_rows.push(row);
+            }
+            let evaluate_now = (t.eval_steps > 0 && step % t.eval_steps == 0) || is_last;
+            if let (true, Some(eval)) = (evaluate_now, &eval_batches) {
+                let mut row = serde_json::Map::new();
+                row.insert("step".into(), step.into());
+                row.insert("epoch".into(), metrics::json_f64(state.epoch));
+                row.extend(evaluate_batches(
+                    model,
+                    eval.epoch(0),
+                    eval_reference,
+                    &settings,
+                    pending.total_tokens,
+                )?);
+                metrics::append_row(&metrics_path, &row)?;
+                tracing::info!("{}", serde_json::to_string(&row)?);
+                state.metrics_rows.push(row);
+            }
+            if t.save_steps > 0 && (step % t.save_steps == 0 || is_last) {
+                state.metrics_pending = pending.clone();
+                save_checkpoint(model, &params, &optimizer, &state, config, &output_dir)?;
+            }
+        }
+        first_step_in_epoch = 0;
+    }
+
+    let finished = state.global_step >= plan.max_steps;
+    let final_adapter = if finished {
+        let dir = output_dir.join(FINAL_ADAPTER_DIR);
+        write_dir_atomic(&dir, |tmp| model.save_adapter(tmp))?;
+        Some(dir)
+    } else {
+        None
+    };
+    Ok(TrainSummary {
+        global_step: state.global_step,
+        max_steps: plan.max_steps,
+        final_adapter,
+    })
+}
+
+fn fresh_state(seed: u64) -> TrainerState {
+    TrainerState {
+        global_step: 0,
+        epoch: 0.0,
+        epoch_index: 0,
+        micro_batches_done: 0,
+        seed,
+        metrics_pending: MetricsAccumulator::default(),
+        metrics_rows: Vec::new(),
+        kto_version: env!("CARGO_PKG_VERSION").into(),
+    }
+}
+
+fn non_finite_message(what: &str, step: usize, output_dir: &Path) -> String {
+    format!(
+        "non-finite {what} at step {step}: training stopped. The last checkpoint in {} is intact. Try a lower \
+         learning_rate, max_grad_norm = 1.0, dtype = \"f32\" or \"bf16\" instead of \"f16\", or check the data for \
+         empty completions",
+        output_dir.display()
+    )
+}
+
+/// Adapter (PEFT), exact trainable weights, optimizer, trainer state and config, sealed with a manifest; then
+/// `save_total_limit` pruning.
+fn save_checkpoint<M: PolicyModel>(
+    model: &M,
+    params: &[(String, Var)],
+    optimizer: &AdamW,
+    state: &TrainerState,
+    config: &Config,
+    output_dir: &Path,
+) -> Result<()> {
+    let dir = checkpoint::write_checkpoint(output_dir, state.global_step, |tmp| {
+        let adapter = tmp.join(checkpoint::ADAPTER_DIR);
+        std::fs::create_dir_all(&adapter)?;
+        model.save_adapter(&adapter)?;
+        save_trainable(params, &tmp.join(TRAINABLE_FILE))?;
+        optimizer.save(&tmp.join(checkpoint::OPTIMIZER))?;
+        state.save(tmp)?;
+        checkpoint::write_atomic(
+            &tmp.join(checkpoint::CONFIG),
+            config.to_toml_string().as_bytes(),
+        )
+    })?;
+    tracing::info!("saved {}", dir.display());
+    checkpoint::prune(output_dir, config.train.save_total_limit)?;
+    Ok(())
+}
+
+/// The trainable tensors bit for bit (the PEFT adapter may be written in another dtype).
+fn save_trainable(params: &[(String, Var)], path: &Path) -> Result<()> {
+    let tensors: HashMap<String, Tensor> = params
+        .iter()
+        .map(|(n, v)| Ok((n.clone(), v.as_tensor().to_device(&Device::Cpu)?)))
+        .collect::<Result<_>>()?;
+    candle_core::safetensors::save(&tensors, path)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn load_trainable(params: &[(String, Var)], path: &Path) -> Result<()> {
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("reading {}", path.display()))?;
+    for (name, var) in params {
+        let t = tensors
+            .get(name)
+            .with_context(|| format!("{}: no tensor {name}", path.display()))?;
+        if t.dims() != var.dims() {
+            bail!(
+                "{}: {name} has shape {:?}, the model's {:?}",
+                path.display(),
+                t.dims(),
+                var.dims()
+            );
+        }
+        var.set(&t.to_device(var.device())?.to_dtype(var.dtype())?)?;
+    }
+    Ok(())
+}
+
+/// Fills a temporary sibling folder, then renames it over `dir`.
+pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = checkpoint::temp_path(dir);
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    fill(&tmp)?;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("replacing {}", dir.display()))?;
+    }
+    std::fs::rename(&tmp, dir)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
+    Ok(())
+}
