@@ -95,6 +95,7 @@ pub struct PrepareReport {
     pub test_path: PathBuf,
     pub train: ClassCounts,
     pub test: ClassCounts,
+    /// Printed apart from the report (on stderr by `kto prepare`).
     pub warnings: Vec<String>,
 }
 
@@ -108,11 +109,7 @@ impl fmt::Display for PrepareReport {
             }
         }
         writeln!(f, "wrote {}: {} samples ({})", self.train_path.display(), self.train.total(), self.train)?;
-        write!(f, "wrote {}: {} samples ({})", self.test_path.display(), self.test.total(), self.test)?;
-        for warning in &self.warnings {
-            write!(f, "\nwarning: {warning}")?;
-        }
-        Ok(())
+        write!(f, "wrote {}: {} samples ({})", self.test_path.display(), self.test.total(), self.test)
     }
 }
 

@@ -1,0 +1,61 @@
+//! `kto prepare`: preference data in any supported format → `DIR/train.jsonl` and `DIR/test.jsonl`.
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use kto_data::formats::ReadOptions;
+use kto_data::prepare::{prepare, OutputStyle, PrepareOptions, DEFAULT_SEED};
+use kto_data::Format;
+
+/// Read preference data, split it into train and test, and write unpaired JSONL files.
+///
+/// Inputs may be TRL unpaired, NeMo, paired, raw Anthropic HH-RLHF or conversational data (JSONL or a JSON array),
+/// detected per file. Inputs already named as a train and a test file keep their split.
+#[derive(Debug, Args)]
+pub struct PrepareArgs {
+    /// Input files (JSONL or a JSON array).
+    #[arg(long = "input", required = true, num_args = 1..)]
+    pub inputs: Vec<PathBuf>,
+    /// Output folder for train.jsonl and test.jsonl.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Field names to write: trl (prompt, completion, label) or nemo (prompt, response, preference).
+    #[arg(long, default_value = "trl", value_parser = parse_style)]
+    pub style: OutputStyle,
+    /// Fraction of the pairs that goes to test.jsonl [default: 0.1, unless the inputs are already split].
+    #[arg(long)]
+    pub test_fraction: Option<f64>,
+    /// Seed of the split and of the order of the written samples.
+    #[arg(long, default_value_t = DEFAULT_SEED)]
+    pub seed: u64,
+    /// Input format: auto, unpaired (trl), nemo, paired, hh, conversational.
+    #[arg(long, default_value = "auto", value_parser = parse_format)]
+    pub format: Format,
+    /// Skip rows with bad input (warning and count) instead of stopping at the first.
+    #[arg(long)]
+    pub skip_invalid: bool,
+}
+
+fn parse_style(name: &str) -> Result<OutputStyle, String> {
+    name.parse().map_err(|e: anyhow::Error| e.to_string())
+}
+
+fn parse_format(name: &str) -> Result<Format, String> {
+    name.parse().map_err(|e: kto_data::formats::UnknownFormat| e.to_string())
+}
+
+pub fn run(args: PrepareArgs) -> Result<()> {
+    let report = prepare(&PrepareOptions {
+        inputs: args.inputs,
+        out_dir: args.out,
+        style: args.style,
+        test_fraction: args.test_fraction,
+        seed: args.seed,
+        read: ReadOptions { format: args.format, skip_invalid: args.skip_invalid },
+    })?;
+    for warning in &report.warnings {
+        tracing::warn!("{warning}");
+    }
+    println!("{report}");
+    Ok(())
+}
