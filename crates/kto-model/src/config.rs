@@ -108,7 +108,11 @@ impl ModelConfig {
             })
             .collect();
         match &self.rope_scaling {
-            RopeScaling::Default | RopeScaling::Linear { .. } => inv_freq,
+            RopeScaling::Default => inv_freq,
+            // transformers divides the frequencies (not the positions) by the factor.
+            RopeScaling::Linear { factor } => {
+                inv_freq.into_iter().map(|f| f / *factor as f32).collect()
+            }
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
@@ -143,14 +147,6 @@ impl ModelConfig {
                     })
                     .collect()
             }
-        }
-    }
-
-    /// Position scale applied before the rotary angles ("linear" scaling divides positions by its factor).
-    pub fn rope_position_scale(&self) -> f32 {
-        match self.rope_scaling {
-            RopeScaling::Linear { factor } => 1.0 / factor as f32,
-            _ => 1.0,
         }
     }
 }

@@ -4,9 +4,19 @@
 pub mod checkpoint;
 pub mod config;
 pub mod device;
+mod files;
 pub mod frozen_linear;
+pub mod llama;
+pub mod logprobs;
+pub mod lora;
+pub mod peft;
+pub mod testing;
 
 pub use checkpoint::Checkpoint;
 pub use config::{ModelConfig, ModelType, RopeScaling};
 pub use device::{open_device, parse_dtype, DeviceSpec};
 pub use frozen_linear::FrozenLinear;
+pub use kto_data::batch::SequenceBatch;
+pub use llama::{AdapterChoice, KvCache, LlamaModel};
+pub use logprobs::SequenceLogps;
+pub use lora::{LoraAdapter, LoraConfig, LoraTarget};

@@ -1,0 +1,180 @@
+//! Per-sequence completion log-probs, plus the mean-logit and entropy sums TRL logs, from chunked f32 logits.
+//!
+//! Only the positions that predict a completion token go through the LM head, in chunks of tokens, so no
+//! [tokens × vocab] f32 tensor outlives its chunk. The gradient is not taken through the logits at all: for each
+//! chunk the exact gradient of `log p(target)` with respect to the final hidden state, `Wᵀ(onehot − softmax)`, is
+//! computed right away, and the per-token log-prob is returned as `value + (h·J − stop_grad(h·J))` — equal to the
+//! value, with gradient `J` for `h`. Backward then needs neither the logits nor a second LM-head pass, like TRL's
+//! fused LM head (`trl/kernels/chunked_logprob.py`).
+
+use crate::llama::{AdapterChoice, LlamaModel};
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor, D};
+use kto_data::batch::SequenceBatch;
+
+/// f32 budget for one chunk of logits (the chunk's token count is this divided by the vocabulary size).
+const LOGITS_CHUNK_ELEMENTS: usize = 32 * 1024 * 1024;
+
+/// Per-row results of [`LlamaModel::sequence_logps`].
+#[derive(Debug, Clone)]
+pub struct SequenceLogps {
+    /// Σ log p(token) over each row's completion, f32 [rows]; carries the LoRA gradient for `AdapterChoice::Policy`.
+    pub logps: Tensor,
+    /// Number of scored completion tokens per row.
+    pub token_counts: Vec<usize>,
+    /// Σ over the completion positions of the vocabulary-mean logit (TRL's `logits/*` numerator).
+    pub mean_logit_sums: Vec<f64>,
+    /// Σ over the completion positions of the softmax entropy (TRL's `entropy` numerator).
+    pub entropy_sums: Vec<f64>,
+}
+
+impl SequenceLogps {
+    /// The log-probs as plain numbers (no graph).
+    pub fn logps_vec(&self) -> Result<Vec<f32>> {
+        Ok(self.logps.to_dtype(DType::F32)?.to_vec1()?)
+    }
+}
+
+/// Flattened source positions (the logits one position earlier) and target ids of every scored token, row by row.
+struct ScoredTokens {
+    sources: Vec<u32>,
+    targets: Vec<u32>,
+    counts: Vec<usize>,
+}
+
+fn scored_tokens(batch: &SequenceBatch) -> Result<ScoredTokens> {
+    let (rows, width) = (batch.rows, batch.width);
+    if batch.input_ids.len() != rows * width
+        || batch.lengths.len() != rows
+        || batch.completion_starts.len() != rows
+    {
+        bail!(
+            "inconsistent SequenceBatch: {} ids, {} lengths and {} completion starts for {rows} × {width}",
+            batch.input_ids.len(),
+            batch.lengths.len(),
+            batch.completion_starts.len()
+        );
+    }
+    let mut out = ScoredTokens {
+        sources: vec![],
+        targets: vec![],
+        counts: vec![],
+    };
+    for r in 0..rows {
+        let (start, len) = (batch.completion_starts[r], batch.lengths[r]);
+        if len > width || start > len {
+            bail!(
+                "SequenceBatch row {r}: completion {start}..{len} does not fit a width of {width}"
+            );
+        }
+        // Position 0 has no earlier logits to be predicted from (TRL's shifted labels drop it too).
+        let start = start.max(1);
+        for p in start..len {
+            out.sources.push((r * width + p - 1) as u32);
+            out.targets.push(batch.input_ids[r * width + p]);
+        }
+        out.counts.push(len.saturating_sub(start));
+    }
+    Ok(out)
+}
+
+impl LlamaModel {
+    /// Completion log-probs of every row of `batch` with the weights `choice` selects.
+    pub fn sequence_logps(
+        &self,
+        batch: &SequenceBatch,
+        choice: AdapterChoice,
+    ) -> Result<SequenceLogps> {
+        let scored = scored_tokens(batch)?;
+        let device = self.device().clone();
+        let input_ids = Tensor::from_slice(&batch.input_ids, (batch.rows, batch.width), &device)?;
+        let hidden = self.forward_hidden(&input_ids, &batch.lengths, choice)?;
+        let grad = choice == AdapterChoice::Policy;
+        let total = scored.targets.len();
+        let hidden_size = self.config().hidden_size;
+        let vocab = self.config().vocab_size;
+
+        let mut token_logps = Vec::new();
+        let mut mean_logits = Vec::with_capacity(total);
+        let mut entropies = Vec::with_capacity(total);
+        if total > 0 {
+            let sources = Tensor::from_slice(&scored.sources, total, &device)?;
+            let targets = Tensor::from_slice(&scored.targets, (total, 1), &device)?;
+            let selected = hidden
+                .reshape((batch.rows * batch.width, hidden_size))?
+                .index_select(&sources, 0)?;
+            let chunk = (LOGITS_CHUNK_ELEMENTS / vocab.max(1)).max(1);
+            let vocab_ids = Tensor::arange(0u32, vocab as u32, &device)?.unsqueeze(0)?;
+            let mut start = 0;
+            while start < total {
+                let n = chunk.min(total - start);
+                let h = selected.narrow(0, start, n)?;
+                let target = targets.narrow(0, start, n)?;
+                let logits = self.lm_head().forward(&h.detach())?.to_dtype(DType::F32)?;
+                let max = logits.max_keepdim(D::Minus1)?;
+                let shifted = logits.broadcast_sub(&max)?;
+                let sum_exp = shifted.exp()?.sum_keepdim(D::Minus1)?;
+                let log_z = (max + sum_exp.log()?)?;
+                let log_probs = logits.broadcast_sub(&log_z)?;
+                let probs = log_probs.exp()?;
+                let target_logp = log_probs.gather(&target, 1)?.squeeze(1)?;
+                entropies.extend(
+                    (probs.mul(&logits)?.sum(D::Minus1)? * -1.0)?
+                        .add(&log_z.squeeze(1)?)?
+                        .to_vec1::<f32>()?,
+                );
+                mean_logits.extend(logits.mean(D::Minus1)?.to_vec1::<f32>()?);
+                let logp = if grad {
+                    let onehot = target.broadcast_eq(&vocab_ids)?.to_dtype(DType::F32)?;
+                    let grad_logits = (onehot - probs)?.to_dtype(self.dtype())?;
+                    drop(log_probs);
+                    // d log p(target) / d h = Wᵀ (onehot − softmax), with the GEMM in the model dtype as torch does.
+                    let jacobian = grad_logits
+                        .matmul(self.lm_head().weight())?
+                        .to_dtype(DType::F32)?;
+                    let surrogate = h.to_dtype(DType::F32)?.mul(&jacobian)?.sum(D::Minus1)?;
+                    (target_logp + (&surrogate - surrogate.detach())?)?
+                } else {
+                    target_logp
+                };
+                token_logps.push(logp);
+                start += n;
+            }
+        }
+        let token_logps = if token_logps.is_empty() {
+            Tensor::zeros(0, DType::F32, &device)?
+        } else {
+            Tensor::cat(&token_logps, 0)?
+        };
+
+        let mut row_logps = Vec::with_capacity(batch.rows);
+        let (mut mean_logit_sums, mut entropy_sums) = (Vec::new(), Vec::new());
+        let mut offset = 0;
+        for &count in &scored.counts {
+            row_logps.push(if count == 0 {
+                Tensor::zeros((), DType::F32, &device)?
+            } else {
+                token_logps.narrow(0, offset, count)?.sum_all()?
+            });
+            mean_logit_sums.push(
+                mean_logits[offset..offset + count]
+                    .iter()
+                    .map(|&v| v as f64)
+                    .sum(),
+            );
+            entropy_sums.push(
+                entropies[offset..offset + count]
+                    .iter()
+                    .map(|&v| v as f64)
+                    .sum(),
+            );
+            offset += count;
+        }
+        Ok(SequenceLogps {
+            logps: Tensor::stack(&row_logps, 0)?,
+            token_counts: scored.counts,
+            mean_logit_sums,
+            entropy_sums,
+        })
+    }
+}
