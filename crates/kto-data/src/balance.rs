@@ -60,7 +60,11 @@ impl ClassCounts {
 
 impl fmt::Display for ClassCounts {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} desirable, {} undesirable", self.desirable, self.undesirable)
+        write!(
+            f,
+            "{} desirable, {} undesirable",
+            self.desirable, self.undesirable
+        )
     }
 }
 
@@ -79,19 +83,33 @@ impl WeightRanges {
 }
 
 /// The ranges exactly as TRL computes them; `None` when TRL skips the check (equal counts).
-pub fn recommended_ranges(counts: ClassCounts, desirable_weight: f64, undesirable_weight: f64) -> Option<WeightRanges> {
+pub fn recommended_ranges(
+    counts: ClassCounts,
+    desirable_weight: f64,
+    undesirable_weight: f64,
+) -> Option<WeightRanges> {
     let (n_d, n_u) = counts.trl_counts();
     if n_d == n_u {
         return None;
     }
     Some(WeightRanges {
-        desirable: (round2((n_u * undesirable_weight / n_d) * 1.0), round2((n_u * undesirable_weight / n_d) * 1.33)),
-        undesirable: (round2((n_d * desirable_weight / n_u) / 1.33), round2((n_d * desirable_weight / n_u) / 1.0)),
+        desirable: (
+            round2((n_u * undesirable_weight / n_d) * 1.0),
+            round2((n_u * undesirable_weight / n_d) * 1.33),
+        ),
+        undesirable: (
+            round2((n_d * desirable_weight / n_u) / 1.33),
+            round2((n_d * desirable_weight / n_u) / 1.0),
+        ),
     })
 }
 
 /// TRL's warning, word for word, when the weights are outside the recommended ranges.
-pub fn balance_warning(counts: ClassCounts, desirable_weight: f64, undesirable_weight: f64) -> Option<String> {
+pub fn balance_warning(
+    counts: ClassCounts,
+    desirable_weight: f64,
+    undesirable_weight: f64,
+) -> Option<String> {
     let ranges = recommended_ranges(counts, desirable_weight, undesirable_weight)?;
     if ranges.contains(desirable_weight, undesirable_weight) {
         return None;
@@ -137,11 +155,21 @@ mod tests {
     #[test]
     fn counts() {
         let counts = ClassCounts::from_labels([true, false, true, true]);
-        assert_eq!(counts, ClassCounts { desirable: 3, undesirable: 1 });
+        assert_eq!(
+            counts,
+            ClassCounts {
+                desirable: 3,
+                undesirable: 1
+            }
+        );
         assert_eq!(counts.single_class_warning(), None);
-        let only = ClassCounts::from_labels([true, true]).single_class_warning().unwrap();
+        let only = ClassCounts::from_labels([true, true])
+            .single_class_warning()
+            .unwrap();
         assert!(only.contains("only desirable samples (2)"), "{only}");
-        let only = ClassCounts::from_labels([false]).single_class_warning().unwrap();
+        let only = ClassCounts::from_labels([false])
+            .single_class_warning()
+            .unwrap();
         assert!(only.contains("only undesirable samples (1)"), "{only}");
     }
 
@@ -149,20 +177,54 @@ mod tests {
     fn ranges_as_trl_computes_them() {
         // 7 desirable, 5 undesirable, weights 1.0/1.0: TRL recommends desirable_weight in [0.71, 0.95] or
         // undesirable_weight in [1.05, 1.4].
-        let counts = ClassCounts { desirable: 7, undesirable: 5 };
+        let counts = ClassCounts {
+            desirable: 7,
+            undesirable: 5,
+        };
         let ranges = recommended_ranges(counts, 1.0, 1.0).unwrap();
         assert_eq!(ranges.desirable, (0.71, 0.95));
         assert_eq!(ranges.undesirable, (1.05, 1.4));
         let warning = balance_warning(counts, 1.0, 1.0).unwrap();
-        assert!(warning.contains("desirable_weight in [0.71, 0.95] or undesirable_weight in [1.05, 1.4]"), "{warning}");
+        assert!(
+            warning
+                .contains("desirable_weight in [0.71, 0.95] or undesirable_weight in [1.05, 1.4]"),
+            "{warning}"
+        );
         assert_eq!(balance_warning(counts, 0.8, 1.0), None);
         assert_eq!(balance_warning(counts, 1.0, 1.2), None);
         // Equal counts: TRL does not check.
-        assert_eq!(recommended_ranges(ClassCounts { desirable: 4, undesirable: 4 }, 1.0, 9.0), None);
+        assert_eq!(
+            recommended_ranges(
+                ClassCounts {
+                    desirable: 4,
+                    undesirable: 4
+                },
+                1.0,
+                9.0
+            ),
+            None
+        );
         // One class: TRL clamps the counts to at least 1, taking the 1 from the other class.
-        let ranges = recommended_ranges(ClassCounts { desirable: 0, undesirable: 5 }, 1.0, 1.0).unwrap();
+        let ranges = recommended_ranges(
+            ClassCounts {
+                desirable: 0,
+                undesirable: 5,
+            },
+            1.0,
+            1.0,
+        )
+        .unwrap();
         assert_eq!(ranges.desirable, (4.0, 5.32));
-        assert!(balance_warning(ClassCounts { desirable: 0, undesirable: 5 }, 1.0, 1.0).unwrap().contains("[4.0, 5.32]"));
+        assert!(balance_warning(
+            ClassCounts {
+                desirable: 0,
+                undesirable: 5
+            },
+            1.0,
+            1.0
+        )
+        .unwrap()
+        .contains("[4.0, 5.32]"));
     }
 
     #[test]
@@ -175,10 +237,19 @@ mod tests {
 
     #[test]
     fn auto_weight_is_inside_trls_range() {
-        for (desirable, undesirable, undesirable_weight) in [(7, 5, 1.0), (100, 3, 1.0), (3, 100, 1.5), (10, 10, 1.0)] {
-            let counts = ClassCounts { desirable, undesirable };
+        for (desirable, undesirable, undesirable_weight) in
+            [(7, 5, 1.0), (100, 3, 1.0), (3, 100, 1.5), (10, 10, 1.0)]
+        {
+            let counts = ClassCounts {
+                desirable,
+                undesirable,
+            };
             let auto = auto_desirable_weight(counts, undesirable_weight);
-            assert_eq!(balance_warning(counts, auto, undesirable_weight), None, "{counts} → {auto}");
+            assert_eq!(
+                balance_warning(counts, auto, undesirable_weight),
+                None,
+                "{counts} → {auto}"
+            );
             let ratio = auto * desirable as f64 / (undesirable_weight * undesirable as f64);
             assert!((ratio - 7.0 / 6.0).abs() < 1e-12);
         }

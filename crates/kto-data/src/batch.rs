@@ -35,7 +35,11 @@ pub struct SequenceBatch {
 impl SequenceBatch {
     /// TRL's `DataCollatorForUnpairedPreference`: each row is `prompt ++ completion` cut to `max_length` from the
     /// right, then right-padded with `pad_id` to the longest row.
-    pub fn from_rows<'a>(rows: impl IntoIterator<Item = (&'a [u32], &'a [u32])>, max_length: Option<usize>, pad_id: u32) -> Self {
+    pub fn from_rows<'a>(
+        rows: impl IntoIterator<Item = (&'a [u32], &'a [u32])>,
+        max_length: Option<usize>,
+        pad_id: u32,
+    ) -> Self {
         let sequences: Vec<(Vec<u32>, usize)> = rows
             .into_iter()
             .map(|(prompt, completion)| {
@@ -47,7 +51,11 @@ impl SequenceBatch {
                 (ids, completion_start)
             })
             .collect();
-        let width = sequences.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
+        let width = sequences
+            .iter()
+            .map(|(ids, _)| ids.len())
+            .max()
+            .unwrap_or(0);
         let mut input_ids = Vec::with_capacity(sequences.len() * width);
         for (ids, _) in &sequences {
             input_ids.extend_from_slice(ids);
@@ -70,7 +78,8 @@ impl SequenceBatch {
 
     /// The scored tokens of row `r`.
     pub fn completion(&self, r: usize) -> &[u32] {
-        &self.input_ids[r * self.width + self.completion_starts[r]..r * self.width + self.lengths[r]]
+        &self.input_ids
+            [r * self.width + self.completion_starts[r]..r * self.width + self.lengths[r]]
     }
 
     /// Real tokens over all rows: the attention-mask sum TRL adds to its `num_tokens` metric.
@@ -162,14 +171,19 @@ impl<'a> MicroBatches<'a> {
         let kl_partners = match config.kl {
             KlPairing::Off => Vec::new(),
             KlPairing::Rotate { chunk_size } => {
-                let shuffled_single = matches!(config.order, BatchOrder::Shuffled { .. }) && config.batch_size == 1;
+                let shuffled_single =
+                    matches!(config.order, BatchOrder::Shuffled { .. }) && config.batch_size == 1;
                 if chunk_size <= 1 || shuffled_single {
                     bail!(SINGLE_SAMPLE_KL_MESSAGE);
                 }
                 kl_partners(samples.len(), chunk_size)
             }
         };
-        Ok(Self { samples, config, kl_partners })
+        Ok(Self {
+            samples,
+            config,
+            kl_partners,
+        })
     }
 
     /// Micro-batches per epoch (the last may be smaller).
@@ -195,7 +209,10 @@ impl<'a> MicroBatches<'a> {
     /// All micro-batches of an epoch, in order.
     pub fn epoch(&self, epoch: u64) -> impl Iterator<Item = MicroBatch> + '_ {
         let order = self.epoch_order(epoch);
-        let chunks: Vec<Vec<usize>> = order.chunks(self.config.batch_size).map(<[usize]>::to_vec).collect();
+        let chunks: Vec<Vec<usize>> = order
+            .chunks(self.config.batch_size)
+            .map(<[usize]>::to_vec)
+            .collect();
         chunks.into_iter().map(move |indices| self.build(indices))
     }
 
@@ -209,7 +226,9 @@ impl<'a> MicroBatches<'a> {
     fn build(&self, indices: Vec<usize>) -> MicroBatch {
         let samples: Vec<&TokenizedSample> = indices.iter().map(|&i| &self.samples[i]).collect();
         let target = SequenceBatch::from_rows(
-            samples.iter().map(|s| (s.prompt_ids.as_slice(), s.completion_ids.as_slice())),
+            samples
+                .iter()
+                .map(|s| (s.prompt_ids.as_slice(), s.completion_ids.as_slice())),
             self.config.max_length,
             self.config.pad_id,
         );
@@ -217,7 +236,9 @@ impl<'a> MicroBatches<'a> {
             KlPairing::Off => None,
             KlPairing::Rotate { .. } => {
                 let partners: Vec<usize> = match self.config.order {
-                    BatchOrder::Sequential => indices.iter().map(|&i| self.kl_partners[i]).collect(),
+                    BatchOrder::Sequential => {
+                        indices.iter().map(|&i| self.kl_partners[i]).collect()
+                    }
                     BatchOrder::Shuffled { .. } => {
                         let n = indices.len();
                         (0..n).map(|j| indices[(j + n - 1) % n]).collect()
@@ -225,7 +246,10 @@ impl<'a> MicroBatches<'a> {
                 };
                 Some(SequenceBatch::from_rows(
                     samples.iter().zip(&partners).map(|(s, &partner)| {
-                        (s.prompt_ids.as_slice(), self.samples[partner].completion_ids.as_slice())
+                        (
+                            s.prompt_ids.as_slice(),
+                            self.samples[partner].completion_ids.as_slice(),
+                        )
                     }),
                     self.config.max_length,
                     self.config.pad_id,
@@ -248,22 +272,39 @@ mod tests {
     use super::*;
 
     fn sample(prompt: &[u32], completion: &[u32], label: bool) -> TokenizedSample {
-        TokenizedSample { prompt_ids: prompt.to_vec(), completion_ids: completion.to_vec(), label, pair: None }
+        TokenizedSample {
+            prompt_ids: prompt.to_vec(),
+            completion_ids: completion.to_vec(),
+            label,
+            pair: None,
+        }
     }
 
     /// Sample i has prompt [10 + i] and completion [100 + i].
     fn numbered(n: usize) -> Vec<TokenizedSample> {
-        (0..n).map(|i| sample(&[10 + i as u32], &[100 + i as u32], i % 2 == 0)).collect()
+        (0..n)
+            .map(|i| sample(&[10 + i as u32], &[100 + i as u32], i % 2 == 0))
+            .collect()
     }
 
     fn config(batch_size: usize, order: BatchOrder, kl: KlPairing) -> BatchConfig {
-        BatchConfig { batch_size, order, kl, max_length: None, pad_id: 0 }
+        BatchConfig {
+            batch_size,
+            order,
+            kl,
+            max_length: None,
+            pad_id: 0,
+        }
     }
 
     #[test]
     fn collates_like_trl() {
         // The example of DataCollatorForUnpairedPreference's docstring.
-        let batch = SequenceBatch::from_rows([(&[1, 2, 3][..], &[4, 5][..]), (&[7, 8][..], &[9][..])], None, 0);
+        let batch = SequenceBatch::from_rows(
+            [(&[1, 2, 3][..], &[4, 5][..]), (&[7, 8][..], &[9][..])],
+            None,
+            0,
+        );
         assert_eq!(batch.input_ids, vec![1, 2, 3, 4, 5, 7, 8, 9, 0, 0]);
         assert_eq!((batch.rows, batch.width), (2, 5));
         assert_eq!(batch.lengths, vec![5, 3]);
@@ -274,7 +315,11 @@ mod tests {
 
     #[test]
     fn max_length_cuts_from_the_right() {
-        let batch = SequenceBatch::from_rows([(&[1, 2, 3][..], &[4, 5, 6][..]), (&[7][..], &[8][..])], Some(4), 9);
+        let batch = SequenceBatch::from_rows(
+            [(&[1, 2, 3][..], &[4, 5, 6][..]), (&[7][..], &[8][..])],
+            Some(4),
+            9,
+        );
         assert_eq!(batch.input_ids, vec![1, 2, 3, 4, 7, 8, 9, 9]);
         assert_eq!(batch.completion(0), &[4]);
         assert_eq!(batch.lengths, vec![4, 2]);
@@ -295,14 +340,22 @@ mod tests {
             (3, vec![vec![102, 100, 101], vec![105, 103, 104]]),
             (4, vec![vec![103, 100, 101, 102], vec![105, 104]]),
         ] {
-            let batches =
-                MicroBatches::new(&samples, config(size, BatchOrder::Sequential, KlPairing::Rotate { chunk_size: size }))
-                    .unwrap();
+            let batches = MicroBatches::new(
+                &samples,
+                config(
+                    size,
+                    BatchOrder::Sequential,
+                    KlPairing::Rotate { chunk_size: size },
+                ),
+            )
+            .unwrap();
             let kl_completions: Vec<Vec<u32>> = batches
                 .epoch(0)
                 .map(|b| {
                     let kl = b.kl.unwrap();
-                    (0..kl.rows).flat_map(|r| kl.completion(r).to_vec()).collect()
+                    (0..kl.rows)
+                        .flat_map(|r| kl.completion(r).to_vec())
+                        .collect()
                 })
                 .collect();
             assert_eq!(kl_completions, expected, "batch size {size}");
@@ -315,21 +368,46 @@ mod tests {
     #[test]
     fn eval_batches_keep_the_train_chunk_pairing() {
         let samples = numbered(4);
-        let batches =
-            MicroBatches::new(&samples, config(3, BatchOrder::Sequential, KlPairing::Rotate { chunk_size: 2 })).unwrap();
-        let kl: Vec<u32> = batches.epoch(0).flat_map(|b| b.kl.unwrap().input_ids.chunks(2).map(|r| r[1]).collect::<Vec<_>>()).collect();
+        let batches = MicroBatches::new(
+            &samples,
+            config(
+                3,
+                BatchOrder::Sequential,
+                KlPairing::Rotate { chunk_size: 2 },
+            ),
+        )
+        .unwrap();
+        let kl: Vec<u32> = batches
+            .epoch(0)
+            .flat_map(|b| {
+                b.kl.unwrap()
+                    .input_ids
+                    .chunks(2)
+                    .map(|r| r[1])
+                    .collect::<Vec<_>>()
+            })
+            .collect();
         assert_eq!(kl, vec![101, 100, 103, 102]);
     }
 
     #[test]
     fn shuffled_epochs_differ_are_seeded_and_rotate_within_batches() {
         let samples = numbered(12);
-        let shuffled = config(4, BatchOrder::Shuffled { seed: 7 }, KlPairing::Rotate { chunk_size: 4 });
+        let shuffled = config(
+            4,
+            BatchOrder::Shuffled { seed: 7 },
+            KlPairing::Rotate { chunk_size: 4 },
+        );
         let batches = MicroBatches::new(&samples, shuffled).unwrap();
         let epoch0 = batches.epoch_order(0);
         assert_ne!(epoch0, (0..12).collect::<Vec<_>>());
         assert_ne!(epoch0, batches.epoch_order(1));
-        assert_eq!(epoch0, MicroBatches::new(&samples, shuffled).unwrap().epoch_order(0));
+        assert_eq!(
+            epoch0,
+            MicroBatches::new(&samples, shuffled)
+                .unwrap()
+                .epoch_order(0)
+        );
         let mut sorted = epoch0.clone();
         sorted.sort();
         assert_eq!(sorted, (0..12).collect::<Vec<_>>());
@@ -342,13 +420,17 @@ mod tests {
                 assert_eq!(kl.row(j)[0], 10 + batch.indices[j] as u32);
             }
         }
-        assert_eq!(batches.batch(1, 2).unwrap(), batches.epoch(1).nth(2).unwrap());
+        assert_eq!(
+            batches.batch(1, 2).unwrap(),
+            batches.epoch(1).nth(2).unwrap()
+        );
     }
 
     #[test]
     fn no_kl_without_kl_term() {
         let samples = numbered(3);
-        let batches = MicroBatches::new(&samples, config(1, BatchOrder::Sequential, KlPairing::Off)).unwrap();
+        let batches =
+            MicroBatches::new(&samples, config(1, BatchOrder::Sequential, KlPairing::Off)).unwrap();
         assert_eq!(batches.len(), 3);
         let all: Vec<MicroBatch> = batches.epoch(0).collect();
         assert!(all.iter().all(|b| b.kl.is_none()));
@@ -359,12 +441,23 @@ mod tests {
     fn batch_size_one_with_kl_is_refused() {
         let samples = numbered(3);
         for config in [
-            config(1, BatchOrder::Sequential, KlPairing::Rotate { chunk_size: 1 }),
-            config(1, BatchOrder::Shuffled { seed: 0 }, KlPairing::Rotate { chunk_size: 1 }),
+            config(
+                1,
+                BatchOrder::Sequential,
+                KlPairing::Rotate { chunk_size: 1 },
+            ),
+            config(
+                1,
+                BatchOrder::Shuffled { seed: 0 },
+                KlPairing::Rotate { chunk_size: 1 },
+            ),
         ] {
             let error = MicroBatches::new(&samples, config).unwrap_err().to_string();
             assert!(error.contains("per_device_train_batch_size = 1"), "{error}");
-            assert!(error.contains("KL term would equal the implied reward"), "{error}");
+            assert!(
+                error.contains("KL term would equal the implied reward"),
+                "{error}"
+            );
         }
     }
 }

@@ -32,7 +32,9 @@ pub struct ChatTemplate {
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChatTemplate").field("special_tokens", &self.special_tokens).finish_non_exhaustive()
+        f.debug_struct("ChatTemplate")
+            .field("special_tokens", &self.special_tokens)
+            .finish_non_exhaustive()
     }
 }
 
@@ -45,8 +47,12 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_filter("tojson", tojson);
-        env.add_template_owned(TEMPLATE_NAME, source.into()).context("chat_template does not compile")?;
-        Ok(Self { env, special_tokens })
+        env.add_template_owned(TEMPLATE_NAME, source.into())
+            .context("chat_template does not compile")?;
+        Ok(Self {
+            env,
+            special_tokens,
+        })
     }
 
     pub fn special_tokens(&self) -> &SpecialTokens {
@@ -67,7 +73,9 @@ impl ChatTemplate {
             unk_token => tokens.unk_token.clone(),
             pad_token => tokens.pad_token.clone(),
         };
-        template.render(context).map_err(|e| anyhow::anyhow!("chat_template failed to render: {}", error_chain(&e)))
+        template
+            .render(context)
+            .map_err(|e| anyhow::anyhow!("chat_template failed to render: {}", error_chain(&e)))
     }
 }
 
@@ -96,10 +104,23 @@ fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
     kwargs.assert_all_used()?;
     let (item_separator, key_separator) = match separators.as_deref() {
         Some([item, key]) => (item.clone(), key.clone()),
-        Some(_) => return Err(Error::new(ErrorKind::InvalidOperation, "tojson: separators must be (item, key)")),
-        None => ((if indent.is_some() { "," } else { ", " }).to_owned(), ": ".to_owned()),
+        Some(_) => {
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                "tojson: separators must be (item, key)",
+            ))
+        }
+        None => (
+            (if indent.is_some() { "," } else { ", " }).to_owned(),
+            ": ".to_owned(),
+        ),
     };
-    let style = JsonStyle { indent, sort_keys: sort_keys.unwrap_or(false), item_separator, key_separator };
+    let style = JsonStyle {
+        indent,
+        sort_keys: sort_keys.unwrap_or(false),
+        item_separator,
+        key_separator,
+    };
     let mut out = String::new();
     write_json(&value, &style, 0, &mut out)?;
     Ok(Value::from_safe_string(out))
@@ -121,7 +142,12 @@ impl JsonStyle {
     }
 }
 
-fn write_json(value: &Value, style: &JsonStyle, depth: usize, out: &mut String) -> Result<(), Error> {
+fn write_json(
+    value: &Value,
+    style: &JsonStyle,
+    depth: usize,
+    out: &mut String,
+) -> Result<(), Error> {
     match value.kind() {
         ValueKind::Undefined | ValueKind::None => out.push_str("null"),
         ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
@@ -184,7 +210,13 @@ fn python_number(value: &Value) -> String {
     }
     let float = f64::try_from(value.clone()).unwrap_or(f64::NAN);
     if !float.is_finite() {
-        return if float.is_nan() { "NaN".into() } else if float > 0.0 { "Infinity".into() } else { "-Infinity".into() };
+        return if float.is_nan() {
+            "NaN".into()
+        } else if float > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        };
     }
     let text = serde_json::to_string(&float).unwrap_or_else(|_| float.to_string());
     if text.contains(['.', 'e', 'E']) {
@@ -231,30 +263,47 @@ mod tests {
     #[test]
     fn renders_zephyr_with_trim_blocks() {
         let template = ChatTemplate::new(ZEPHYR, tokens()).unwrap();
-        let messages = [Message::new("system", "Be nice."), Message::new("user", "Hi")];
+        let messages = [
+            Message::new("system", "Be nice."),
+            Message::new("user", "Hi"),
+        ];
         assert_eq!(
             template.render(&messages, true).unwrap(),
             "<|system|>\nBe nice.</s>\n<|user|>\nHi</s>\n<|assistant|>\n"
         );
-        assert_eq!(template.render(&messages, false).unwrap(), "<|system|>\nBe nice.</s>\n<|user|>\nHi</s>\n");
+        assert_eq!(
+            template.render(&messages, false).unwrap(),
+            "<|system|>\nBe nice.</s>\n<|user|>\nHi</s>\n"
+        );
     }
 
     #[test]
     fn raise_exception_and_python_methods() {
         let source = "{{ bos_token }}{% for m in messages %}{% if m.role not in ['user', 'assistant'] %}{{ raise_exception('Conversation roles must be user/assistant') }}{% endif %}[{{ m.role.upper() }}] {{ m.content.strip() }}\n{% endfor %}";
         let template = ChatTemplate::new(source, tokens()).unwrap();
-        let rendered = template.render(&[Message::new("user", "  hello  ")], false).unwrap();
+        let rendered = template
+            .render(&[Message::new("user", "  hello  ")], false)
+            .unwrap();
         assert_eq!(rendered, "<s>[USER] hello\n");
-        let error = template.render(&[Message::new("tool", "x")], false).unwrap_err();
-        assert!(format!("{error:#}").contains("Conversation roles must be user/assistant"), "{error:#}");
+        let error = template
+            .render(&[Message::new("tool", "x")], false)
+            .unwrap_err();
+        assert!(
+            format!("{error:#}").contains("Conversation roles must be user/assistant"),
+            "{error:#}"
+        );
     }
 
     #[test]
     fn loop_controls_and_namespace() {
         let source = "{% set ns = namespace(n=0) %}{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}{% set ns.n = ns.n + 1 %}{{ m.content }}{% if ns.n == 2 %}{% break %}{% endif %}{% endfor %}";
         let template = ChatTemplate::new(source, tokens()).unwrap();
-        let messages =
-            [Message::new("system", "S"), Message::new("user", "a"), Message::new("assistant", "b"), Message::new("user", "c")];
+        let messages = [
+            Message::new("system", "S"),
+            Message::new("user", "a"),
+            Message::new("assistant", "b"),
+            Message::new("user", "c"),
+        ];
         assert_eq!(template.render(&messages, false).unwrap(), "ab");
     }
 
@@ -262,7 +311,9 @@ mod tests {
     fn tojson_matches_python_json_dumps() {
         let source = "{{ messages[0] | tojson }}|{{ {'b': 1.0, 'a': [1, 'x<y'], 'c': none} | tojson(sort_keys=true) }}|{{ [1, 2] | tojson(indent=2) }}";
         let template = ChatTemplate::new(source, tokens()).unwrap();
-        let rendered = template.render(&[Message::new("user", "say \"hi\"\n")], false).unwrap();
+        let rendered = template
+            .render(&[Message::new("user", "say \"hi\"\n")], false)
+            .unwrap();
         assert_eq!(
             rendered,
             "{\"role\": \"user\", \"content\": \"say \\\"hi\\\"\\n\"}|{\"a\": [1, \"x<y\"], \"b\": 1.0, \"c\": null}|[\n  1,\n  2\n]"
@@ -272,6 +323,9 @@ mod tests {
     #[test]
     fn compile_errors_are_reported() {
         let error = ChatTemplate::new("{% for m in messages %}", tokens()).unwrap_err();
-        assert!(format!("{error:#}").contains("chat_template does not compile"), "{error:#}");
+        assert!(
+            format!("{error:#}").contains("chat_template does not compile"),
+            "{error:#}"
+        );
     }
 }

@@ -29,7 +29,9 @@ impl DropCounts {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, usize)> {
-        self.0.iter().map(|(reason, count)| (reason.as_str(), *count))
+        self.0
+            .iter()
+            .map(|(reason, count)| (reason.as_str(), *count))
     }
 }
 
@@ -38,7 +40,11 @@ impl fmt::Display for DropCounts {
         if self.0.is_empty() {
             return write!(f, "none");
         }
-        let parts: Vec<String> = self.0.iter().map(|(reason, count)| format!("{count} {reason}")).collect();
+        let parts: Vec<String> = self
+            .0
+            .iter()
+            .map(|(reason, count)| format!("{count} {reason}"))
+            .collect();
         write!(f, "{}", parts.join(", "))
     }
 }

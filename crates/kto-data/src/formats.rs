@@ -42,7 +42,15 @@ pub enum Format {
 
 impl Format {
     /// The names accepted by [`Format::from_str`] (and the config's `format = "..."`).
-    pub const NAMES: [&'static str; 7] = ["auto", "unpaired", "trl", "nemo", "paired", "hh", "conversational"];
+    pub const NAMES: [&'static str; 7] = [
+        "auto",
+        "unpaired",
+        "trl",
+        "nemo",
+        "paired",
+        "hh",
+        "conversational",
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -84,7 +92,11 @@ impl FromStr for Format {
             "paired" => Format::Paired,
             "hh" => Format::Hh,
             "conversational" => Format::Conversational,
-            _ => return Err(UnknownFormat { given: name.to_owned() }),
+            _ => {
+                return Err(UnknownFormat {
+                    given: name.to_owned(),
+                })
+            }
         })
     }
 }
@@ -111,7 +123,10 @@ pub struct ReadOptions {
 
 impl Default for ReadOptions {
     fn default() -> Self {
-        Self { format: Format::Auto, skip_invalid: false }
+        Self {
+            format: Format::Auto,
+            skip_invalid: false,
+        }
     }
 }
 
@@ -154,7 +169,13 @@ impl fmt::Display for ReadReport {
             writeln!(f, "read {} as {format}", path.display())?;
         }
         writeln!(f, "rows read: {} ({} pairs)", self.rows, self.pairs)?;
-        writeln!(f, "samples: {} ({} desirable, {} undesirable)", self.samples(), self.desirable, self.undesirable)?;
+        writeln!(
+            f,
+            "samples: {} ({} desirable, {} undesirable)",
+            self.samples(),
+            self.desirable,
+            self.undesirable
+        )?;
         writeln!(f, "dropped: {}", self.drops)?;
         write!(f, "invalid rows skipped: {}", self.skipped_invalid)
     }
@@ -182,7 +203,11 @@ pub fn read_files<P: AsRef<Path>>(paths: &[P], options: &ReadOptions) -> Result<
 
 /// The smallest pair id that no sample uses yet.
 pub fn next_pair_id(samples: &[Sample]) -> u64 {
-    samples.iter().filter_map(|s| s.pair).max().map_or(0, |max| max + 1)
+    samples
+        .iter()
+        .filter_map(|s| s.pair)
+        .max()
+        .map_or(0, |max| max + 1)
 }
 
 fn offset_pairs(samples: &mut [Sample], offset: u64) {
@@ -194,7 +219,8 @@ fn offset_pairs(samples: &mut [Sample], offset: u64) {
 }
 
 pub fn read_file(path: &Path, options: &ReadOptions) -> Result<ReadOutput> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut output = parse_str(&path.display().to_string(), &text, options)?;
     if let Some((_, format)) = output.report.files.pop() {
         output.report.files.push((path.to_owned(), format));
@@ -234,7 +260,11 @@ pub fn parse_str(source: &str, text: &str, options: &ReadOptions) -> Result<Read
             Err(error) => skip_or_fail(source, row.line, error, options, &mut report)?,
         }
     }
-    let samples = if format.is_paired() { unpair_like_trl(pairs) } else { unpaired };
+    let samples = if format.is_paired() {
+        unpair_like_trl(pairs)
+    } else {
+        unpaired
+    };
     report.desirable = samples.iter().filter(|s| s.label).count();
     report.undesirable = samples.len() - report.desirable;
     report.files.push((PathBuf::from(source), format));
@@ -250,7 +280,13 @@ fn unpair_like_trl(pairs: Vec<(Sample, Sample)>) -> Vec<Sample> {
     samples
 }
 
-fn skip_or_fail(source: &str, line: usize, error: RowError, options: &ReadOptions, report: &mut ReadReport) -> Result<()> {
+fn skip_or_fail(
+    source: &str,
+    line: usize,
+    error: RowError,
+    options: &ReadOptions,
+    report: &mut ReadReport,
+) -> Result<()> {
     if !options.skip_invalid {
         bail!("{source}:{line}: {error}");
     }
@@ -267,14 +303,22 @@ struct RawRow<'a> {
 /// A JSON array when the file starts with `[`, else one JSON value per non-blank line.
 fn split_rows<'a>(source: &str, text: &'a str) -> Result<Vec<RawRow<'a>>> {
     if text.trim_start().starts_with('[') {
-        let elements: Vec<&RawValue> = serde_json::from_str(text)
-            .map_err(|e| anyhow::anyhow!("{source}:{}:{}: malformed JSON array: {e}", e.line(), e.column()))?;
+        let elements: Vec<&RawValue> = serde_json::from_str(text).map_err(|e| {
+            anyhow::anyhow!(
+                "{source}:{}:{}: malformed JSON array: {e}",
+                e.line(),
+                e.column()
+            )
+        })?;
         return Ok(elements
             .into_iter()
             .map(|element| {
                 let json = element.get();
                 let offset = json.as_ptr() as usize - text.as_ptr() as usize;
-                RawRow { line: 1 + text[..offset].matches('\n').count(), json }
+                RawRow {
+                    line: 1 + text[..offset].matches('\n').count(),
+                    json,
+                }
             })
             .collect());
     }
@@ -303,7 +347,10 @@ fn row_error(message: impl Into<String>) -> RowError {
 fn parse_row(row: &RawRow) -> Result<Map<String, Value>, RowError> {
     match serde_json::from_str::<Value>(row.json) {
         Ok(Value::Object(object)) => Ok(object),
-        Ok(other) => Err(row_error(format!("expected a JSON object, got {}", type_name(&other)))),
+        Ok(other) => Err(row_error(format!(
+            "expected a JSON object, got {}",
+            type_name(&other)
+        ))),
         Err(e) => Err(row_error(format!("malformed JSON: {e}"))),
     }
 }
@@ -312,13 +359,21 @@ fn detect_format(object: &Map<String, Value>) -> Result<Format> {
     let has = |key: &str| object.contains_key(key);
     let is_list = |key: &str| object.get(key).is_some_and(Value::is_array);
     if has("chosen") && has("rejected") {
-        return Ok(if has("prompt") { Format::Paired } else { Format::Hh });
+        return Ok(if has("prompt") {
+            Format::Paired
+        } else {
+            Format::Hh
+        });
     }
     if has("response") && has("preference") {
         return Ok(Format::Nemo);
     }
     if has("completion") && has("label") {
-        return Ok(if is_list("prompt") || is_list("completion") { Format::Conversational } else { Format::Unpaired });
+        return Ok(if is_list("prompt") || is_list("completion") {
+            Format::Conversational
+        } else {
+            Format::Unpaired
+        });
     }
     let keys: Vec<&str> = object.keys().map(String::as_str).collect();
     bail!(
@@ -366,8 +421,18 @@ fn convert_row(format: Format, row: &Map<String, Value>) -> Result<Converted, Ro
             };
             let prompt = text("prompt")?;
             Converted::Pair(
-                Sample { prompt: prompt.clone(), completion: text("chosen")?, label: true, pair: None },
-                Sample { prompt, completion: text("rejected")?, label: false, pair: None },
+                Sample {
+                    prompt: prompt.clone(),
+                    completion: text("chosen")?,
+                    label: true,
+                    pair: None,
+                },
+                Sample {
+                    prompt,
+                    completion: text("rejected")?,
+                    label: false,
+                    pair: None,
+                },
             )
         }
         Format::Hh => {
@@ -397,7 +462,8 @@ fn type_name(value: &Value) -> &'static str {
 }
 
 fn required<'a>(row: &'a Map<String, Value>, key: &str) -> Result<&'a Value, RowError> {
-    row.get(key).ok_or_else(|| row_error(format!("missing field `{key}`")))
+    row.get(key)
+        .ok_or_else(|| row_error(format!("missing field `{key}`")))
 }
 
 fn plain_field(row: &Map<String, Value>, key: &str, format: Format) -> Result<String, RowError> {
@@ -456,9 +522,10 @@ fn label_field(row: &Map<String, Value>, key: &str) -> Result<bool, RowError> {
 fn pair_field(row: &Map<String, Value>) -> Result<Option<u64>, RowError> {
     match row.get("pair") {
         None | Some(Value::Null) => Ok(None),
-        Some(value) => value
-            .as_u64()
-            .map(Some)
-            .ok_or_else(|| row_error(format!("field `pair` must be a non-negative integer, got {value}"))),
+        Some(value) => value.as_u64().map(Some).ok_or_else(|| {
+            row_error(format!(
+                "field `pair` must be a non-negative integer, got {value}"
+            ))
+        }),
     }
 }

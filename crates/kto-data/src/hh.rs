@@ -44,7 +44,9 @@ pub enum HhDropReason {
 impl fmt::Display for HhDropReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            HhDropReason::NotAlternatingTurns => "HH pairs whose text does not parse into alternating turns",
+            HhDropReason::NotAlternatingTurns => {
+                "HH pairs whose text does not parse into alternating turns"
+            }
             HhDropReason::EmptyResponse => "HH pairs with an empty final response",
             HhDropReason::PromptsDiffer => "HH pairs whose chosen and rejected prompts differ",
         })
@@ -71,8 +73,14 @@ pub struct HhPair {
 pub fn parse_turns(conversation: &str) -> Result<Vec<Turn>, HhDropReason> {
     let text = format!("\n\n{}", conversation.trim_start());
     let mut markers: Vec<(usize, Speaker, usize)> = Vec::new();
-    for (marker, speaker) in [(HUMAN_MARKER, Speaker::Human), (ASSISTANT_MARKER, Speaker::Assistant)] {
-        markers.extend(text.match_indices(marker).map(|(at, m)| (at, speaker, m.len())));
+    for (marker, speaker) in [
+        (HUMAN_MARKER, Speaker::Human),
+        (ASSISTANT_MARKER, Speaker::Assistant),
+    ] {
+        markers.extend(
+            text.match_indices(marker)
+                .map(|(at, m)| (at, speaker, m.len())),
+        );
     }
     markers.sort_by_key(|(at, _, _)| *at);
     if markers.first().map(|(at, _, _)| *at) != Some(0) {
@@ -83,13 +91,21 @@ pub fn parse_turns(conversation: &str) -> Result<Vec<Turn>, HhDropReason> {
         .enumerate()
         .map(|(i, &(at, speaker, len))| {
             let end = markers.get(i + 1).map_or(text.len(), |(next, _, _)| *next);
-            Turn { speaker, body: text[at + len..end].trim().to_owned() }
+            Turn {
+                speaker,
+                body: text[at + len..end].trim().to_owned(),
+            }
         })
         .collect();
     let alternates = turns.iter().enumerate().all(|(i, turn)| {
-        turn.speaker == if i % 2 == 0 { Speaker::Human } else { Speaker::Assistant }
+        turn.speaker
+            == if i % 2 == 0 {
+                Speaker::Human
+            } else {
+                Speaker::Assistant
+            }
     });
-    if !alternates || turns.len() % 2 != 0 {
+    if !alternates || !turns.len().is_multiple_of(2) {
         return Err(HhDropReason::NotAlternatingTurns);
     }
     Ok(turns)
@@ -98,7 +114,9 @@ pub fn parse_turns(conversation: &str) -> Result<Vec<Turn>, HhDropReason> {
 /// Renders every turn but the last as the prompt; the last (Assistant) turn is the response.
 pub fn split_conversation(conversation: &str) -> Result<PromptResponse, HhDropReason> {
     let turns = parse_turns(conversation)?;
-    let (last, earlier) = turns.split_last().ok_or(HhDropReason::NotAlternatingTurns)?;
+    let (last, earlier) = turns
+        .split_last()
+        .ok_or(HhDropReason::NotAlternatingTurns)?;
     if last.body.is_empty() {
         return Err(HhDropReason::EmptyResponse);
     }
@@ -111,7 +129,10 @@ pub fn split_conversation(conversation: &str) -> Result<PromptResponse, HhDropRe
         prompt.push_str(&format!("{name}:\n{}\n", turn.body));
     }
     prompt.push_str("Assistant:\n");
-    Ok(PromptResponse { prompt, response: last.body.clone() })
+    Ok(PromptResponse {
+        prompt,
+        response: last.body.clone(),
+    })
 }
 
 /// Converts one HH-RLHF row. The chosen conversation's failure is reported first.
@@ -121,7 +142,11 @@ pub fn convert_pair(chosen: &str, rejected: &str) -> Result<HhPair, HhDropReason
     if chosen.prompt != rejected.prompt {
         return Err(HhDropReason::PromptsDiffer);
     }
-    Ok(HhPair { prompt: chosen.prompt, chosen: chosen.response, rejected: rejected.response })
+    Ok(HhPair {
+        prompt: chosen.prompt,
+        chosen: chosen.response,
+        rejected: rejected.response,
+    })
 }
 
 #[cfg(test)]
@@ -158,9 +183,16 @@ mod tests {
     #[test]
     fn bodies_are_trimmed_and_leading_newlines_optional() {
         let split = split_conversation("Human:   Hello  \n\n\nAssistant:  Hi.  \n").unwrap();
-        assert_eq!(split, PromptResponse { prompt: "Human:\nHello\nAssistant:\n".into(), response: "Hi.".into() });
+        assert_eq!(
+            split,
+            PromptResponse {
+                prompt: "Human:\nHello\nAssistant:\n".into(),
+                response: "Hi.".into()
+            }
+        );
         // A body may mention "Human:" without the "\n\n" that marks a turn.
-        let split = split_conversation("\n\nHuman: Say Human: twice\n\nAssistant: Human: Human:").unwrap();
+        let split =
+            split_conversation("\n\nHuman: Say Human: twice\n\nAssistant: Human: Human:").unwrap();
         assert_eq!(split.prompt, "Human:\nSay Human: twice\nAssistant:\n");
         assert_eq!(split.response, "Human: Human:");
     }
@@ -176,15 +208,28 @@ mod tests {
             "",
         ];
         for case in cases {
-            assert_eq!(split_conversation(case), Err(HhDropReason::NotAlternatingTurns), "{case:?}");
+            assert_eq!(
+                split_conversation(case),
+                Err(HhDropReason::NotAlternatingTurns),
+                "{case:?}"
+            );
         }
-        assert_eq!(split_conversation("\n\nHuman: Hi\n\nAssistant:"), Err(HhDropReason::EmptyResponse));
-        assert_eq!(split_conversation("\n\nHuman: Hi\n\nAssistant:   "), Err(HhDropReason::EmptyResponse));
+        assert_eq!(
+            split_conversation("\n\nHuman: Hi\n\nAssistant:"),
+            Err(HhDropReason::EmptyResponse)
+        );
+        assert_eq!(
+            split_conversation("\n\nHuman: Hi\n\nAssistant:   "),
+            Err(HhDropReason::EmptyResponse)
+        );
     }
 
     #[test]
     fn prompts_that_differ_are_dropped() {
-        let result = convert_pair("\n\nHuman: Hi\n\nAssistant: Hello", "\n\nHuman: Hey\n\nAssistant: Hello");
+        let result = convert_pair(
+            "\n\nHuman: Hi\n\nAssistant: Hello",
+            "\n\nHuman: Hey\n\nAssistant: Hello",
+        );
         assert_eq!(result, Err(HhDropReason::PromptsDiffer));
         let result = convert_pair(
             "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Q\n\nAssistant: A",

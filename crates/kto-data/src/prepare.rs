@@ -104,12 +104,28 @@ impl fmt::Display for PrepareReport {
         writeln!(f, "{}", self.read)?;
         match self.split {
             Split::KeptFromInputs => writeln!(f, "split: kept from the input files")?,
-            Split::Drawn { test_fraction, seed } => {
-                writeln!(f, "split: {test_fraction} of the pairs to test (seed {seed})")?
-            }
+            Split::Drawn {
+                test_fraction,
+                seed,
+            } => writeln!(
+                f,
+                "split: {test_fraction} of the pairs to test (seed {seed})"
+            )?,
         }
-        writeln!(f, "wrote {}: {} samples ({})", self.train_path.display(), self.train.total(), self.train)?;
-        write!(f, "wrote {}: {} samples ({})", self.test_path.display(), self.test.total(), self.test)
+        writeln!(
+            f,
+            "wrote {}: {} samples ({})",
+            self.train_path.display(),
+            self.train.total(),
+            self.train
+        )?;
+        write!(
+            f,
+            "wrote {}: {} samples ({})",
+            self.test_path.display(),
+            self.test.total(),
+            self.test
+        )
     }
 }
 
@@ -118,7 +134,10 @@ pub fn split_role(path: &Path) -> Option<SplitRole> {
     let stem = path.file_stem()?.to_string_lossy().to_lowercase();
     let words: Vec<&str> = stem.split(|c: char| !c.is_ascii_alphanumeric()).collect();
     let has = |names: &[&str]| words.iter().any(|word| names.contains(word));
-    match (has(&["train", "training"]), has(&["test", "eval", "valid", "validation", "val", "dev"])) {
+    match (
+        has(&["train", "training"]),
+        has(&["test", "eval", "valid", "validation", "val", "dev"]),
+    ) {
         (true, false) => Some(SplitRole::Train),
         (false, true) => Some(SplitRole::Test),
         _ => None,
@@ -161,13 +180,19 @@ pub fn prepare(options: &PrepareOptions) -> Result<PrepareReport> {
 
     let split = if keep_split {
         if options.test_fraction.is_some() {
-            warnings.push("--test-fraction is ignored: the inputs are already a train and a test file".to_owned());
+            warnings.push(
+                "--test-fraction is ignored: the inputs are already a train and a test file"
+                    .to_owned(),
+            );
         }
         Split::KeptFromInputs
     } else {
         let test_fraction = options.test_fraction.unwrap_or(DEFAULT_TEST_FRACTION);
         (read_train, read_test) = split_by_pairs(read_train, test_fraction, options.seed);
-        Split::Drawn { test_fraction, seed: options.seed }
+        Split::Drawn {
+            test_fraction,
+            seed: options.seed,
+        }
     };
     shuffle(&mut read_train, options.seed, 1);
     shuffle(&mut read_test, options.seed, 2);
@@ -175,7 +200,11 @@ pub fn prepare(options: &PrepareOptions) -> Result<PrepareReport> {
     let train = ClassCounts::from_labels(read_train.iter().map(|s| s.label));
     let test = ClassCounts::from_labels(read_test.iter().map(|s| s.label));
     if train.total() == 0 {
-        bail!("no samples left to write: {} rows read, dropped: {}", report.rows, report.drops);
+        bail!(
+            "no samples left to write: {} rows read, dropped: {}",
+            report.rows,
+            report.drops
+        );
     }
     warnings.extend(train.single_class_warning().map(|w| format!("train: {w}")));
     warnings.extend(test.single_class_warning().map(|w| format!("test: {w}")));
@@ -187,11 +216,23 @@ pub fn prepare(options: &PrepareOptions) -> Result<PrepareReport> {
     let train_lines = to_lines(&read_train, options.style)?;
     let test_lines = to_lines(&read_test, options.style)?;
     write_files_atomically(&[(&train_path, &train_lines), (&test_path, &test_lines)])?;
-    Ok(PrepareReport { read: report, split, train_path, test_path, train, test, warnings })
+    Ok(PrepareReport {
+        read: report,
+        split,
+        train_path,
+        test_path,
+        train,
+        test,
+        warnings,
+    })
 }
 
 /// Moves `test_fraction` of the pair groups (drawn with `seed`) to the test side.
-pub fn split_by_pairs(samples: Vec<Sample>, test_fraction: f64, seed: u64) -> (Vec<Sample>, Vec<Sample>) {
+pub fn split_by_pairs(
+    samples: Vec<Sample>,
+    test_fraction: f64,
+    seed: u64,
+) -> (Vec<Sample>, Vec<Sample>) {
     let mut groups: Vec<Vec<Sample>> = Vec::new();
     let mut group_of_pair = std::collections::HashMap::new();
     for sample in samples {
@@ -219,7 +260,12 @@ pub fn split_by_pairs(samples: Vec<Sample>, test_fraction: f64, seed: u64) -> (V
     }
     let (mut train, mut test) = (Vec::new(), Vec::new());
     for (group, samples) in groups.into_iter().enumerate() {
-        if is_test[group] { &mut test } else { &mut train }.extend(samples);
+        if is_test[group] {
+            &mut test
+        } else {
+            &mut train
+        }
+        .extend(samples);
     }
     (train, test)
 }
@@ -289,16 +335,27 @@ pub fn write_files_atomically(files: &[(&Path, &String)]) -> Result<()> {
     let mut temporaries = Vec::new();
     let result = (|| -> Result<()> {
         for (path, contents) in files {
-            let name = path.file_name().context("output path has no file name")?.to_string_lossy();
+            let name = path
+                .file_name()
+                .context("output path has no file name")?
+                .to_string_lossy();
             let temporary = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
             temporaries.push(temporary.clone());
-            let mut file =
-                fs::File::create(&temporary).with_context(|| format!("cannot create {}", temporary.display()))?;
-            file.write_all(contents.as_bytes()).with_context(|| format!("cannot write {}", temporary.display()))?;
-            file.sync_all().with_context(|| format!("cannot write {}", temporary.display()))?;
+            let mut file = fs::File::create(&temporary)
+                .with_context(|| format!("cannot create {}", temporary.display()))?;
+            file.write_all(contents.as_bytes())
+                .with_context(|| format!("cannot write {}", temporary.display()))?;
+            file.sync_all()
+                .with_context(|| format!("cannot write {}", temporary.display()))?;
         }
         for ((path, _), temporary) in files.iter().zip(&temporaries) {
-            fs::rename(temporary, path).with_context(|| format!("cannot rename {} to {}", temporary.display(), path.display()))?;
+            fs::rename(temporary, path).with_context(|| {
+                format!(
+                    "cannot rename {} to {}",
+                    temporary.display(),
+                    path.display()
+                )
+            })?;
         }
         Ok(())
     })();
@@ -316,8 +373,14 @@ mod tests {
 
     #[test]
     fn split_roles_from_file_names() {
-        assert_eq!(split_role(Path::new("data/hh/train.jsonl")), Some(SplitRole::Train));
-        assert_eq!(split_role(Path::new("hh_rlhf-test.jsonl")), Some(SplitRole::Test));
+        assert_eq!(
+            split_role(Path::new("data/hh/train.jsonl")),
+            Some(SplitRole::Train)
+        );
+        assert_eq!(
+            split_role(Path::new("hh_rlhf-test.jsonl")),
+            Some(SplitRole::Test)
+        );
         assert_eq!(split_role(Path::new("eval.json")), Some(SplitRole::Test));
         assert_eq!(split_role(Path::new("contest.jsonl")), None);
         assert_eq!(split_role(Path::new("data.jsonl")), None);
@@ -327,13 +390,19 @@ mod tests {
     #[test]
     fn pairs_stay_on_one_side() {
         let samples: Vec<Sample> = (0..20u64)
-            .flat_map(|p| [Sample::new("p", "good", true).with_pair(p), Sample::new("p", "bad", false).with_pair(p)])
+            .flat_map(|p| {
+                [
+                    Sample::new("p", "good", true).with_pair(p),
+                    Sample::new("p", "bad", false).with_pair(p),
+                ]
+            })
             .chain((0..10).map(|i| Sample::new(format!("u{i}"), "x", i % 2 == 0)))
             .collect();
         let (train, test) = split_by_pairs(samples.clone(), 0.2, 3);
         assert_eq!(train.len() + test.len(), 50);
         // 30 groups, 6 to test.
-        let test_groups = test.iter().filter(|s| s.pair.is_some()).count() / 2 + test.iter().filter(|s| s.pair.is_none()).count();
+        let test_groups = test.iter().filter(|s| s.pair.is_some()).count() / 2
+            + test.iter().filter(|s| s.pair.is_none()).count();
         assert_eq!(test_groups, 6);
         for sample in &test {
             if let Some(pair) = sample.pair {
@@ -341,13 +410,19 @@ mod tests {
                 assert_eq!(test.iter().filter(|s| s.pair == Some(pair)).count(), 2);
             }
         }
-        assert_eq!(split_by_pairs(samples.clone(), 0.2, 3).1, test, "the split is seeded");
+        assert_eq!(
+            split_by_pairs(samples.clone(), 0.2, 3).1,
+            test,
+            "the split is seeded"
+        );
         assert_ne!(split_by_pairs(samples, 0.2, 4).1, test);
     }
 
     #[test]
     fn small_fractions_still_give_a_test_sample() {
-        let samples: Vec<Sample> = (0..3).map(|i| Sample::new(format!("p{i}"), "x", true)).collect();
+        let samples: Vec<Sample> = (0..3)
+            .map(|i| Sample::new(format!("p{i}"), "x", true))
+            .collect();
         let (train, test) = split_by_pairs(samples.clone(), 0.01, 0);
         assert_eq!((train.len(), test.len()), (2, 1));
         let (train, test) = split_by_pairs(samples, 0.0, 0);

@@ -10,7 +10,10 @@ pub struct Message {
 
 impl Message {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self { role: role.into(), content: content.into() }
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -67,7 +70,12 @@ pub struct Sample {
 
 impl Sample {
     pub fn new(prompt: impl Into<Text>, completion: impl Into<Text>, label: bool) -> Self {
-        Self { prompt: prompt.into(), completion: completion.into(), label, pair: None }
+        Self {
+            prompt: prompt.into(),
+            completion: completion.into(),
+            label,
+            pair: None,
+        }
     }
 
     pub fn with_pair(mut self, pair: u64) -> Self {

@@ -73,7 +73,11 @@ impl TokenizerBundle {
 
     /// Builds a bundle from a loaded tokenizer and the contents of its `tokenizer_config.json`; `chat_template`
     /// (a `chat_template.jinja` file) takes precedence over the config's.
-    pub fn from_parts(mut tokenizer: Tokenizer, config: &Value, chat_template: Option<String>) -> Result<Self> {
+    pub fn from_parts(
+        mut tokenizer: Tokenizer,
+        config: &Value,
+        chat_template: Option<String>,
+    ) -> Result<Self> {
         let token = |key: &str| -> Result<Option<String>> {
             match config.get(key) {
                 None | Some(Value::Null) => Ok(None),
@@ -82,7 +86,9 @@ impl TokenizerBundle {
                     Some(Value::String(token)) => Ok(Some(token.clone())),
                     _ => bail!("tokenizer_config.json: `{key}` has no string `content`"),
                 },
-                Some(other) => bail!("tokenizer_config.json: `{key}` must be a string, got {other}"),
+                Some(other) => {
+                    bail!("tokenizer_config.json: `{key}` must be a string, got {other}")
+                }
             }
         };
         let special_tokens = SpecialTokens {
@@ -92,16 +98,21 @@ impl TokenizerBundle {
             pad_token: token("pad_token")?,
         };
         let id_of = |name: &str, token: &str| -> Result<u32> {
-            tokenizer
-                .token_to_id(token)
-                .ok_or_else(|| anyhow!("tokenizer_config.json: {name} {token:?} is not in tokenizer.json's vocabulary"))
+            tokenizer.token_to_id(token).ok_or_else(|| {
+                anyhow!(
+                    "tokenizer_config.json: {name} {token:?} is not in tokenizer.json's vocabulary"
+                )
+            })
         };
-        let eos = special_tokens
-            .eos_token
-            .as_deref()
-            .ok_or_else(|| anyhow!("tokenizer_config.json has no `eos_token` (TRL appends it to completions)"))?;
+        let eos = special_tokens.eos_token.as_deref().ok_or_else(|| {
+            anyhow!("tokenizer_config.json has no `eos_token` (TRL appends it to completions)")
+        })?;
         let eos_id = id_of("eos_token", eos)?;
-        let bos_id = special_tokens.bos_token.as_deref().map(|bos| id_of("bos_token", bos)).transpose()?;
+        let bos_id = special_tokens
+            .bos_token
+            .as_deref()
+            .map(|bos| id_of("bos_token", bos))
+            .transpose()?;
         let pad_id = match special_tokens.pad_token.as_deref() {
             Some(pad) => id_of("pad_token", pad)?,
             None => eos_id,
@@ -115,20 +126,35 @@ impl TokenizerBundle {
             .map(|source| ChatTemplate::new(source, special_tokens.clone()))
             .transpose()
             .context("tokenizer_config.json: chat_template")?;
-        Ok(Self { tokenizer, special_tokens, eos_id, bos_id, pad_id, chat_template })
+        Ok(Self {
+            tokenizer,
+            special_tokens,
+            eos_id,
+            bos_id,
+            pad_id,
+            chat_template,
+        })
     }
 
     pub fn eos_token(&self) -> &str {
-        self.special_tokens.eos_token.as_deref().expect("checked when the bundle was built")
+        self.special_tokens
+            .eos_token
+            .as_deref()
+            .expect("checked when the bundle was built")
     }
 
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let encoding = self.tokenizer.encode(text, add_special_tokens).map_err(|e| anyhow!("tokenizer: {e}"))?;
+        let encoding = self
+            .tokenizer
+            .encode(text, add_special_tokens)
+            .map_err(|e| anyhow!("tokenizer: {e}"))?;
         Ok(encoding.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tokenizer.decode(ids, false).map_err(|e| anyhow!("tokenizer: {e}"))
+        self.tokenizer
+            .decode(ids, false)
+            .map_err(|e| anyhow!("tokenizer: {e}"))
     }
 
     /// The chat template rendered to text, as `apply_chat_template(..., tokenize=False)`.
@@ -140,14 +166,21 @@ impl TokenizerBundle {
     }
 
     /// `apply_chat_template(messages, tokenize=True)`: the rendered text, tokenized without added special tokens.
-    pub fn encode_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<Vec<u32>> {
+    pub fn encode_chat(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>> {
         self.encode(&self.render_chat(messages, add_generation_prompt)?, false)
     }
 }
 
 fn read_json_object(path: &Path) -> Result<serde_json::Map<String, Value>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    match serde_json::from_str(&text).with_context(|| format!("{}: malformed JSON", path.display()))? {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    match serde_json::from_str(&text)
+        .with_context(|| format!("{}: malformed JSON", path.display()))?
+    {
         Value::Object(object) => Ok(object),
         _ => bail!("{}: expected a JSON object", path.display()),
     }
@@ -167,11 +200,18 @@ fn apply_bos_eos_flags(
     if !explicit && tokenizer.get_post_processor().is_some() {
         return Ok(());
     }
-    let bos = match (flag("add_bos_token").unwrap_or(false), tokens.bos_token.as_deref(), bos_id) {
+    let bos = match (
+        flag("add_bos_token").unwrap_or(false),
+        tokens.bos_token.as_deref(),
+        bos_id,
+    ) {
         (true, Some(bos), Some(id)) => Some((bos.to_owned(), id)),
         _ => None,
     };
-    let eos = match (flag("add_eos_token").unwrap_or(false), tokens.eos_token.as_deref()) {
+    let eos = match (
+        flag("add_eos_token").unwrap_or(false),
+        tokens.eos_token.as_deref(),
+    ) {
         (true, Some(eos)) => Some((eos.to_owned(), eos_id)),
         _ => None,
     };
@@ -205,11 +245,20 @@ fn config_chat_template(config: &Value) -> Result<Option<String>> {
         Some(Value::String(source)) => Ok(Some(source.clone())),
         // Older configs hold a list of named templates; "default" is the one apply_chat_template uses.
         Some(Value::Array(named)) => {
-            let template_of = |entry: &Value| entry.get("template").and_then(Value::as_str).map(str::to_owned);
-            let default = named.iter().find(|entry| entry.get("name").and_then(Value::as_str) == Some("default"));
+            let template_of = |entry: &Value| {
+                entry
+                    .get("template")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            };
+            let default = named
+                .iter()
+                .find(|entry| entry.get("name").and_then(Value::as_str) == Some("default"));
             Ok(default.or(named.first()).and_then(template_of))
         }
-        Some(other) => bail!("tokenizer_config.json: `chat_template` must be a string, got {other}"),
+        Some(other) => {
+            bail!("tokenizer_config.json: `chat_template` must be a string, got {other}")
+        }
     }
 }
 
@@ -241,14 +290,19 @@ impl FromStr for TruncationMode {
         match name {
             "keep_end" => Ok(TruncationMode::KeepEnd),
             "keep_start" => Ok(TruncationMode::KeepStart),
-            _ => bail!("unknown truncation_mode {name:?}: expected one of {}", Self::NAMES.join(", ")),
+            _ => bail!(
+                "unknown truncation_mode {name:?}: expected one of {}",
+                Self::NAMES.join(", ")
+            ),
         }
     }
 }
 
 impl<'de> serde::Deserialize<'de> for TruncationMode {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        String::deserialize(deserializer)?.parse().map_err(serde::de::Error::custom)
+        String::deserialize(deserializer)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -269,7 +323,12 @@ pub struct TokenizationConfig {
 
 impl Default for TokenizationConfig {
     fn default() -> Self {
-        Self { max_length: Some(1024), max_prompt_length: None, max_completion_length: None, truncation_mode: TruncationMode::KeepEnd }
+        Self {
+            max_length: Some(1024),
+            max_prompt_length: None,
+            max_completion_length: None,
+            truncation_mode: TruncationMode::KeepEnd,
+        }
     }
 }
 
@@ -290,7 +349,9 @@ pub enum TokenizeDropReason {
 impl fmt::Display for TokenizeDropReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            TokenizeDropReason::PromptReachesMaxLength => f.write_str("samples whose prompt alone reaches max_length"),
+            TokenizeDropReason::PromptReachesMaxLength => {
+                f.write_str("samples whose prompt alone reaches max_length")
+            }
         }
     }
 }
@@ -308,7 +369,11 @@ pub struct TokenizeReport {
 
 impl fmt::Display for TokenizeReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "tokenized {} samples, kept {}, dropped: {}", self.samples, self.kept, self.drops)?;
+        write!(
+            f,
+            "tokenized {} samples, kept {}, dropped: {}",
+            self.samples, self.kept, self.drops
+        )?;
         if self.prompts_truncated + self.completions_truncated > 0 {
             write!(
                 f,
@@ -336,24 +401,42 @@ fn tokenize_split(bundle: &TokenizerBundle, sample: &Sample) -> Result<Split> {
     let (prompt_ids, full_ids) = match (&sample.prompt, &sample.completion) {
         (Text::Plain(prompt), Text::Plain(completion)) => {
             let eos = bundle.eos_token();
-            let completion =
-                if completion.ends_with(eos) { completion.clone() } else { format!("{completion}{eos}") };
-            (bundle.encode(prompt, true)?, bundle.encode(&format!("{prompt}{completion}"), true)?)
+            let completion = if completion.ends_with(eos) {
+                completion.clone()
+            } else {
+                format!("{completion}{eos}")
+            };
+            (
+                bundle.encode(prompt, true)?,
+                bundle.encode(&format!("{prompt}{completion}"), true)?,
+            )
         }
         (Text::Messages(prompt), Text::Messages(completion)) => {
             let conversation: Vec<Message> = prompt.iter().chain(completion).cloned().collect();
-            (bundle.encode_chat(prompt, true)?, bundle.encode_chat(&conversation, false)?)
+            (
+                bundle.encode_chat(prompt, true)?,
+                bundle.encode_chat(&conversation, false)?,
+            )
         }
-        _ => bail!("a sample's prompt and completion must both be text or both be lists of messages"),
+        _ => {
+            bail!("a sample's prompt and completion must both be text or both be lists of messages")
+        }
     };
     let split = common_prefix_length(&prompt_ids, &full_ids);
     let mut full_ids = full_ids;
     let completion_ids = full_ids.split_off(split);
-    Ok(Split { prompt_is_prefix: split == prompt_ids.len(), prompt_ids: full_ids, completion_ids })
+    Ok(Split {
+        prompt_is_prefix: split == prompt_ids.len(),
+        prompt_ids: full_ids,
+        completion_ids,
+    })
 }
 
 pub fn common_prefix_length(ids: &[u32], other_ids: &[u32]) -> usize {
-    ids.iter().zip(other_ids).take_while(|(a, b)| a == b).count()
+    ids.iter()
+        .zip(other_ids)
+        .take_while(|(a, b)| a == b)
+        .count()
 }
 
 /// Tokenizes one sample and applies the length options; `Err(reason)` in the outer `Ok` when it is dropped.
@@ -389,13 +472,26 @@ fn tokenize_one(
             completion_ids.truncate(limit);
         }
     }
-    if config.max_length.is_some_and(|max_length| prompt_ids.len() >= max_length) {
+    if config
+        .max_length
+        .is_some_and(|max_length| prompt_ids.len() >= max_length)
+    {
         return Ok(Err(TokenizeDropReason::PromptReachesMaxLength));
     }
-    Ok(Ok(TokenizedSample { prompt_ids, completion_ids, label: sample.label, pair: sample.pair }))
+    Ok(Ok(TokenizedSample {
+        prompt_ids,
+        completion_ids,
+        label: sample.label,
+        pair: sample.pair,
+    }))
 }
 
-fn truncate_prompt(prompt_ids: Vec<u32>, limit: usize, mode: TruncationMode, bos_id: Option<u32>) -> Vec<u32> {
+fn truncate_prompt(
+    prompt_ids: Vec<u32>,
+    limit: usize,
+    mode: TruncationMode,
+    bos_id: Option<u32>,
+) -> Vec<u32> {
     match mode {
         TruncationMode::KeepStart => prompt_ids[..limit].to_vec(),
         TruncationMode::KeepEnd => {
@@ -417,10 +513,15 @@ pub fn tokenize_dataset(
     samples: &[Sample],
     config: &TokenizationConfig,
 ) -> Result<(Vec<TokenizedSample>, TokenizeReport)> {
-    let mut report = TokenizeReport { samples: samples.len(), ..Default::default() };
+    let mut report = TokenizeReport {
+        samples: samples.len(),
+        ..Default::default()
+    };
     let mut kept = Vec::with_capacity(samples.len());
     for (index, sample) in samples.iter().enumerate() {
-        match tokenize_one(bundle, sample, config, &mut report).with_context(|| format!("sample {index}"))? {
+        match tokenize_one(bundle, sample, config, &mut report)
+            .with_context(|| format!("sample {index}"))?
+        {
             Ok(tokenized) => kept.push(tokenized),
             Err(reason) => report.drops.add(reason),
         }

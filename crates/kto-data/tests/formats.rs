@@ -8,39 +8,73 @@ fn read(text: &str) -> ReadOutput {
 }
 
 fn read_as(format: Format, text: &str) -> anyhow::Result<ReadOutput> {
-    parse_str("data.jsonl", text, &ReadOptions { format, skip_invalid: false })
+    parse_str(
+        "data.jsonl",
+        text,
+        &ReadOptions {
+            format,
+            skip_invalid: false,
+        },
+    )
 }
 
 fn error(text: &str) -> String {
-    format!("{:#}", parse_str("data.jsonl", text, &ReadOptions::default()).unwrap_err())
+    format!(
+        "{:#}",
+        parse_str("data.jsonl", text, &ReadOptions::default()).unwrap_err()
+    )
 }
 
 #[test]
 fn unpaired_trl_rows() {
     let out = read(concat!(
-        r#"{"prompt": "Q1", "completion": "A1", "label": true}"#, "\n",
+        r#"{"prompt": "Q1", "completion": "A1", "label": true}"#,
         "\n",
-        r#"{"prompt": "Q2", "completion": "A2", "label": false, "pair": 4, "extra": 1}"#, "\n",
+        "\n",
+        r#"{"prompt": "Q2", "completion": "A2", "label": false, "pair": 4, "extra": 1}"#,
+        "\n",
     ));
     assert_eq!(out.report.files[0].1, Format::Unpaired);
-    assert_eq!(out.samples, vec![Sample::new("Q1", "A1", true), Sample::new("Q2", "A2", false).with_pair(4)]);
-    assert_eq!((out.report.rows, out.report.pairs, out.report.desirable, out.report.undesirable), (2, 0, 1, 1));
+    assert_eq!(
+        out.samples,
+        vec![
+            Sample::new("Q1", "A1", true),
+            Sample::new("Q2", "A2", false).with_pair(4)
+        ]
+    );
+    assert_eq!(
+        (
+            out.report.rows,
+            out.report.pairs,
+            out.report.desirable,
+            out.report.undesirable
+        ),
+        (2, 0, 1, 1)
+    );
 }
 
 #[test]
 fn nemo_rows() {
     let out = read(concat!(
-        r#"{"prompt": "Q", "response": "good", "preference": "chosen"}"#, "\n",
+        r#"{"prompt": "Q", "response": "good", "preference": "chosen"}"#,
+        "\n",
         r#"{"prompt": "Q", "response": "bad", "preference": "rejected"}"#,
     ));
     assert_eq!(out.report.files[0].1, Format::Nemo);
-    assert_eq!(out.samples, vec![Sample::new("Q", "good", true), Sample::new("Q", "bad", false)]);
+    assert_eq!(
+        out.samples,
+        vec![
+            Sample::new("Q", "good", true),
+            Sample::new("Q", "bad", false)
+        ]
+    );
 }
 
 #[test]
 fn paired_rows_unpair_in_trls_order() {
     let out = read(concat!(
-        r#"{"prompt": "Q1", "chosen": "C1", "rejected": "R1"}"#, "\n",
+        r#"{"prompt": "Q1", "chosen": "C1", "rejected": "R1"}"#,
+        "\n",
         r#"{"prompt": "Q2", "chosen": "C2", "rejected": "R2"}"#,
     ));
     assert_eq!(out.report.files[0].1, Format::Paired);
@@ -58,7 +92,9 @@ fn paired_rows_unpair_in_trls_order() {
 
 #[test]
 fn paired_rows_unpair_in_chunks_of_1000() {
-    let rows: Vec<String> = (0..1001).map(|i| format!(r#"{{"prompt": "Q{i}", "chosen": "C", "rejected": "R"}}"#)).collect();
+    let rows: Vec<String> = (0..1001)
+        .map(|i| format!(r#"{{"prompt": "Q{i}", "chosen": "C", "rejected": "R"}}"#))
+        .collect();
     let out = read(&rows.join("\n"));
     let labels: Vec<bool> = out.samples.iter().map(|s| s.label).collect();
     assert!(labels[..1000].iter().all(|&l| l) && labels[1000..2000].iter().all(|&l| !l));
@@ -75,9 +111,15 @@ fn conversational_rows() {
     assert_eq!(out.report.files[0].1, Format::Conversational);
     assert_eq!(
         out.samples[0].prompt,
-        Text::Messages(vec![Message::new("system", "Be brief."), Message::new("user", "Hi")])
+        Text::Messages(vec![
+            Message::new("system", "Be brief."),
+            Message::new("user", "Hi")
+        ])
     );
-    assert_eq!(out.samples[0].completion, Text::Messages(vec![Message::new("assistant", "Hello.")]));
+    assert_eq!(
+        out.samples[0].completion,
+        Text::Messages(vec![Message::new("assistant", "Hello.")])
+    );
     // Conversational preference pairs too.
     let out = read(concat!(
         r#"{"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello."}], "#,
@@ -90,9 +132,12 @@ fn conversational_rows() {
 #[test]
 fn hh_rows_with_drops_counted_by_reason() {
     let out = read(concat!(
-        r#"{"chosen": "\n\nHuman: Hi\n\nAssistant: Hello, how can I help?", "rejected": "\n\nHuman: Hi\n\nAssistant: What."}"#, "\n",
-        r#"{"chosen": "\n\nHuman: A\n\nAssistant: B", "rejected": "\n\nHuman: Other\n\nAssistant: B"}"#, "\n",
-        r#"{"chosen": "\n\nAssistant: B", "rejected": "\n\nHuman: A\n\nAssistant: B"}"#, "\n",
+        r#"{"chosen": "\n\nHuman: Hi\n\nAssistant: Hello, how can I help?", "rejected": "\n\nHuman: Hi\n\nAssistant: What."}"#,
+        "\n",
+        r#"{"chosen": "\n\nHuman: A\n\nAssistant: B", "rejected": "\n\nHuman: Other\n\nAssistant: B"}"#,
+        "\n",
+        r#"{"chosen": "\n\nAssistant: B", "rejected": "\n\nHuman: A\n\nAssistant: B"}"#,
+        "\n",
         r#"{"chosen": "\n\nHuman: A\n\nAssistant:", "rejected": "\n\nHuman: A\n\nAssistant: B"}"#,
     ));
     assert_eq!(out.report.files[0].1, Format::Hh);
@@ -115,7 +160,11 @@ fn json_array_files() {
     assert_eq!(out.samples.len(), 2);
     let message = error("[\n  {\"prompt\": \"Q\", \"completion\": \"A\", \"label\": true},\n  {\"prompt\": \"Q\", \"completion\": \"B\"}\n]");
     assert_eq!(message, "data.jsonl:3: missing field `label`");
-    assert!(error("[\n {\"prompt\": 1,\n").starts_with("data.jsonl:3:"), "{}", error("[\n {\"prompt\": 1,\n"));
+    assert!(
+        error("[\n {\"prompt\": 1,\n").starts_with("data.jsonl:3:"),
+        "{}",
+        error("[\n {\"prompt\": 1,\n")
+    );
 }
 
 #[test]
@@ -163,7 +212,10 @@ fn format_names() {
     let error = toml_like(r#"{"format": "csv"}"#);
     assert!(error.contains("unknown data format \"csv\""), "{error}");
     fn toml_like(json: &str) -> String {
-        serde_json::from_str::<Config>(json).err().map(|e| e.to_string()).unwrap_or_default()
+        serde_json::from_str::<Config>(json)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
     }
 }
 
@@ -195,19 +247,37 @@ fn bad_input_errors_name_file_line_and_field() {
     let paired = r#"{"prompt": "Q", "chosen": "", "rejected": "R"}"#;
     assert_eq!(error(paired), "data.jsonl:1: field `chosen` is empty");
     let unknown = error(r#"{"question": "Q", "answer": "A"}"#);
-    assert!(unknown.starts_with("data.jsonl:1: cannot detect the data format from the keys [answer, question]"), "{unknown}");
-    assert!(unknown.contains("nemo (prompt, response, preference)"), "{unknown}");
+    assert!(
+        unknown.starts_with(
+            "data.jsonl:1: cannot detect the data format from the keys [answer, question]"
+        ),
+        "{unknown}"
+    );
+    assert!(
+        unknown.contains("nemo (prompt, response, preference)"),
+        "{unknown}"
+    );
 }
 
 #[test]
 fn skip_invalid_counts_and_keeps_going() {
     let text = concat!(
-        r#"{"prompt": "Q", "completion": "A", "label": true}"#, "\n",
-        r#"{"prompt": "Q", "completion": "A", "label": "maybe"}"#, "\n",
+        r#"{"prompt": "Q", "completion": "A", "label": true}"#,
+        "\n",
+        r#"{"prompt": "Q", "completion": "A", "label": "maybe"}"#,
+        "\n",
         "not json\n",
         r#"{"prompt": "Q", "completion": "B", "label": false}"#,
     );
-    let out = parse_str("data.jsonl", text, &ReadOptions { format: Format::Auto, skip_invalid: true }).unwrap();
+    let out = parse_str(
+        "data.jsonl",
+        text,
+        &ReadOptions {
+            format: Format::Auto,
+            skip_invalid: true,
+        },
+    )
+    .unwrap();
     assert_eq!(out.samples.len(), 2);
     assert_eq!((out.report.rows, out.report.skipped_invalid), (4, 2));
     assert!(out.report.to_string().contains("invalid rows skipped: 2"));
@@ -219,11 +289,24 @@ fn files_keep_pair_ids_apart() {
     let a = dir.path().join("a.jsonl");
     let b = dir.path().join("b.json");
     std::fs::write(&a, r#"{"prompt": "Q", "chosen": "C", "rejected": "R"}"#).unwrap();
-    std::fs::write(&b, r#"[{"prompt": "Q2", "chosen": "C2", "rejected": "R2"}]"#).unwrap();
+    std::fs::write(
+        &b,
+        r#"[{"prompt": "Q2", "chosen": "C2", "rejected": "R2"}]"#,
+    )
+    .unwrap();
     let out = read_files(&[&a, &b], &ReadOptions::default()).unwrap();
     let pairs: Vec<Option<u64>> = out.samples.iter().map(|s| s.pair).collect();
     assert_eq!(pairs, vec![Some(0), Some(0), Some(1), Some(1)]);
-    assert_eq!(out.report.files, vec![(a.clone(), Format::Paired), (b, Format::Paired)]);
-    let missing = format!("{:#}", read_file(&dir.path().join("none.jsonl"), &ReadOptions::default()).unwrap_err());
-    assert!(missing.starts_with("cannot read ") && missing.contains("none.jsonl"), "{missing}");
+    assert_eq!(
+        out.report.files,
+        vec![(a.clone(), Format::Paired), (b, Format::Paired)]
+    );
+    let missing = format!(
+        "{:#}",
+        read_file(&dir.path().join("none.jsonl"), &ReadOptions::default()).unwrap_err()
+    );
+    assert!(
+        missing.starts_with("cannot read ") && missing.contains("none.jsonl"),
+        "{missing}"
+    );
 }

@@ -3,7 +3,8 @@ use std::path::Path;
 
 use kto_data::batch::SequenceBatch;
 use kto_data::tokenize::{
-    tokenize_dataset, tokenize_sample, TokenizationConfig, TokenizeDropReason, TokenizerBundle, TruncationMode,
+    tokenize_dataset, tokenize_sample, TokenizationConfig, TokenizeDropReason, TokenizerBundle,
+    TruncationMode,
 };
 use kto_data::{Message, Sample, Text};
 use serde_json::{json, Value};
@@ -25,7 +26,13 @@ fn tokenizer_json() -> Value {
                "normalized": false, "special": true})
     };
     let mut vocab = serde_json::Map::new();
-    for (token, id) in [("<unk>", UNK), ("<s>", BOS), ("</s>", EOS), ("ab", AB), ("abc", ABC)] {
+    for (token, id) in [
+        ("<unk>", UNK),
+        ("<s>", BOS),
+        ("</s>", EOS),
+        ("ab", AB),
+        ("abc", ABC),
+    ] {
         vocab.insert(token.into(), json!(id));
     }
     for c in 'a'..='z' {
@@ -71,14 +78,24 @@ fn bundle() -> (tempfile::TempDir, TokenizerBundle) {
 }
 
 fn ids(words: &str) -> Vec<u32> {
-    words.split_whitespace().map(|w| letter(w.chars().next().unwrap())).collect()
+    words
+        .split_whitespace()
+        .map(|w| letter(w.chars().next().unwrap()))
+        .collect()
 }
 
 fn no_limits() -> TokenizationConfig {
-    TokenizationConfig { max_length: None, ..Default::default() }
+    TokenizationConfig {
+        max_length: None,
+        ..Default::default()
+    }
 }
 
-fn tokenize(bundle: &TokenizerBundle, sample: &Sample, config: &TokenizationConfig) -> (Vec<u32>, Vec<u32>) {
+fn tokenize(
+    bundle: &TokenizerBundle,
+    sample: &Sample,
+    config: &TokenizationConfig,
+) -> (Vec<u32>, Vec<u32>) {
     let tokenized = tokenize_sample(bundle, sample, config).unwrap().unwrap();
     (tokenized.prompt_ids, tokenized.completion_ids)
 }
@@ -86,7 +103,10 @@ fn tokenize(bundle: &TokenizerBundle, sample: &Sample, config: &TokenizationConf
 #[test]
 fn bos_from_the_post_processor_and_eos_appended_once() {
     let (_dir, bundle) = bundle();
-    assert_eq!((bundle.bos_id, bundle.eos_id, bundle.pad_id), (Some(BOS), EOS, EOS));
+    assert_eq!(
+        (bundle.bos_id, bundle.eos_id, bundle.pad_id),
+        (Some(BOS), EOS, EOS)
+    );
     let (prompt, completion) = tokenize(&bundle, &Sample::new("x y", " z", true), &no_limits());
     assert_eq!(prompt, [vec![BOS], ids("x y")].concat());
     assert_eq!(completion, [ids("z"), vec![EOS]].concat());
@@ -104,7 +124,7 @@ fn completion_starts_where_the_tokenizations_diverge() {
     assert_eq!(tokenized[0].prompt_ids, vec![BOS]);
     assert_eq!(tokenized[0].completion_ids, vec![ABC, EOS]);
     assert_eq!(report.prompt_not_prefix, 1);
-    assert_eq!(tokenized[1].label, false);
+    assert!(!tokenized[1].label);
 }
 
 #[test]
@@ -116,15 +136,30 @@ fn max_length_drops_prompts_that_reach_it_and_cuts_batches() {
         Sample::new("p q r", " s", false).with_pair(3),
         Sample::new("p q r s", " t", true),
     ];
-    let config = TokenizationConfig { max_length: Some(4), ..Default::default() };
+    let config = TokenizationConfig {
+        max_length: Some(4),
+        ..Default::default()
+    };
     let (tokenized, report) = tokenize_dataset(&bundle, &samples, &config).unwrap();
     assert_eq!(tokenized.len(), 1);
-    assert_eq!(report.drops.get(TokenizeDropReason::PromptReachesMaxLength), 2);
-    assert_eq!(report.to_string(), "tokenized 3 samples, kept 1, dropped: 2 samples whose prompt alone reaches max_length");
+    assert_eq!(
+        report.drops.get(TokenizeDropReason::PromptReachesMaxLength),
+        2
+    );
+    assert_eq!(
+        report.to_string(),
+        "tokenized 3 samples, kept 1, dropped: 2 samples whose prompt alone reaches max_length"
+    );
     // The kept sample is stored whole; the batch cuts prompt ++ completion to max_length from the right.
-    assert_eq!(tokenized[0].completion_ids, [ids("r s t"), vec![EOS]].concat());
+    assert_eq!(
+        tokenized[0].completion_ids,
+        [ids("r s t"), vec![EOS]].concat()
+    );
     let batch = SequenceBatch::from_rows(
-        [(tokenized[0].prompt_ids.as_slice(), tokenized[0].completion_ids.as_slice())],
+        [(
+            tokenized[0].prompt_ids.as_slice(),
+            tokenized[0].completion_ids.as_slice(),
+        )],
         config.max_length,
         bundle.pad_id,
     );
@@ -136,19 +171,42 @@ fn max_length_drops_prompts_that_reach_it_and_cuts_batches() {
 fn max_prompt_length_keep_end_keeps_the_bos() {
     let (_dir, bundle) = bundle();
     let sample = Sample::new("q r s t u", " v", true);
-    let keep_end = TokenizationConfig { max_length: None, max_prompt_length: Some(3), ..Default::default() };
-    assert_eq!(tokenize(&bundle, &sample, &keep_end).0, [vec![BOS], ids("t u")].concat());
-    let keep_start = TokenizationConfig { truncation_mode: TruncationMode::KeepStart, ..keep_end };
-    assert_eq!(tokenize(&bundle, &sample, &keep_start).0, [vec![BOS], ids("q r")].concat());
+    let keep_end = TokenizationConfig {
+        max_length: None,
+        max_prompt_length: Some(3),
+        ..Default::default()
+    };
+    assert_eq!(
+        tokenize(&bundle, &sample, &keep_end).0,
+        [vec![BOS], ids("t u")].concat()
+    );
+    let keep_start = TokenizationConfig {
+        truncation_mode: TruncationMode::KeepStart,
+        ..keep_end
+    };
+    assert_eq!(
+        tokenize(&bundle, &sample, &keep_start).0,
+        [vec![BOS], ids("q r")].concat()
+    );
     // Shorter prompts are untouched.
-    let loose = TokenizationConfig { max_prompt_length: Some(6), ..keep_end };
-    assert_eq!(tokenize(&bundle, &sample, &loose).0, [vec![BOS], ids("q r s t u")].concat());
+    let loose = TokenizationConfig {
+        max_prompt_length: Some(6),
+        ..keep_end
+    };
+    assert_eq!(
+        tokenize(&bundle, &sample, &loose).0,
+        [vec![BOS], ids("q r s t u")].concat()
+    );
 }
 
 #[test]
 fn max_completion_length_keeps_the_start() {
     let (_dir, bundle) = bundle();
-    let config = TokenizationConfig { max_length: None, max_completion_length: Some(2), ..Default::default() };
+    let config = TokenizationConfig {
+        max_length: None,
+        max_completion_length: Some(2),
+        ..Default::default()
+    };
     let (_, completion) = tokenize(&bundle, &Sample::new("x", " a z c d", true), &config);
     assert_eq!(completion, ids("a z"));
 }
@@ -165,11 +223,17 @@ fn legacy_options_apply_before_the_max_length_drop() {
     };
     let (tokenized, report) = tokenize_dataset(&bundle, &samples, &config).unwrap();
     assert_eq!(report.drops.total(), 0);
-    assert_eq!((report.prompts_truncated, report.completions_truncated), (1, 1));
+    assert_eq!(
+        (report.prompts_truncated, report.completions_truncated),
+        (1, 1)
+    );
     assert_eq!(tokenized[0].prompt_ids, [vec![BOS], ids("t u")].concat());
     assert_eq!(tokenized[0].completion_ids, ids("v"));
     assert_eq!(
-        "truncation_mode".parse::<TruncationMode>().unwrap_err().to_string(),
+        "truncation_mode"
+            .parse::<TruncationMode>()
+            .unwrap_err()
+            .to_string(),
         "unknown truncation_mode \"truncation_mode\": expected one of keep_end, keep_start"
     );
 }
@@ -184,7 +248,10 @@ fn add_bos_and_eos_flags_rebuild_the_post_processor() {
     config["add_bos_token"] = json!(true);
     config["add_eos_token"] = json!(true);
     let bundle = bundle_with(dir.path(), config);
-    assert_eq!(bundle.encode("x", true).unwrap(), vec![BOS, letter('x'), EOS]);
+    assert_eq!(
+        bundle.encode("x", true).unwrap(),
+        vec![BOS, letter('x'), EOS]
+    );
 }
 
 #[test]
@@ -199,10 +266,17 @@ fn pad_token_and_special_token_objects() {
 #[test]
 fn bad_tokenizer_configs() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("tokenizer.json"), tokenizer_json().to_string()).unwrap();
+    std::fs::write(
+        dir.path().join("tokenizer.json"),
+        tokenizer_json().to_string(),
+    )
+    .unwrap();
     for (config, expected) in [
         (json!({"bos_token": "<s>"}), "has no `eos_token`"),
-        (json!({"eos_token": "<end>"}), "eos_token \"<end>\" is not in tokenizer.json's vocabulary"),
+        (
+            json!({"eos_token": "<end>"}),
+            "eos_token \"<end>\" is not in tokenizer.json's vocabulary",
+        ),
         (json!({"eos_token": 5}), "`eos_token` must be a string"),
     ] {
         std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
@@ -221,23 +295,50 @@ fn conversational_samples_use_the_chat_template_without_eos() {
     let bundle = bundle_with(dir.path(), config);
     let prompt = vec![Message::new("user", " x ")];
     let completion = vec![Message::new("assistant", "y")];
-    assert_eq!(bundle.render_chat(&prompt, true).unwrap(), "<s>user x </s> assistant ");
-    let sample = Sample { prompt: Text::Messages(prompt), completion: Text::Messages(completion), label: true, pair: None };
+    assert_eq!(
+        bundle.render_chat(&prompt, true).unwrap(),
+        "<s>user x </s> assistant "
+    );
+    let sample = Sample {
+        prompt: Text::Messages(prompt),
+        completion: Text::Messages(completion),
+        label: true,
+        pair: None,
+    };
     let (prompt_ids, completion_ids) = tokenize(&bundle, &sample, &no_limits());
     let role = |word: &str| word.chars().map(letter).collect::<Vec<_>>();
     // One BOS (from the template; apply_chat_template adds no special tokens), no EOS appended by TRL.
-    assert_eq!(prompt_ids, [vec![BOS], role("user"), ids("x"), vec![EOS], role("assistant")].concat());
+    assert_eq!(
+        prompt_ids,
+        [
+            vec![BOS],
+            role("user"),
+            ids("x"),
+            vec![EOS],
+            role("assistant")
+        ]
+        .concat()
+    );
     assert_eq!(completion_ids, [ids("y"), vec![EOS]].concat());
 }
 
 #[test]
 fn chat_template_jinja_file_wins_and_missing_template_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("chat_template.jinja"), "{% for m in messages %}{{ m.content }} {% endfor %}").unwrap();
+    std::fs::write(
+        dir.path().join("chat_template.jinja"),
+        "{% for m in messages %}{{ m.content }} {% endfor %}",
+    )
+    .unwrap();
     let mut config = base_config();
     config["chat_template"] = json!(TEMPLATE);
     let with_file = bundle_with(dir.path(), config);
-    assert_eq!(with_file.render_chat(&[Message::new("user", "x")], false).unwrap(), "x ");
+    assert_eq!(
+        with_file
+            .render_chat(&[Message::new("user", "x")], false)
+            .unwrap(),
+        "x "
+    );
 
     let (_dir, plain) = bundle();
     let sample = Sample {
@@ -246,6 +347,12 @@ fn chat_template_jinja_file_wins_and_missing_template_is_an_error() {
         label: true,
         pair: None,
     };
-    let error = format!("{:#}", tokenize_dataset(&plain, &[sample], &no_limits()).unwrap_err());
-    assert!(error.contains("sample 0") && error.contains("needs a chat_template"), "{error}");
+    let error = format!(
+        "{:#}",
+        tokenize_dataset(&plain, &[sample], &no_limits()).unwrap_err()
+    );
+    assert!(
+        error.contains("sample 0") && error.contains("needs a chat_template"),
+        "{error}"
+    );
 }

@@ -13,18 +13,29 @@ fn fixture() -> PathBuf {
 fn logged_num_tokens(run: &str) -> Vec<f64> {
     let text = std::fs::read_to_string(fixture().join("runs").join(run).join("log.json")).unwrap();
     let log: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let rows = log.as_array().cloned().unwrap_or_else(|| log["log_history"].as_array().cloned().unwrap_or_default());
-    rows.iter().filter_map(|row| row.get("num_tokens").and_then(|v| v.as_f64())).collect()
+    let rows = log
+        .as_array()
+        .cloned()
+        .unwrap_or_else(|| log["log_history"].as_array().cloned().unwrap_or_default());
+    rows.iter()
+        .filter_map(|row| row.get("num_tokens").and_then(|v| v.as_f64()))
+        .collect()
 }
 
 #[test]
 fn fixture_num_tokens_per_step() {
     let bundle = TokenizerBundle::from_dir(&fixture().join("model")).unwrap();
-    assert_eq!((bundle.eos_id, bundle.pad_id, bundle.bos_id), (2, 2, Some(1)));
+    assert_eq!(
+        (bundle.eos_id, bundle.pad_id, bundle.bos_id),
+        (2, 2, Some(1))
+    );
     let data = read_file(&fixture().join("data.jsonl"), &ReadOptions::default()).unwrap();
     assert_eq!(data.report.files[0].1, Format::Unpaired);
     assert_eq!((data.report.desirable, data.report.undesirable), (7, 5));
-    let config = TokenizationConfig { max_length: Some(64), ..Default::default() };
+    let config = TokenizationConfig {
+        max_length: Some(64),
+        ..Default::default()
+    };
     let (tokenized, report) = tokenize_dataset(&bundle, &data.samples, &config).unwrap();
     assert_eq!(report.kept, 12);
     assert_eq!(report.drops.total(), 0);
@@ -59,6 +70,13 @@ fn fixture_num_tokens_per_step() {
     // Step 1's KL sequences: sample 0 with sample 3's completion.
     let first = batches.batch(0, 0).unwrap();
     let kl = first.kl.unwrap();
-    assert_eq!(kl.row(0), [&tokenized[0].prompt_ids[..], &tokenized[3].completion_ids[..]].concat());
+    assert_eq!(
+        kl.row(0),
+        [
+            &tokenized[0].prompt_ids[..],
+            &tokenized[3].completion_ids[..]
+        ]
+        .concat()
+    );
     assert_eq!(first.labels, vec![true, false, true, true]);
 }

@@ -41,7 +41,8 @@ fn parse_style(name: &str) -> Result<OutputStyle, String> {
 }
 
 fn parse_format(name: &str) -> Result<Format, String> {
-    name.parse().map_err(|e: kto_data::formats::UnknownFormat| e.to_string())
+    name.parse()
+        .map_err(|e: kto_data::formats::UnknownFormat| e.to_string())
 }
 
 pub fn run(args: PrepareArgs) -> Result<()> {
@@ -51,7 +52,10 @@ pub fn run(args: PrepareArgs) -> Result<()> {
         style: args.style,
         test_fraction: args.test_fraction,
         seed: args.seed,
-        read: ReadOptions { format: args.format, skip_invalid: args.skip_invalid },
+        read: ReadOptions {
+            format: args.format,
+            skip_invalid: args.skip_invalid,
+        },
     })?;
     for warning in &report.warnings {
         tracing::warn!("{warning}");
