@@ -38,6 +38,8 @@ pub struct TrainJob<'a> {
     pub resume_from: Option<&'a Path>,
     /// Stop (as if interrupted) once this many optimizer steps are done in total; the checkpoints stay as saved.
     pub stop_after_step: Option<usize>,
+    /// Sees every step's gradients after clipping, before the optimizer (step number, gradients by name).
+    pub gradient_hook: Option<&'a dyn Fn(usize, &HashMap<String, Tensor>) -> Result<()>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -218,6 +220,9 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
             let grad_norm = clip_grad_norm(&mut grads, max_norm)?;
             if !grad_norm.is_finite() {
                 bail!(non_finite_message("gradient norm", step, &output_dir));
+            }
+            if let Some(hook) = job.gradient_hook {
+                hook(step, &grads)?;
             }
             let learning_rate = schedule.learning_rate_at(state.global_step);
             optimizer.step(&params, &grads, learning_rate)?;

@@ -160,6 +160,7 @@ fn run(out: &Path, extra: &[&str], resume: Option<&Path>, stop: Option<usize>) -
         eval_reference: None,
         resume_from: resume,
         stop_after_step: stop,
+        gradient_hook: None,
     };
     train(&mut model, &job)?;
     Ok(())
@@ -246,6 +247,7 @@ fn precomputed_reference_equals_online() -> Result<()> {
         eval_reference: Some(&eval_ref),
         resume_from: None,
         stop_after_step: None,
+        gradient_hook: None,
     };
     train(&mut model, &job)?;
     let read =
@@ -296,6 +298,7 @@ fn non_finite_loss_stops_with_the_step_and_keeps_checkpoints() -> Result<()> {
         eval_reference: None,
         resume_from: Some(&checkpoint),
         stop_after_step: None,
+        gradient_hook: None,
     };
     let err = train(&mut model, &job).unwrap_err().to_string();
     assert!(

@@ -1,0 +1,320 @@
+//! From a config to a trained adapter (`kto train`) or a held-out report (`kto eval`): locate the model, read and
+//! tokenize the data, set up the adapters, resolve `"auto"` weights, precompute (or reuse) reference log-probs.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use kto_data::balance::{auto_desirable_weight, balance_warning, ClassCounts};
+use kto_data::formats::{read_file, ReadOptions};
+use kto_data::tokenize::{tokenize_dataset, TokenizationConfig, TokenizedSample, TokenizerBundle};
+use kto_model::lora::{LoraAdapter, LoraConfig, LoraTarget};
+use kto_model::{Checkpoint, LlamaModel};
+use serde_json::{Map, Value};
+
+use crate::config::{Config, Weight};
+use crate::evaluate::evaluate_batches;
+use crate::forward::{precompute_reference, Reference};
+use crate::llama_policy::LoraPolicy;
+use crate::reference_cache::{self, CacheKeyBuilder, ReferenceLogps};
+use crate::train::{loss_settings, micro_batches, train, TrainJob, TrainSummary};
+
+/// A loaded model with its tokenizer.
+pub struct Loaded {
+    pub policy: LoraPolicy,
+    pub tokenizer: TokenizerBundle,
+    pub checkpoint: Checkpoint,
+}
+
+/// Loads the base model and installs the adapters: `init_adapter` (trained) plus a frozen copy as the reference,
+/// or a fresh LoRA (B = 0) whose reference is the base model with the adapter disabled. `adapter_override` (for
+/// `kto eval --adapter`) replaces the policy adapter and keeps the reference as the config defines it.
+pub fn load_model(config: &Config, adapter_override: Option<&Path>) -> Result<Loaded> {
+    let spec = config
+        .model
+        .path
+        .as_ref()
+        .context("[model] path is not set")?;
+    let checkpoint = Checkpoint::locate(&spec.to_string_lossy())?;
+    let device = kto_model::open_device(&config.model.device)?;
+    let dtype = kto_model::parse_dtype(&format!("{:?}", config.model.dtype).to_lowercase())?;
+    let mut model = LlamaModel::load(&checkpoint, dtype, &device)?;
+    let tokenizer = TokenizerBundle::from_dir(&checkpoint.dir)?;
+    let (policy, reference) = match &config.lora.init_adapter {
+        Some(dir) => {
+            let adapter = kto_model::peft::load_adapter(dir, &checkpoint.config, &device)
+                .with_context(|| format!("[lora] init_adapter = {}", dir.display()))?;
+            let reference = adapter.deep_copy()?;
+            (adapter, Some(reference))
+        }
+        None => {
+            let targets = config
+                .lora
+                .target_modules
+                .iter()
+                .map(|m| LoraTarget::parse(m))
+                .collect::<Result<Vec<_>>>()?;
+            let lora = LoraConfig::new(
+                config.lora.r,
+                config.lora.alpha,
+                config.lora.dropout,
+                config.lora.use_rslora,
+                &targets,
+            )?;
+            (
+                LoraAdapter::init(lora, &checkpoint.config, config.train.seed, &device)?,
+                None,
+            )
+        }
+    };
+    let policy = match adapter_override {
+        Some(dir) => kto_model::peft::load_adapter(dir, &checkpoint.config, &device)
+            .with_context(|| format!("adapter {}", dir.display()))?,
+        None => policy,
+    };
+    let dropout_active = !config.kto.disable_dropout && policy.config().dropout > 0.0;
+    model.set_policy_adapter(Some(policy))?;
+    model.set_reference_adapter(reference)?;
+    model.set_training(dropout_active, config.train.seed)?;
+    let base_model_name = spec.to_string_lossy().into_owned();
+    Ok(Loaded {
+        policy: LoraPolicy {
+            model,
+            base_model_name,
+            dropout_active,
+        },
+        tokenizer,
+        checkpoint,
+    })
+}
+
+fn tokenization(config: &Config) -> Result<TokenizationConfig> {
+    let mode = format!("{:?}", config.data.truncation_mode);
+    Ok(TokenizationConfig {
+        max_length: Some(config.data.max_length),
+        max_prompt_length: config.data.max_prompt_length,
+        max_completion_length: config.data.max_completion_length,
+        truncation_mode: match mode.as_str() {
+            "KeepEnd" => "keep_end",
+            _ => "keep_start",
+        }
+        .parse()?,
+    })
+}
+
+/// Reads and tokenizes one data file as TRL does.
+pub fn load_samples(
+    config: &Config,
+    tokenizer: &TokenizerBundle,
+    path: &Path,
+) -> Result<Vec<TokenizedSample>> {
+    let options = ReadOptions {
+        format: config.data.format.parse()?,
+        ..Default::default()
+    };
+    let read = read_file(path, &options)?;
+    tracing::info!("{}: {}", path.display(), read.report);
+    let (samples, report) = tokenize_dataset(tokenizer, &read.samples, &tokenization(config)?)
+        .with_context(|| format!("tokenizing {}", path.display()))?;
+    if !report.drops.is_empty() {
+        tracing::warn!("{}: dropped {}", path.display(), report.drops);
+    }
+    if samples.is_empty() {
+        bail!("{}: no samples left after tokenization", path.display());
+    }
+    Ok(samples)
+}
+
+/// Replaces `"auto"` weights using the class counts of the training set (KTO paper eq. 8), and logs TRL's warning
+/// when the weights are outside the recommended range.
+pub fn resolve_weights(config: &mut Config, train: &[TokenizedSample]) {
+    let counts = ClassCounts::from_labels(train.iter().map(|s| s.label));
+    let k = &mut config.kto;
+    match (k.desirable_weight, k.undesirable_weight) {
+        (Weight::Auto, Weight::Value(u)) => {
+            k.desirable_weight = Weight::Value(auto_desirable_weight(counts, u))
+        }
+        (Weight::Value(d), Weight::Auto) => {
+            // The middle of eq. 8's interval for the undesirable weight: [n_d·w_d / n_u · 3/4, n_d·w_d / n_u].
+            let (n_d, n_u) = (
+                counts.desirable.max(1) as f64,
+                (counts.undesirable).max(1) as f64,
+            );
+            k.undesirable_weight = Weight::Value(n_d * d / n_u * (1.0 + 0.75) / 2.0);
+        }
+        _ => {}
+    }
+    if let (Weight::Value(d), Weight::Value(u)) = (k.desirable_weight, k.undesirable_weight) {
+        if let Some(warning) = balance_warning(counts, d, u) {
+            tracing::warn!("{warning}");
+        }
+    }
+}
+
+/// Where precomputed reference log-probs are cached: `$KTO_CACHE_DIR`, else `~/.cache/kto/reference-logps`.
+pub fn reference_cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("KTO_CACHE_DIR") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache").join("kto").join("reference-logps")
+}
+
+/// The reference log-probs of a dataset, from the cache or computed once and stored.
+fn reference_for(
+    config: &Config,
+    loaded: &Loaded,
+    data_file: &Path,
+    samples: &[TokenizedSample],
+    eval: bool,
+) -> Result<ReferenceLogps> {
+    let t = &config.train;
+    let batch_size = config.kto.precompute_ref_batch_size.unwrap_or(if eval {
+        t.per_device_eval_batch_size
+    } else {
+        t.per_device_train_batch_size
+    });
+    let mut key = CacheKeyBuilder::new();
+    for file in &loaded.checkpoint.weight_files {
+        key = key.file_identity("model weights", file)?;
+    }
+    key = key.file_contents("model config", &loaded.checkpoint.dir.join("config.json"))?;
+    if let Some(dir) = &config.lora.init_adapter {
+        key = key.file_contents("reference adapter", &dir.join("adapter_model.safetensors"))?;
+    }
+    key = key
+        .file_contents("data", data_file)?
+        .text(
+            "tokenization",
+            &format!("{:?} format={}", tokenization(config)?, config.data.format),
+        )
+        .file_contents("tokenizer", &loaded.checkpoint.dir.join("tokenizer.json"))?
+        .text(
+            "batch",
+            &format!(
+                "batch={batch_size} kl_chunk={} kl={}",
+                t.per_device_train_batch_size,
+                config.kto.loss_type.uses_kl()
+            ),
+        )
+        .text(
+            "dtype/device",
+            &format!("{:?} {}", config.model.dtype, config.model.device),
+        );
+    let key = key.finish();
+    let dir = reference_cache_dir();
+    if let Some(cached) = reference_cache::load(&dir, &key, samples.len())? {
+        tracing::info!(
+            "reference log-probs of {} from the cache",
+            data_file.display()
+        );
+        return Ok(cached);
+    }
+    // Dataset order in batches of `batch_size`; KL pairs still rotate within chunks of the *train* batch size.
+    let mut precompute_config = config.clone();
+    precompute_config.train.per_device_eval_batch_size = batch_size;
+    let batches = micro_batches(&precompute_config, samples, loaded.tokenizer.pad_id, true)?;
+    let label = if eval { "eval" } else { "train" };
+    let logps = precompute_reference(
+        &loaded.policy,
+        batches.epoch(0),
+        samples.len(),
+        config.kto.loss_type.uses_kl(),
+        label,
+    )?;
+    reference_cache::store(&dir, &key, &logps)?;
+    Ok(logps)
+}
+
+/// A gradient observer for [`run_training`] (tests compare clipped gradients with TRL's).
+pub type GradientHook<'a> =
+    &'a dyn Fn(usize, &std::collections::HashMap<String, candle_core::Tensor>) -> Result<()>;
+
+/// `kto train`: everything from the config, then the training loop. `resume` is a `checkpoint-N` folder.
+pub fn run_training(
+    config: &Config,
+    resume: Option<&Path>,
+    gradient_hook: Option<GradientHook>,
+) -> Result<TrainSummary> {
+    config.require_for_training()?;
+    let mut config = config.clone();
+    let mut loaded = load_model(&config, None)?;
+    let train_file = config
+        .data
+        .train_file
+        .clone()
+        .context("[data] train_file is not set")?;
+    let train_samples = load_samples(&config, &loaded.tokenizer, &train_file)?;
+    let eval_samples = match &config.data.eval_file {
+        Some(path) => Some(load_samples(&config, &loaded.tokenizer, path)?),
+        None => None,
+    };
+    resolve_weights(&mut config, &train_samples);
+    let (train_reference, eval_reference) = if config.kto.precompute_ref_log_probs {
+        let train_ref = reference_for(&config, &loaded, &train_file, &train_samples, false)?;
+        let eval_ref = match (&config.data.eval_file, &eval_samples) {
+            (Some(path), Some(samples)) => {
+                Some(reference_for(&config, &loaded, path, samples, true)?)
+            }
+            _ => None,
+        };
+        (Some(train_ref), eval_ref)
+    } else {
+        (None, None)
+    };
+    let output_dir = config
+        .train
+        .output_dir
+        .clone()
+        .context("[train] output_dir is not set")?;
+    std::fs::create_dir_all(&output_dir)?;
+    crate::checkpoint::write_atomic(
+        &output_dir.join("config.toml"),
+        config.to_toml_string().as_bytes(),
+    )?;
+    let job = TrainJob {
+        config: &config,
+        train: &train_samples,
+        eval: eval_samples.as_deref(),
+        pad_id: loaded.tokenizer.pad_id,
+        train_reference: train_reference.as_ref(),
+        eval_reference: eval_reference.as_ref(),
+        resume_from: resume,
+        stop_after_step: None,
+        gradient_hook,
+    };
+    train(&mut loaded.policy, &job)
+}
+
+/// `kto eval`: the held-out metrics of the config's model and adapter (or `adapter`) on `[data] eval_file`.
+pub fn run_evaluation(config: &Config, adapter: Option<&Path>) -> Result<Map<String, Value>> {
+    let mut config = config.clone();
+    let loaded = load_model(&config, adapter)?;
+    let eval_file = config
+        .data
+        .eval_file
+        .clone()
+        .context("[data] eval_file is not set")?;
+    let samples = load_samples(&config, &loaded.tokenizer, &eval_file)?;
+    if let Some(train_file) = config.data.train_file.clone() {
+        if matches!(
+            (config.kto.desirable_weight, config.kto.undesirable_weight),
+            (Weight::Auto, _) | (_, Weight::Auto)
+        ) {
+            let train_samples = load_samples(&config, &loaded.tokenizer, &train_file)?;
+            resolve_weights(&mut config, &train_samples);
+        }
+    }
+    let settings = loss_settings(&config).context(
+        "a weight is \"auto\": set [data] train_file so it can be resolved, or give a number",
+    )?;
+    let batches = micro_batches(&config, &samples, loaded.tokenizer.pad_id, true)?;
+    evaluate_batches(
+        &loaded.policy,
+        batches.epoch(0),
+        Reference::Online,
+        &settings,
+        0,
+    )
+}

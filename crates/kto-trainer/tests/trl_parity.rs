@@ -1,0 +1,153 @@
+//! The three TRL 1.16 runs of `tests/fixtures/trl-kto-parity/runs/`, driven through a TOML config: per-step
+//! metrics, step-1 gradients after clipping, and the adapter after step 3.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+use kto_trainer::config::Config;
+use kto_trainer::run::run_training;
+use serde_json::Value;
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/trl-kto-parity")
+}
+
+fn close(got: f64, want: f64) -> bool {
+    (got - want).abs() <= 1e-6 || (got - want).abs() <= 1e-4 * want.abs()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+}
+
+fn check_run(name: &str, kto_section: &str) -> Result<()> {
+    let fx = fixture();
+    let run_dir = fx.join("runs").join(name);
+    let out = tempfile::tempdir()?;
+    let config_path = out.path().join("kto.toml");
+    // `output_dir` is relative: it resolves against the config file's folder.
+    let rel = |p: PathBuf| p.canonicalize().map(|p| p.display().to_string());
+    std::fs::write(
+        &config_path,
+        format!(
+            "[model]\npath = \"{model}\"\n\n[lora]\ninit_adapter = \"{adapter}\"\n\n[data]\ntrain_file = \"{data}\"\n\
+             max_length = 64\n\n[kto]\n{kto_section}\n\n[train]\noutput_dir = \"out\"\nper_device_train_batch_size = 4\n\
+             learning_rate = 1e-2\nlr_scheduler_type = \"constant\"\nmax_steps = 3\nmax_grad_norm = 1.0\n\
+             weight_decay = 0.0\nlogging_steps = 1\n",
+            model = rel(fx.join("model"))?,
+            adapter = rel(fx.join("adapter_init"))?,
+            data = rel(fx.join("data.jsonl"))?,
+        ),
+    )?;
+    let config = Config::load(&config_path, &[])?;
+    assert_eq!(config.train.output_dir, Some(out.path().join("out")));
+
+    let step1: RefCell<HashMap<String, Tensor>> = RefCell::new(HashMap::new());
+    let hook = |step: usize, grads: &HashMap<String, Tensor>| -> Result<()> {
+        if step == 1 {
+            *step1.borrow_mut() = grads.clone();
+        }
+        Ok(())
+    };
+    let summary = run_training(&config, None, Some(&hook))?;
+    assert_eq!(summary.global_step, 3);
+
+    // Per-step metrics.
+    let rows = kto_trainer::metrics::read_rows(&out.path().join("out/metrics.jsonl"))?;
+    let log: Vec<serde_json::Map<String, Value>> =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("log.json"))?)?;
+    assert_eq!(rows.len(), log.len(), "{name}: one row per step");
+    let mut failures = Vec::new();
+    for (row, want) in rows.iter().zip(&log) {
+        for (key, value) in want {
+            let Some(want) = value.as_f64() else { continue };
+            let got = row
+                .get(key)
+                .and_then(Value::as_f64)
+                .with_context(|| format!("{name}: row lacks {key}"))?;
+            if !close(got, want) {
+                failures.push(format!(
+                    "step {} {key}: got {got}, TRL {want}",
+                    want_step(row)
+                ));
+            }
+        }
+    }
+
+    // Step-1 gradients after clipping.
+    let device = Device::Cpu;
+    let trl_grads =
+        candle_core::safetensors::load(run_dir.join("grads_step1.safetensors"), &device)?;
+    let ours = step1.borrow();
+    assert_eq!(ours.len(), trl_grads.len(), "{name}: gradient count");
+    for (key, want) in &trl_grads {
+        let got = ours
+            .get(key)
+            .with_context(|| format!("{name}: no gradient for {key}"))?;
+        let scale = want
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?
+            .max(1e-3);
+        let diff = max_abs_diff(&got.to_device(&device)?, want)?;
+        if diff > 1e-4 * scale.max(1.0) {
+            failures.push(format!("grad {key}: max diff {diff} (max |g| {scale})"));
+        }
+    }
+
+    // The adapter after step 3.
+    let trl_adapter =
+        candle_core::safetensors::load(run_dir.join("adapter_model.safetensors"), &device)?;
+    let ours = candle_core::safetensors::load(
+        out.path().join("out/adapter/adapter_model.safetensors"),
+        &device,
+    )?;
+    for (key, want) in &trl_adapter {
+        let got = ours
+            .get(key)
+            .with_context(|| format!("{name}: saved adapter lacks {key}"))?;
+        let diff = max_abs_diff(got, want)?;
+        if diff > 1e-4 {
+            failures.push(format!("adapter {key}: max diff {diff}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{name}: {} mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    Ok(())
+}
+
+fn want_step(row: &serde_json::Map<String, Value>) -> i64 {
+    row.get("step").and_then(Value::as_i64).unwrap_or(-1)
+}
+
+#[test]
+fn trl_kto() -> Result<()> {
+    check_run(
+        "kto",
+        "loss_type = \"kto\"\nbeta = 0.1\ndesirable_weight = 1.0\nundesirable_weight = 1.0",
+    )
+}
+
+#[test]
+fn trl_kto_weighted() -> Result<()> {
+    check_run(
+        "kto_weighted",
+        "loss_type = \"kto\"\nbeta = 0.5\ndesirable_weight = 1.0\nundesirable_weight = 1.5",
+    )
+}
+
+#[test]
+fn trl_apo_zero_unpaired() -> Result<()> {
+    check_run(
+        "apo_zero_unpaired",
+        "loss_type = \"apo_zero_unpaired\"\nbeta = 0.1",
+    )
+}
