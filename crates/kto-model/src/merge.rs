@@ -1,0 +1,160 @@
+//! Merging a LoRA adapter into its base weights and writing a standalone Hugging Face checkpoint folder.
+
+use crate::checkpoint::{Checkpoint, CONFIG_FILE, SINGLE_WEIGHTS_FILE, TOKENIZER_FILES};
+use crate::device::torch_dtype_name;
+use crate::files::{pt_metadata, write_safetensors};
+use crate::lora::{LoraAdapter, LoraTarget};
+use anyhow::{bail, Context, Result};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device};
+use std::path::Path;
+
+/// `W + scale · B A` for every adapted linear of `checkpoint`, written with its config and tokenizer files to
+/// `out_dir` (which must not exist or be empty). `dtype` converts every weight; `None` keeps the stored dtypes.
+/// The folder is assembled under a temporary name and renamed into place, so a failure leaves nothing behind.
+pub fn merge_to_checkpoint(
+    checkpoint: &Checkpoint,
+    adapter: &LoraAdapter,
+    out_dir: &Path,
+    dtype: Option<DType>,
+) -> Result<()> {
+    if out_dir.exists() {
+        let empty = std::fs::read_dir(out_dir)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(false);
+        if !empty {
+            bail!("{} already exists and is not empty", out_dir.display());
+        }
+    }
+    let parent = out_dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("cannot create {}", parent.display()))?;
+    let name = out_dir
+        .file_name()
+        .context("output folder has no name")?
+        .to_string_lossy()
+        .into_owned();
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp)?;
+    let result = write_merged(checkpoint, adapter, &tmp, dtype);
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if out_dir.exists() {
+        std::fs::remove_dir(out_dir)?;
+    }
+    std::fs::rename(&tmp, out_dir)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), out_dir.display()))
+}
+
+fn write_merged(
+    checkpoint: &Checkpoint,
+    adapter: &LoraAdapter,
+    dir: &Path,
+    dtype: Option<DType>,
+) -> Result<()> {
+    // SAFETY: read-only mapping of the checkpoint's files.
+    let files = unsafe { MmapedSafetensors::multi(&checkpoint.weight_files) }
+        .with_context(|| format!("cannot map the weights of {}", checkpoint.dir.display()))?;
+    let scale = adapter.config().scale();
+    let mut merged_sites = 0;
+    let mut tensors = Vec::new();
+    for (name, _) in files.tensors() {
+        let stored = files.load(&name, &Device::Cpu)?;
+        let out_dtype = dtype.unwrap_or(stored.dtype());
+        let tensor =
+            match adapted_site(&name).and_then(|site| adapter.pair(site).map(|p| (site, p))) {
+                Some((site, pair)) => {
+                    let delta = pair
+                        .b
+                        .as_tensor()
+                        .to_device(&Device::Cpu)?
+                        .matmul(&pair.a.as_tensor().to_device(&Device::Cpu)?)?;
+                    if delta.dims() != stored.dims() {
+                        bail!(
+                            "adapter for {name} (layer {}) has shape {:?}, the weight {:?}",
+                            site.0,
+                            delta.dims(),
+                            stored.dims()
+                        );
+                    }
+                    merged_sites += 1;
+                    (stored.to_dtype(DType::F32)? + (delta * scale)?)?.to_dtype(out_dtype)?
+                }
+                None => stored.to_dtype(out_dtype)?,
+            };
+        tensors.push((name, tensor));
+    }
+    let expected = adapter.sites().count();
+    if merged_sites != expected {
+        bail!("merged {merged_sites} of the adapter's {expected} linears: the checkpoint lacks some adapted weights");
+    }
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    write_safetensors(&dir.join(SINGLE_WEIGHTS_FILE), &tensors, pt_metadata())?;
+
+    let config_path = checkpoint.dir.join(CONFIG_FILE);
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path)?)
+            .with_context(|| format!("{}: invalid JSON", config_path.display()))?;
+    if let (Some(dtype), Some(map)) = (dtype, config.as_object_mut()) {
+        let key = if map.contains_key("torch_dtype") {
+            "torch_dtype"
+        } else {
+            "dtype"
+        };
+        map.insert(key.to_string(), torch_dtype_name(dtype).into());
+    }
+    std::fs::write(
+        dir.join(CONFIG_FILE),
+        serde_json::to_string_pretty(&config)?,
+    )?;
+    for file in TOKENIZER_FILES {
+        let src = checkpoint.dir.join(file);
+        if src.is_file() {
+            std::fs::copy(&src, dir.join(file))
+                .with_context(|| format!("cannot copy {}", src.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// `model.layers.N.<block>.<module>.weight` → (N, target).
+fn adapted_site(name: &str) -> Option<(usize, LoraTarget)> {
+    let rest = name.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let parts: Vec<&str> = rest.split('.').collect();
+    let [block, module, "weight"] = parts[..] else {
+        return None;
+    };
+    let target = LoraTarget::ALL
+        .into_iter()
+        .find(|t| t.module_name() == module && t.block() == block)?;
+    Some((layer.parse().ok()?, target))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_adapted_weights() {
+        assert_eq!(
+            adapted_site("model.layers.3.mlp.down_proj.weight"),
+            Some((3, LoraTarget::Down))
+        );
+        assert_eq!(
+            adapted_site("model.layers.0.self_attn.q_proj.weight"),
+            Some((0, LoraTarget::Q))
+        );
+        assert_eq!(adapted_site("model.layers.0.self_attn.q_proj.bias"), None);
+        assert_eq!(adapted_site("model.layers.0.input_layernorm.weight"), None);
+        assert_eq!(adapted_site("lm_head.weight"), None);
+    }
+}
