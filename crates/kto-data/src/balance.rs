@@ -132,6 +132,79 @@ pub fn auto_desirable_weight(counts: ClassCounts, undesirable_weight: f64) -> f6
     n_u * undesirable_weight / n_d * (1.0 + 4.0 / 3.0) / 2.0
 }
 
+/// The config's `desirable_weight`: a number, or `"auto"` (see [`auto_desirable_weight`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum DesirableWeight {
+    Value(f64),
+    Auto,
+}
+
+impl Default for DesirableWeight {
+    fn default() -> Self {
+        DesirableWeight::Value(1.0)
+    }
+}
+
+impl DesirableWeight {
+    /// The weight to train with, given the training set's counts.
+    pub fn resolve(self, counts: ClassCounts, undesirable_weight: f64) -> f64 {
+        match self {
+            DesirableWeight::Value(weight) => weight,
+            DesirableWeight::Auto => auto_desirable_weight(counts, undesirable_weight),
+        }
+    }
+}
+
+impl fmt::Display for DesirableWeight {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DesirableWeight::Value(weight) => write!(f, "{weight}"),
+            DesirableWeight::Auto => f.write_str("auto"),
+        }
+    }
+}
+
+impl std::str::FromStr for DesirableWeight {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        if text == "auto" {
+            return Ok(DesirableWeight::Auto);
+        }
+        match text.parse::<f64>() {
+            Ok(weight) if weight.is_finite() && weight >= 0.0 => Ok(DesirableWeight::Value(weight)),
+            _ => Err(format!(
+                "desirable_weight must be a non-negative number or \"auto\", got {text:?}"
+            )),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for DesirableWeight {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(f64),
+            Text(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Number(weight) => weight.to_string().parse(),
+            Raw::Text(text) => text.parse(),
+        }
+        .map_err(serde::de::Error::custom)
+    }
+}
+
+impl serde::Serialize for DesirableWeight {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            DesirableWeight::Value(weight) => serializer.serialize_f64(*weight),
+            DesirableWeight::Auto => serializer.serialize_str("auto"),
+        }
+    }
+}
+
 /// Python's `round(x, 2)`: the double nearest to x rounded half-to-even on its exact decimal value, which is what
 /// Rust's `{:.2}` formatting computes.
 fn round2(x: f64) -> f64 {
@@ -225,6 +298,29 @@ mod tests {
         )
         .unwrap()
         .contains("[4.0, 5.32]"));
+    }
+
+    #[test]
+    fn desirable_weight_setting() {
+        let weight: DesirableWeight = serde_json::from_str("1.5").unwrap();
+        assert_eq!(weight, DesirableWeight::Value(1.5));
+        let weight: DesirableWeight = serde_json::from_str("\"auto\"").unwrap();
+        let counts = ClassCounts {
+            desirable: 10,
+            undesirable: 5,
+        };
+        assert!((weight.resolve(counts, 1.0) - 0.5 * 7.0 / 6.0).abs() < 1e-12);
+        assert_eq!(DesirableWeight::Value(2.0).resolve(counts, 1.0), 2.0);
+        let error = serde_json::from_str::<DesirableWeight>("\"half\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains(
+                "desirable_weight must be a non-negative number or \"auto\", got \"half\""
+            ),
+            "{error}"
+        );
+        assert!(serde_json::from_str::<DesirableWeight>("-1").is_err());
     }
 
     #[test]
