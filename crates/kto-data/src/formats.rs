@@ -152,6 +152,13 @@ impl ReadReport {
         self.desirable + self.undesirable
     }
 
+    pub fn class_counts(&self) -> crate::balance::ClassCounts {
+        crate::balance::ClassCounts {
+            desirable: self.desirable,
+            undesirable: self.undesirable,
+        }
+    }
+
     pub fn merge(&mut self, other: &ReadReport) {
         self.files.extend(other.files.iter().cloned());
         self.rows += other.rows;

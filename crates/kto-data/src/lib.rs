@@ -12,6 +12,7 @@ pub mod prepare;
 pub mod sample;
 pub mod tokenize;
 
+pub use balance::{ClassCounts, DesirableWeight};
 pub use batch::{BatchConfig, BatchOrder, KlPairing, MicroBatch, MicroBatches, SequenceBatch};
 pub use formats::{Format, ReadOptions, ReadReport};
 pub use sample::{Message, Sample, Text};
