@@ -463,8 +463,13 @@ impl Config {
         macro_rules! section {
             ($name:literal, $field:ident) => {
                 if let Some(value) = table.remove($name) {
-                    config.$field = value.try_into().map_err(|e: toml::de::Error| {
-                        anyhow!("[{}]: {}", $name, e.message().trim_end())
+                    config.$field = value.clone().try_into().map_err(|e: toml::de::Error| {
+                        anyhow!(
+                            "[{}] {}: {}",
+                            $name,
+                            failing_key(&value, &config.$field),
+                            e.message().trim_end()
+                        )
                     })?;
                 }
             };
@@ -617,6 +622,24 @@ fn format_value(v: &toml::Value) -> String {
         toml::Value::Float(f) => format!("{f:e}"),
         _ => v.to_string(),
     }
+}
+
+/// The first key of a section whose value alone fails to deserialize (serde's message does not name it).
+fn failing_key<T: serde::de::DeserializeOwned + Serialize>(
+    section: &toml::Value,
+    defaults: &T,
+) -> String {
+    let (Some(keys), Ok(base)) = (section.as_table(), toml::Table::try_from(defaults)) else {
+        return String::new();
+    };
+    for (key, value) in keys {
+        let mut single = base.clone();
+        single.insert(key.clone(), value.clone());
+        if toml::Value::Table(single).try_into::<T>().is_err() {
+            return key.clone();
+        }
+    }
+    String::new()
 }
 
 fn positive(name: &str, v: f64) -> Result<()> {
