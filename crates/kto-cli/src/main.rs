@@ -13,6 +13,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     Prepare(commands::prepare::PrepareArgs),
+    Train(commands::train::TrainArgs),
+    Eval(commands::eval::EvalArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -26,6 +28,8 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Prepare(args) => commands::prepare::run(args),
+        Command::Train(args) => commands::train::run(args),
+        Command::Eval(args) => commands::eval::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -136,8 +136,8 @@ impl ModelConfig {
                         } else {
                             f
                         };
-                        let is_medium =
-                            !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
+                        // Between the two wavelengths (inclusive), as transformers' `~(w < high) * ~(w > low)`.
+                        let is_medium = wavelen >= high_freq_wavelen && wavelen <= low_freq_wavelen;
                         if is_medium {
                             let smooth = (old_ctx / wavelen - low) / (high - low);
                             (1.0 - smooth) * scaled / factor + smooth * scaled

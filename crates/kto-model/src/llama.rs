@@ -123,6 +123,7 @@ pub struct LlamaModel {
     reference: Option<LoraAdapter>,
     training: bool,
     dropout: DropoutSource,
+    logits_chunk_elements: usize,
 }
 
 impl LlamaModel {
@@ -187,6 +188,7 @@ impl LlamaModel {
             reference: None,
             training: false,
             dropout,
+            logits_chunk_elements: crate::logprobs::DEFAULT_LOGITS_CHUNK_ELEMENTS,
         })
     }
 
@@ -222,6 +224,14 @@ impl LlamaModel {
 
     pub fn policy_adapter(&self) -> Option<&LoraAdapter> {
         self.policy.as_ref()
+    }
+
+    /// The policy adapter's trainable tensors with their PEFT key names, in PEFT's order (empty without one).
+    pub fn trainable_vars(&self) -> Vec<(String, candle_core::Var)> {
+        self.policy
+            .as_ref()
+            .map(LoraAdapter::trainable_vars)
+            .unwrap_or_default()
     }
 
     pub fn reference_adapter(&self) -> Option<&LoraAdapter> {
@@ -286,6 +296,15 @@ impl LlamaModel {
                 dropout: None,
             },
         })
+    }
+
+    /// Bounds the f32 logits of one log-prob chunk (tokens × vocabulary); smaller saves memory, larger saves launches.
+    pub fn set_logits_chunk_elements(&mut self, elements: usize) {
+        self.logits_chunk_elements = elements.max(1);
+    }
+
+    pub(crate) fn logits_chunk_elements(&self) -> usize {
+        self.logits_chunk_elements
     }
 
     pub(crate) fn lm_head(&self) -> &FrozenLinear {

@@ -12,8 +12,9 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};
 use kto_data::batch::SequenceBatch;
 
-/// f32 budget for one chunk of logits (the chunk's token count is this divided by the vocabulary size).
-const LOGITS_CHUNK_ELEMENTS: usize = 32 * 1024 * 1024;
+/// Default f32 budget for one chunk of logits (the chunk's token count is this divided by the vocabulary size):
+/// 64 MiB per [chunk × vocab] tensor.
+pub const DEFAULT_LOGITS_CHUNK_ELEMENTS: usize = 16 * 1024 * 1024;
 
 /// Per-row results of [`LlamaModel::sequence_logps`].
 #[derive(Debug, Clone)]
@@ -103,7 +104,7 @@ impl LlamaModel {
             let selected = hidden
                 .reshape((batch.rows * batch.width, hidden_size))?
                 .index_select(&sources, 0)?;
-            let chunk = (LOGITS_CHUNK_ELEMENTS / vocab.max(1)).max(1);
+            let chunk = (self.logits_chunk_elements() / vocab.max(1)).max(1);
             let vocab_ids = Tensor::arange(0u32, vocab as u32, &device)?.unsqueeze(0)?;
             let mut start = 0;
             while start < total {

@@ -164,6 +164,29 @@ fn every_lora_tensor_gets_a_gradient_and_no_grad_passes_record_none() -> Result<
 }
 
 #[test]
+fn chunked_log_probs_equal_unchunked_in_value_and_gradient() -> Result<()> {
+    let ids: Vec<Vec<u32>> = fixture_input_ids()?.to_vec2()?;
+    // 7 + 4 scored tokens.
+    let batch = batch_from_rows(&[(ids[0].clone(), 1), (ids[1][..6].to_vec(), 2)], 8, 2);
+    let mut model = fixture_model_with_adapter()?;
+    let whole = model.sequence_logps(&batch, AdapterChoice::Policy)?;
+    let whole_grads = whole.logps.sum_all()?.backward()?;
+    model.set_logits_chunk_elements(128 * 3); // chunks of 3, 3, 3 and 2 tokens
+    let chunked = model.sequence_logps(&batch, AdapterChoice::Policy)?;
+    let chunked_grads = chunked.logps.sum_all()?.backward()?;
+    assert!(max_abs_diff(&whole.logps, &chunked.logps)? < 1e-5);
+    assert!((whole.entropy_sums[1] - chunked.entropy_sums[1]).abs() < 1e-5);
+    for (name, var) in model.trainable_vars() {
+        let (a, b) = (
+            whole_grads.get(var.as_tensor()).unwrap(),
+            chunked_grads.get(var.as_tensor()).unwrap(),
+        );
+        assert!(max_abs_diff(a, b)? < 1e-5, "{name}");
+    }
+    Ok(())
+}
+
+#[test]
 fn lora_gradients_match_finite_differences() -> Result<()> {
     let ids: Vec<Vec<u32>> = fixture_input_ids()?.to_vec2()?;
     let batch = batch_from_rows(&[(ids[0].clone(), 2), (ids[1][..7].to_vec(), 4)], 8, 2);

@@ -1,0 +1,49 @@
+//! `kto eval`: held-out KTO metrics of an adapter: loss, KL, rewards, reward accuracy, AUROC, pair accuracy.
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use kto_trainer::config::{Config, Override};
+
+/// Evaluate the policy on `[data] eval_file`: prints a table and writes the figures as JSON.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// The TOML config (the same file as for `kto train`).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Override one config key, e.g. --set data.eval_file=test.jsonl (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub sets: Vec<Override>,
+    /// A PEFT adapter folder to evaluate [default: output_dir/adapter when it exists, else the config's start].
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Where to write the JSON [default: output_dir/eval_results.json].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+pub fn run(args: EvalArgs) -> Result<()> {
+    let config = Config::load(&args.config, &args.sets)?;
+    let trained = config.train.output_dir.as_ref().map(|d| d.join("adapter")).filter(|d| d.is_dir());
+    let adapter = args.adapter.clone().or(trained);
+    let results = kto_trainer::run::run_evaluation(&config, adapter.as_deref())?;
+    let width = results.keys().map(String::len).max().unwrap_or(0);
+    for (key, value) in &results {
+        match value.as_f64() {
+            Some(v) if value.is_f64() => println!("{key:width$}  {v:.6}"),
+            _ => println!("{key:width$}  {value}"),
+        }
+    }
+    let out = args.out.clone().or_else(|| config.train.output_dir.as_ref().map(|d| d.join("eval_results.json")));
+    if let Some(path) = out {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(&results)? + "\n")
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
