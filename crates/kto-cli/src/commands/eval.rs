@@ -24,7 +24,12 @@ pub struct EvalArgs {
 
 pub fn run(args: EvalArgs) -> Result<()> {
     let config = Config::load(&args.config, &args.sets)?;
-    let trained = config.train.output_dir.as_ref().map(|d| d.join("adapter")).filter(|d| d.is_dir());
+    let trained = config
+        .train
+        .output_dir
+        .as_ref()
+        .map(|d| d.join("adapter"))
+        .filter(|d| d.is_dir());
     let adapter = args.adapter.clone().or(trained);
     let results = kto_trainer::run::run_evaluation(&config, adapter.as_deref())?;
     let width = results.keys().map(String::len).max().unwrap_or(0);
@@ -34,10 +39,17 @@ pub fn run(args: EvalArgs) -> Result<()> {
             _ => println!("{key:width$}  {value}"),
         }
     }
-    let out = args.out.clone().or_else(|| config.train.output_dir.as_ref().map(|d| d.join("eval_results.json")));
+    let out = args.out.clone().or_else(|| {
+        config
+            .train
+            .output_dir
+            .as_ref()
+            .map(|d| d.join("eval_results.json"))
+    });
     if let Some(path) = out {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
         }
         let tmp = path.with_extension("json.tmp");
         std::fs::write(&tmp, serde_json::to_string_pretty(&results)? + "\n")

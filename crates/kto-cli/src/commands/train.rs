@@ -36,13 +36,20 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let resume = match &args.resume {
         None => None,
         Some(dir) => {
-            let dir = dir.clone().or_else(|| config.train.output_dir.clone()).expect("checked by require_for_training");
+            let dir = dir
+                .clone()
+                .or_else(|| config.train.output_dir.clone())
+                .expect("checked by require_for_training");
             Some(resolve_checkpoint(&dir)?)
         }
     };
     let summary = kto_trainer::run::run_training(&config, resume.as_deref(), None)?;
     if let Some(adapter) = &summary.final_adapter {
-        eprintln!("trained {} steps; adapter in {}", summary.global_step, adapter.display());
+        eprintln!(
+            "trained {} steps; adapter in {}",
+            summary.global_step,
+            adapter.display()
+        );
     }
     Ok(())
 }
@@ -54,6 +61,9 @@ fn resolve_checkpoint(dir: &Path) -> Result<PathBuf> {
     }
     match latest_complete(dir)? {
         Some(checkpoint) => Ok(checkpoint),
-        None => bail!("--resume: no complete checkpoint-N folder in {}", dir.display()),
+        None => bail!(
+            "--resume: no complete checkpoint-N folder in {}",
+            dir.display()
+        ),
     }
 }
