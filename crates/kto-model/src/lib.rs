@@ -1,5 +1,25 @@
 //! Llama-family models with LoRA adapters on candle: checkpoints, forward and backward over right-padded batches,
 //! per-sequence log-probs, PEFT adapter files, merging and generation.
+//!
+//! ```no_run
+//! # fn main() -> anyhow::Result<()> {
+//! use kto_model::{AdapterChoice, Checkpoint, LlamaModel, LoraAdapter, LoraConfig, LoraTarget, SequenceBatch};
+//! let device = kto_model::open_device("auto")?;
+//! let checkpoint = Checkpoint::locate("TinyLlama/TinyLlama-1.1B-Chat-v1.0")?; // folder or cached hub id
+//! let mut model = LlamaModel::load(&checkpoint, kto_model::parse_dtype("bf16")?, &device)?;
+//! let lora = LoraConfig::new(8, 16.0, 0.05, false, &LoraTarget::ALL)?;
+//! model.set_policy_adapter(Some(LoraAdapter::init(lora, model.config(), 42, &device)?))?;
+//! let batch = SequenceBatch { input_ids: vec![1, 5, 6, 2], rows: 1, width: 4, lengths: vec![4], completion_starts: vec![2], pad_id: 2 };
+//! let policy = model.sequence_logps(&batch, AdapterChoice::Policy)?; // logps [rows] with graph
+//! let reference = model.sequence_logps(&batch, AdapterChoice::Reference)?; // no graph
+//! let loss = (&policy.logps - &reference.logps)?.sum_all()?;
+//! let grads = loss.backward()?;
+//! for (peft_name, var) in model.trainable_vars() {
+//!     let _g = grads.get(var.as_tensor());
+//! }
+//! kto_model::save_adapter(model.policy_adapter().unwrap(), std::path::Path::new("out/adapter"), "TinyLlama/TinyLlama-1.1B-Chat-v1.0")?;
+//! # Ok(()) }
+//! ```
 
 pub mod checkpoint;
 pub mod config;
