@@ -212,7 +212,7 @@ fn checkpoints_newest_first(output_dir: &Path) -> Result<Vec<(usize, PathBuf)>> 
             }
         }
     }
-    found.sort_by(|a, b| b.0.cmp(&a.0));
+    found.sort_by_key(|(step, _)| std::cmp::Reverse(*step));
     Ok(found)
 }
 

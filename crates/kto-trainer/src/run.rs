@@ -16,7 +16,7 @@ use crate::evaluate::evaluate_batches;
 use crate::forward::{precompute_reference, Reference};
 use crate::llama_policy::LoraPolicy;
 use crate::reference_cache::{self, CacheKeyBuilder, ReferenceLogps};
-use crate::train::{loss_settings, micro_batches, train, TrainJob, TrainSummary};
+use crate::train::{loss_settings, micro_batches, train, GradientHook, TrainJob, TrainSummary};
 
 /// A loaded model with its tokenizer.
 pub struct Loaded {
@@ -226,10 +226,6 @@ fn reference_for(
     reference_cache::store(&dir, &key, &logps)?;
     Ok(logps)
 }
-
-/// A gradient observer for [`run_training`] (tests compare clipped gradients with TRL's).
-pub type GradientHook<'a> =
-    &'a dyn Fn(usize, &std::collections::HashMap<String, candle_core::Tensor>) -> Result<()>;
 
 /// `kto train`: everything from the config, then the training loop. `resume` is a `checkpoint-N` folder.
 pub fn run_training(

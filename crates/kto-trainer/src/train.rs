@@ -24,6 +24,9 @@ pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const FINAL_ADAPTER_DIR: &str = "adapter";
 const TRAINABLE_FILE: &str = "trainable.safetensors";
 
+/// Sees a step's gradients after clipping (step number, gradients by parameter name).
+pub type GradientHook<'a> = &'a dyn Fn(usize, &HashMap<String, Tensor>) -> Result<()>;
+
 /// Everything a training run needs besides the model.
 pub struct TrainJob<'a> {
     /// The resolved config; both loss weights must be numbers (resolve `"auto"` first).
@@ -39,7 +42,7 @@ pub struct TrainJob<'a> {
     /// Stop (as if interrupted) once this many optimizer steps are done in total; the checkpoints stay as saved.
     pub stop_after_step: Option<usize>,
     /// Sees every step's gradients after clipping, before the optimizer (step number, gradients by name).
-    pub gradient_hook: Option<&'a dyn Fn(usize, &HashMap<String, Tensor>) -> Result<()>>,
+    pub gradient_hook: Option<GradientHook<'a>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

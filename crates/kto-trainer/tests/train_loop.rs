@@ -106,7 +106,7 @@ fn samples(n: usize, seed: usize) -> Vec<TokenizedSample> {
                 completion_ids: (0..1 + (x / 3) % 4)
                     .map(|k| ((x * 3 + k * 5) % VOCAB) as u32)
                     .collect(),
-                label: (i + seed) % 2 == 0,
+                label: (i + seed).is_multiple_of(2),
                 pair: Some((i / 2) as u64),
             }
         })
