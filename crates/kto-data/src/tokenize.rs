@@ -23,7 +23,6 @@ use std::str::FromStr;
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
-use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::Tokenizer;
 
 use crate::chat_template::{ChatTemplate, SpecialTokens};
@@ -73,8 +72,11 @@ impl TokenizerBundle {
 
     /// Builds a bundle from a loaded tokenizer and the contents of its `tokenizer_config.json`; `chat_template`
     /// (a `chat_template.jinja` file) takes precedence over the config's.
+    ///
+    /// tokenizer.json's post-processor is used as it is: transformers 5.17 (checked with `AutoTokenizer`) ignores
+    /// tokenizer_config.json's `add_bos_token`/`add_eos_token` when it loads a tokenizer.json.
     pub fn from_parts(
-        mut tokenizer: Tokenizer,
+        tokenizer: Tokenizer,
         config: &Value,
         chat_template: Option<String>,
     ) -> Result<Self> {
@@ -117,7 +119,6 @@ impl TokenizerBundle {
             Some(pad) => id_of("pad_token", pad)?,
             None => eos_id,
         };
-        apply_bos_eos_flags(&mut tokenizer, config, &special_tokens, bos_id, eos_id)?;
         let template_source = match chat_template {
             Some(source) => Some(source),
             None => config_chat_template(config)?,
@@ -184,59 +185,6 @@ fn read_json_object(path: &Path) -> Result<serde_json::Map<String, Value>> {
         Value::Object(object) => Ok(object),
         _ => bail!("{}: expected a JSON object", path.display()),
     }
-}
-
-/// transformers 5 rebuilds the post-processor from `add_bos_token`/`add_eos_token` when tokenizer_config.json sets
-/// either (or when tokenizer.json has none); otherwise tokenizer.json's post-processor is used as it is.
-fn apply_bos_eos_flags(
-    tokenizer: &mut Tokenizer,
-    config: &Value,
-    tokens: &SpecialTokens,
-    bos_id: Option<u32>,
-    eos_id: u32,
-) -> Result<()> {
-    let flag = |key: &str| config.get(key).and_then(Value::as_bool);
-    let explicit = config.get("add_bos_token").is_some() || config.get("add_eos_token").is_some();
-    if !explicit && tokenizer.get_post_processor().is_some() {
-        return Ok(());
-    }
-    let bos = match (
-        flag("add_bos_token").unwrap_or(false),
-        tokens.bos_token.as_deref(),
-        bos_id,
-    ) {
-        (true, Some(bos), Some(id)) => Some((bos.to_owned(), id)),
-        _ => None,
-    };
-    let eos = match (
-        flag("add_eos_token").unwrap_or(false),
-        tokens.eos_token.as_deref(),
-    ) {
-        (true, Some(eos)) => Some((eos.to_owned(), eos_id)),
-        _ => None,
-    };
-    let side = |type_id: u32, sequence: &str| {
-        let mut parts = Vec::new();
-        if let Some((bos, _)) = &bos {
-            parts.push(format!("{bos}:{type_id}"));
-        }
-        parts.push(format!("{sequence}:{type_id}"));
-        if let Some((eos, _)) = &eos {
-            parts.push(format!("{eos}:{type_id}"));
-        }
-        parts.join(" ")
-    };
-    let single = side(0, "$A");
-    let pair = format!("{single} {}", side(1, "$B"));
-    let processor = TemplateProcessing::builder()
-        .try_single(single.as_str())
-        .and_then(|b| b.try_pair(pair.as_str()))
-        .map_err(|e| anyhow!("cannot build the BOS/EOS post-processor: {e}"))?
-        .special_tokens(bos.into_iter().chain(eos).collect::<Vec<_>>())
-        .build()
-        .map_err(|e| anyhow!("cannot build the BOS/EOS post-processor: {e}"))?;
-    tokenizer.with_post_processor(Some(processor));
-    Ok(())
 }
 
 fn config_chat_template(config: &Value) -> Result<Option<String>> {
