@@ -549,6 +549,13 @@ impl Config {
                 t.per_device_train_batch_size
             );
         }
+        if k.loss_type.uses_kl() && t.shuffle && k.precompute_ref_log_probs {
+            bail!(
+                "[train] shuffle = true with [kto] precompute_ref_log_probs = true: shuffled batches pair each prompt \
+                 with a completion of its own shuffled batch, so the KL pairs change every epoch and cannot be \
+                 precomputed; set one of them to false"
+            );
+        }
         non_negative("[train] learning_rate", t.learning_rate)?;
         non_negative("[train] warmup_steps", t.warmup_steps)?;
         if t.warmup_steps >= 1.0 && t.warmup_steps.fract() != 0.0 {
@@ -798,6 +805,9 @@ mod tests {
         assert!(
             parse("[train]\nshuffle = true\n").is_ok(),
             "kto-data rotates KL completions within shuffled batches"
+        );
+        assert!(
+            parse("[train]\nshuffle = true\n[kto]\nprecompute_ref_log_probs = true\n").is_err()
         );
         assert!(parse("[train]\nwarmup_steps = 0.1\n").is_ok());
         assert!(parse("[train]\nwarmup_steps = 2.5\n").is_err());

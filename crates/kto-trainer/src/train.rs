@@ -153,12 +153,21 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
     // Fresh start or exact resume.
     let (mut optimizer, mut state) = match job.resume_from {
         None => {
+            if let Some(existing) = checkpoint::latest_complete(&output_dir)? {
+                bail!(
+                    "{} holds checkpoints of an earlier run ({}): resume it with --resume, or choose another \
+                     [train] output_dir",
+                    output_dir.display(),
+                    existing.display()
+                );
+            }
             metrics::write_rows(&metrics_path, &[])?;
             (AdamW::new(adamw), fresh_state(t.seed))
         }
         Some(dir) => {
             checkpoint::check_complete(dir, true)?;
             let state = TrainerState::load(dir)?;
+            check_resumable(config, dir)?;
             load_trainable(&params, &dir.join(TRAINABLE_FILE))?;
             let optimizer = AdamW::load(&dir.join(checkpoint::OPTIMIZER), adamw, &params)?;
             metrics::write_rows(&metrics_path, &state.metrics_rows)?;
@@ -287,6 +296,57 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
         max_steps: plan.max_steps,
         final_adapter,
     })
+}
+
+/// Settings that may change between a run and its resumption; any other change would make the continuation differ
+/// from the run that was interrupted.
+const CHANGEABLE_ON_RESUME: &[&str] = &[
+    "model.device",
+    "data.eval_file",
+    "kto.precompute_ref_log_probs",
+    "kto.precompute_ref_batch_size",
+    "train.output_dir",
+    "train.per_device_eval_batch_size",
+    "train.logging_steps",
+    "train.eval_steps",
+    "train.save_steps",
+    "train.save_total_limit",
+];
+
+fn check_resumable(config: &Config, checkpoint_dir: &Path) -> Result<()> {
+    let path = checkpoint_dir.join(checkpoint::CONFIG);
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let saved = Config::from_toml_str(&text, Path::new("/"), &[])
+        .with_context(|| format!("{}", path.display()))?;
+    let (now, then) = (
+        crate::config::flatten(config),
+        crate::config::flatten(&saved),
+    );
+    for (key, value) in &now {
+        if CHANGEABLE_ON_RESUME.contains(&key.as_str()) {
+            continue;
+        }
+        let before = then.get(key);
+        if before != Some(value) {
+            let before = before.map_or("(not set)".to_string(), |v| v.to_string());
+            bail!(
+                "cannot resume from {}: {key} was {before} and is now {value}; only {} may change",
+                checkpoint_dir.display(),
+                CHANGEABLE_ON_RESUME.join(", ")
+            );
+        }
+    }
+    if let Some(key) = then
+        .keys()
+        .find(|k| !now.contains_key(*k) && !CHANGEABLE_ON_RESUME.contains(&k.as_str()))
+    {
+        bail!(
+            "cannot resume from {}: {key} was set and is now unset",
+            checkpoint_dir.display()
+        );
+    }
+    Ok(())
 }
 
 fn fresh_state(seed: u64) -> TrainerState {
