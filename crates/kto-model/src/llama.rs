@@ -238,7 +238,8 @@ impl LlamaModel {
         self.reference.as_ref()
     }
 
-    /// Training mode turns LoRA dropout on (policy passes with gradient only); `seed` restarts its random stream.
+    /// Training mode turns LoRA dropout on for every pass that runs an adapter (generation excepted); `dropout_seed`
+    /// restarts its random stream.
     pub fn set_training(&mut self, training: bool, dropout_seed: u64) -> Result<()> {
         self.training = training;
         self.dropout = DropoutSource::new(dropout_seed, &self.device)?;
@@ -271,30 +272,27 @@ impl LlamaModel {
         Ok(())
     }
 
+    /// Resolves `choice`. As in torch's train mode, LoRA dropout applies to whichever adapter runs while training,
+    /// with or without gradient (TRL's no-grad KL and reference passes run in train mode too).
     pub(crate) fn pass(&self, choice: AdapterChoice) -> Result<Pass<'_>> {
-        Ok(match choice {
+        let (adapter, grad) = match choice {
             AdapterChoice::Policy => {
-                let adapter = self
-                    .policy
-                    .as_ref()
-                    .context("AdapterChoice::Policy needs a policy adapter")?;
-                Pass {
-                    adapter: Some(adapter),
-                    grad: true,
-                    dropout: (self.training && adapter.config().dropout > 0.0)
-                        .then_some(&self.dropout),
-                }
+                let policy = self.policy.as_ref();
+                (
+                    Some(policy.context("AdapterChoice::Policy needs a policy adapter")?),
+                    true,
+                )
             }
-            AdapterChoice::PolicyNoGrad => Pass {
-                adapter: self.policy.as_ref(),
-                grad: false,
-                dropout: None,
-            },
-            AdapterChoice::Reference => Pass {
-                adapter: self.reference.as_ref(),
-                grad: false,
-                dropout: None,
-            },
+            AdapterChoice::PolicyNoGrad => (self.policy.as_ref(), false),
+            AdapterChoice::Reference => (self.reference.as_ref(), false),
+        };
+        let dropout = adapter
+            .filter(|a| self.training && a.config().dropout > 0.0)
+            .map(|_| &self.dropout);
+        Ok(Pass {
+            adapter,
+            grad,
+            dropout,
         })
     }
 
@@ -347,7 +345,10 @@ impl LlamaModel {
         cache: &mut KvCache,
         choice: AdapterChoice,
     ) -> Result<Tensor> {
-        let pass = self.pass(choice)?;
+        let pass = Pass {
+            dropout: None,
+            ..self.pass(choice)?
+        };
         if pass.grad {
             bail!("generation runs without gradient: use AdapterChoice::PolicyNoGrad or Reference");
         }

@@ -271,7 +271,7 @@ fn padded_batch_equals_rows_run_alone() -> Result<()> {
 }
 
 #[test]
-fn dropout_applies_only_to_policy_passes_in_training() -> Result<()> {
+fn dropout_applies_to_adapter_passes_in_training_only() -> Result<()> {
     let ids: Vec<Vec<u32>> = fixture_input_ids()?.to_vec2()?;
     let batch = batch_from_rows(&[(ids[0].clone(), 2)], 8, 2);
     let mut model = fixture_model()?;
@@ -295,32 +295,29 @@ fn dropout_applies_only_to_policy_passes_in_training() -> Result<()> {
         pairs,
         &Device::Cpu,
     )?))?;
-    let eval = model
-        .sequence_logps(&batch, AdapterChoice::Policy)?
-        .logps_vec()?[0];
-    let no_grad = model
-        .sequence_logps(&batch, AdapterChoice::PolicyNoGrad)?
-        .logps_vec()?[0];
-    assert_eq!(eval, no_grad);
+    let logp = |model: &LlamaModel, choice| -> Result<f32> {
+        Ok(model.sequence_logps(&batch, choice)?.logps_vec()?[0])
+    };
+    let eval = logp(&model, AdapterChoice::Policy)?;
+    let base = logp(&model, AdapterChoice::Reference)?;
+    assert_eq!(eval, logp(&model, AdapterChoice::PolicyNoGrad)?);
     model.set_training(true, 5)?;
-    let train1 = model
-        .sequence_logps(&batch, AdapterChoice::Policy)?
-        .logps_vec()?[0];
-    assert_ne!(train1, eval);
-    assert_eq!(
-        model
-            .sequence_logps(&batch, AdapterChoice::PolicyNoGrad)?
-            .logps_vec()?[0],
-        eval
+    let train1 = logp(&model, AdapterChoice::Policy)?;
+    let train2 = logp(&model, AdapterChoice::PolicyNoGrad)?;
+    assert!(
+        train1 != eval && train2 != eval && train1 != train2,
+        "dropout must change every policy pass"
     );
+    // The base model (adapter disabled) has no LoRA dropout to apply.
+    assert_eq!(logp(&model, AdapterChoice::Reference)?, base);
     model.set_training(true, 5)?;
     assert_eq!(
-        model
-            .sequence_logps(&batch, AdapterChoice::Policy)?
-            .logps_vec()?[0],
+        logp(&model, AdapterChoice::Policy)?,
         train1,
         "seeded dropout"
     );
+    model.set_training(false, 5)?;
+    assert_eq!(logp(&model, AdapterChoice::Policy)?, eval);
     Ok(())
 }
 
