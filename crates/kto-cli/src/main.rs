@@ -1,5 +1,6 @@
 //! `kto`: KTO training with LoRA, the way TRL's KTOTrainer does it, on candle.
 mod commands;
+mod plot;
 
 use clap::{Parser, Subcommand};
 
@@ -15,6 +16,7 @@ enum Command {
     Prepare(commands::prepare::PrepareArgs),
     Train(commands::train::TrainArgs),
     Eval(commands::eval::EvalArgs),
+    Plot(commands::plot::PlotArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -30,6 +32,7 @@ fn main() -> std::process::ExitCode {
         Command::Prepare(args) => commands::prepare::run(args),
         Command::Train(args) => commands::train::run(args),
         Command::Eval(args) => commands::eval::run(args),
+        Command::Plot(args) => commands::plot::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,3 +1,4 @@
 pub mod eval;
 pub mod prepare;
 pub mod train;
+pub mod plot;
