@@ -191,7 +191,9 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
 
     let (first_epoch, mut first_step_in_epoch) = plan.position_of_step(state.global_step);
     'epochs: for epoch in first_epoch..plan.num_epochs {
-        let order_batches: Vec<_> = train_batches.epoch(epoch as u64).collect();
+        // Built lazily, one micro-batch at a time; a resumed epoch skips the micro-batches already trained on.
+        let skip = plan.micro_batches_of_step(first_step_in_epoch).start;
+        let mut epoch_batches = train_batches.epoch(epoch as u64).skip(skip);
         for step_in_epoch in first_step_in_epoch..plan.steps_per_epoch {
             if state.global_step >= plan.max_steps
                 || job.stop_after_step.is_some_and(|s| state.global_step >= s)
@@ -204,8 +206,10 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
             let group_size = group.len();
             let mut grads: HashMap<String, Tensor> = HashMap::new();
             for micro in group.clone() {
-                let batch = &order_batches[micro];
-                let scored = score_micro_batch(model, batch, train_reference, &settings, true)?;
+                let batch = epoch_batches
+                    .next()
+                    .with_context(|| format!("epoch {epoch} has no micro-batch {micro}"))?;
+                let scored = score_micro_batch(model, &batch, train_reference, &settings, true)?;
                 // transformers divides by the number of micro-batches in this accumulation group.
                 let scaled = scored.loss.loss.affine(1.0 / group_size as f64, 0.0)?;
                 let scaled_value = scaled.to_scalar::<f32>()?;
