@@ -211,7 +211,8 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
                     .with_context(|| format!("epoch {epoch} has no micro-batch {micro}"))?;
                 let scored = score_micro_batch(model, &batch, train_reference, &settings, true)?;
                 // transformers divides by the number of micro-batches in this accumulation group.
-                let scaled = scored.loss.loss.affine(1.0 / group_size as f64, 0.0)?;
+                let divisor = Tensor::new(group_size as f32, scored.loss.loss.device())?;
+                let scaled = scored.loss.loss.broadcast_div(&divisor)?;
                 let scaled_value = scaled.to_scalar::<f32>()?;
                 if !scaled_value.is_finite() {
                     bail!(non_finite_message("loss", step, &output_dir));
