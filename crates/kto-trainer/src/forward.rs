@@ -45,6 +45,10 @@ pub trait PolicyModel {
     fn begin_step(&mut self, _step_seed: u64) -> Result<()> {
         Ok(())
     }
+    /// Called before an evaluation pass: random layers off (torch's `model.eval()`), until the next `begin_step`.
+    fn begin_evaluation(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Where the reference log-probs come from.

@@ -52,4 +52,8 @@ impl PolicyModel for LoraPolicy {
     fn begin_step(&mut self, step_seed: u64) -> Result<()> {
         self.model.set_training(self.dropout_active, step_seed)
     }
+
+    fn begin_evaluation(&mut self) -> Result<()> {
+        self.model.set_training(false, 0)
+    }
 }

@@ -74,7 +74,8 @@ pub fn load_model(config: &Config, adapter_override: Option<&Path>) -> Result<Lo
     let dropout_active = !config.kto.disable_dropout && policy.config().dropout > 0.0;
     model.set_policy_adapter(Some(policy))?;
     model.set_reference_adapter(reference)?;
-    model.set_training(dropout_active, config.train.seed)?;
+    // Evaluation mode until training starts (the reference precompute runs without dropout, as in TRL).
+    model.set_training(false, config.train.seed)?;
     let base_model_name = spec.to_string_lossy().into_owned();
     Ok(Loaded {
         policy: LoraPolicy {

@@ -266,6 +266,7 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
             }
             let evaluate_now = (t.eval_steps > 0 && step % t.eval_steps == 0) || is_last;
             if let (true, Some(eval)) = (evaluate_now, &eval_batches) {
+                model.begin_evaluation()?;
                 let mut row = serde_json::Map::new();
                 row.insert("step".into(), step.into());
                 row.insert("epoch".into(), metrics::json_f64(state.epoch));
