@@ -21,6 +21,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod attention;
 pub mod checkpoint;
 pub mod config;
 pub mod device;

@@ -2,7 +2,8 @@
 //!
 //! Shaped like candle-transformers' `models/llama.rs`, but every op on the training path has a backward: RMSNorm,
 //! RoPE and softmax are written from basic ops (candle-nn's fused `rms_norm`, `rope*` and `softmax_last_dim` drop
-//! gradients), and base linears are [`FrozenLinear`]s that compute no weight gradient.
+//! gradients), base linears are [`FrozenLinear`]s that compute no weight gradient, and attention recomputes its
+//! probabilities in backward instead of keeping them ([`crate::attention`]).
 
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
@@ -439,13 +440,9 @@ impl LlamaModel {
         let k = repeat_kv(&k, n_rep)?;
         let v = repeat_kv(&v, n_rep)?;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
-        let probs = softmax_last_dim(&scores.broadcast_add(mask)?)?.to_dtype(self.dtype)?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((
-            rows,
-            width,
-            c.num_attention_heads * c.head_dim,
-        ))?;
+        let out = crate::attention::attention(&q, &k, &v, mask, scale)?
+            .transpose(1, 2)?
+            .reshape((rows, width, c.num_attention_heads * c.head_dim))?;
         attn.o.forward(&out, pass)
     }
 
@@ -491,13 +488,6 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let variance = x32.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = x32.broadcast_div(&(variance + eps)?.sqrt()?)?;
     Ok(normed.to_dtype(dtype)?.broadcast_mul(weight)?)
-}
-
-/// Softmax whose max shift is detached: exact, and no gradient through the max reduction.
-fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
 }
 
 /// transformers' rotate-half RoPE: `x cos + rotate_half(x) sin`, x [rows, heads, width, head_dim].
