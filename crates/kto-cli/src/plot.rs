@@ -24,6 +24,8 @@ const HEADER_HEIGHT: u32 = 80;
 const SMOOTH_FROM_POINTS: usize = 30;
 /// Series with at most this many points get a marker on every point, so a single step still shows.
 const MARK_UP_TO_POINTS: usize = 25;
+/// Step ranges a long train series is reduced to before drawing (see [`decimated`]).
+const DECIMATED_BUCKETS: usize = 600;
 
 const BLUE: RGBColor = RGBColor(31, 119, 180);
 const ORANGE: RGBColor = RGBColor(230, 115, 0);
@@ -644,21 +646,41 @@ fn draw_train_curve<DB: DrawingBackend>(
         // Dense raw lines fill the panel: the more points per pixel, the fainter.
         let faint = if points.len() > 600 { 0.18 } else { 0.3 };
         drawing(chart.draw_series(LineSeries::new(
-            points.iter().copied(),
+            decimated(points),
             color.mix(faint).stroke_width(1),
         )))?;
         let smooth = smoothed(points);
-        drawing(chart.draw_series(LineSeries::new(smooth, color.stroke_width(3))))?;
+        drawing(chart.draw_series(LineSeries::new(decimated(&smooth), color.stroke_width(3))))?;
     } else {
-        drawing(chart.draw_series(LineSeries::new(
-            points.iter().copied(),
-            color.stroke_width(2),
-        )))?;
+        drawing(chart.draw_series(LineSeries::new(decimated(points), color.stroke_width(2))))?;
     }
     if points.len() <= MARK_UP_TO_POINTS {
         drawing(chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled()))))?;
     }
     Ok(())
+}
+
+/// A panel is about 500 pixels wide: beyond a few points per pixel a line only grows the SVG. Long runs keep
+/// the first, lowest, highest and last point of each of `DECIMATED_BUCKETS` step ranges, so spikes survive.
+fn decimated(points: &[(i64, f64)]) -> Vec<(i64, f64)> {
+    if points.len() <= 4 * DECIMATED_BUCKETS {
+        return points.to_vec();
+    }
+    let bucket = points.len().div_ceil(DECIMATED_BUCKETS);
+    let mut kept = Vec::with_capacity(4 * DECIMATED_BUCKETS);
+    for chunk in points.chunks(bucket) {
+        let by_value = |a: &&(i64, f64), b: &&(i64, f64)| a.1.total_cmp(&b.1);
+        let lowest = chunk.iter().min_by(by_value).expect("chunks are not empty");
+        let highest = chunk.iter().max_by(by_value).expect("chunks are not empty");
+        let mut picks = [chunk[0], *lowest, *highest, chunk[chunk.len() - 1]];
+        picks.sort_by_key(|p| p.0);
+        for pick in picks {
+            if kept.last() != Some(&pick) {
+                kept.push(pick);
+            }
+        }
+    }
+    kept
 }
 
 /// Evaluations are sparse: markers joined by a thin dashed line, distinct from the solid train lines.
@@ -695,7 +717,7 @@ fn draw_eval_curve<DB: DrawingBackend>(
 
 /// TensorBoard-style debiased exponential moving average, its window about 1/25 of the run.
 fn smoothed(points: &[(i64, f64)]) -> Vec<(i64, f64)> {
-    let weight = (1.0 - 25.0 / points.len() as f64).clamp(0.0, 0.99);
+    let weight = (1.0 - 25.0 / points.len() as f64).max(0.0);
     let mut average = 0.0;
     let mut mass = 0.0;
     points
@@ -788,6 +810,25 @@ mod tests {
         assert_eq!(tick_formatter(0.4, 0.8)(&0.5), "0.50");
         assert_eq!(tick_formatter(-0.001, 0.01)(&-0.0), "0.000");
         assert_eq!(tick_formatter(0.0, 300.0)(&150.0), "150");
+    }
+
+    #[test]
+    fn decimation_keeps_the_ends_and_the_spikes() {
+        let mut points: Vec<(i64, f64)> = (1..=100_000).map(|s| (s, (s % 10) as f64)).collect();
+        points[54_321].1 = 1e6;
+        let kept = decimated(&points);
+        assert!(kept.len() <= 4 * DECIMATED_BUCKETS, "{} points", kept.len());
+        assert_eq!(
+            (kept[0], *kept.last().unwrap()),
+            (points[0], points[99_999])
+        );
+        assert!(kept.contains(&points[54_321]), "the spike survives");
+        assert!(
+            kept.windows(2).all(|w| w[0].0 < w[1].0),
+            "steps stay in order"
+        );
+        let short = &points[..100];
+        assert_eq!(decimated(short), short);
     }
 
     #[test]
