@@ -75,6 +75,11 @@ fn train_matches_trl_and_eval_reports_held_out_figures() {
         .path()
         .join("out/adapter/adapter_model.safetensors")
         .exists());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("learning curves"),
+        "kto train plots at the end: {stderr}"
+    );
 
     let out = kto(
         &["eval", "--config", "kto.toml", "--out", "eval.json"],

@@ -51,6 +51,17 @@ pub fn run(args: TrainArgs) -> Result<()> {
             adapter.display()
         );
     }
+    // The learning curves; a plotting failure does not fail the finished training.
+    if let Some(output_dir) = &config.train.output_dir {
+        match crate::plot::plot_run(output_dir, None) {
+            Ok(plots) => eprintln!(
+                "learning curves: {} and {}",
+                plots.svg.display(),
+                plots.png.display()
+            ),
+            Err(err) => tracing::warn!("could not plot the learning curves: {err:#}"),
+        }
+    }
     Ok(())
 }
 
