@@ -30,7 +30,7 @@ const DECIMATED_BUCKETS: usize = 600;
 const BLUE: RGBColor = RGBColor(31, 119, 180);
 const ORANGE: RGBColor = RGBColor(230, 115, 0);
 const GREEN: RGBColor = RGBColor(34, 139, 34);
-const RED_: RGBColor = RGBColor(214, 39, 40);
+const CRIMSON: RGBColor = RGBColor(214, 39, 40);
 const PURPLE: RGBColor = RGBColor(120, 70, 170);
 const GREY: RGBColor = RGBColor(110, 110, 110);
 const TEXT: RGBColor = RGBColor(30, 30, 30);
@@ -298,10 +298,10 @@ const PANELS: &[Panel] = &[
         y_label: "reward",
         curves: &[
             train("rewards/chosen", "chosen", GREEN),
-            train("rewards/rejected", "rejected", RED_),
+            train("rewards/rejected", "rejected", CRIMSON),
             train("rewards/margins", "margin", BLUE),
             eval("eval_rewards/chosen", "chosen", GREEN),
-            eval("eval_rewards/rejected", "rejected", RED_),
+            eval("eval_rewards/rejected", "rejected", CRIMSON),
             eval("eval_rewards/margins", "margin", BLUE),
         ],
         y_range: None,
