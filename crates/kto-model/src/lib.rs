@@ -33,6 +33,7 @@ pub mod logprobs;
 pub mod lora;
 pub mod merge;
 pub mod peft;
+mod recompute;
 pub mod testing;
 
 pub use checkpoint::Checkpoint;

@@ -9,9 +9,12 @@ use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::frozen_linear::FrozenLinear;
 use crate::lora::{lora_delta, DropoutSource, LoraAdapter, LoraSite, LoraTarget};
+use crate::recompute::SideGrads;
 use anyhow::{bail, Context, Result};
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
+use std::sync::Arc;
 
 /// Which weights a forward pass runs with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,9 +30,9 @@ pub enum AdapterChoice {
 /// Per-call settings resolved from an [`AdapterChoice`].
 #[derive(Clone, Copy)]
 pub(crate) struct Pass<'a> {
-    adapter: Option<&'a LoraAdapter>,
-    grad: bool,
-    dropout: Option<&'a DropoutSource>,
+    pub(crate) adapter: Option<&'a LoraAdapter>,
+    pub(crate) grad: bool,
+    pub(crate) dropout: Option<&'a DropoutSource>,
 }
 
 /// Cached keys and values of earlier positions, one entry per layer (generation).
@@ -103,11 +106,78 @@ struct Mlp {
 }
 
 #[derive(Debug, Clone)]
-struct DecoderLayer {
+pub(crate) struct DecoderLayer {
     input_layernorm: Tensor,
     attn: Attention,
     post_attention_layernorm: Tensor,
     mlp: Mlp,
+}
+
+impl Attention {
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        c: &ModelConfig,
+        x: &Tensor,
+        mask: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        pass: Pass,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let (rows, width, _) = x.dims3()?;
+        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
+            Ok(t.reshape((rows, width, n, c.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = heads(self.q.forward(x, pass)?, c.num_attention_heads)?;
+        let k = heads(self.k.forward(x, pass)?, c.num_key_value_heads)?;
+        let v = heads(self.v.forward(x, pass)?, c.num_key_value_heads)?;
+        let q = apply_rope(&q, cos, sin)?;
+        let mut k = apply_rope(&k, cos, sin)?;
+        let mut v = v;
+        if let Some(slot) = cache {
+            if let Some((k_old, v_old)) = slot.as_ref() {
+                k = Tensor::cat(&[k_old, &k], 2)?;
+                v = Tensor::cat(&[v_old, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let n_rep = c.num_attention_heads / c.num_key_value_heads;
+        let k = repeat_kv(&k, n_rep)?;
+        let v = repeat_kv(&v, n_rep)?;
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let out = crate::attention::attention(&q, &k, &v, mask, scale)?
+            .transpose(1, 2)?
+            .reshape((rows, width, c.num_attention_heads * c.head_dim))?;
+        self.o.forward(&out, pass)
+    }
+}
+
+impl DecoderLayer {
+    /// One decoder layer: pre-norm attention and MLP, each added to the residual stream.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn forward(
+        &self,
+        config: &ModelConfig,
+        x: &Tensor,
+        mask: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        pass: Pass,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let eps = config.rms_norm_eps;
+        let normed = rms_norm(x, &self.input_layernorm, eps)?;
+        let x = (x + self
+            .attn
+            .forward(config, &normed, mask, cos, sin, pass, cache)?)?;
+        let normed = rms_norm(&x, &self.post_attention_layernorm, eps)?;
+        let gate = self.mlp.gate.forward(&normed, pass)?.silu()?;
+        let up = self.mlp.up.forward(&normed, pass)?;
+        Ok((&x + self.mlp.down.forward(&(gate * up)?, pass)?)?)
+    }
 }
 
 /// A Llama-family causal LM with frozen base weights and optional LoRA adapters.
@@ -120,9 +190,11 @@ pub struct LlamaModel {
     norm: Tensor,
     lm_head: FrozenLinear,
     inv_freq: Tensor,
-    policy: Option<LoraAdapter>,
-    reference: Option<LoraAdapter>,
+    policy: Option<Arc<LoraAdapter>>,
+    reference: Option<Arc<LoraAdapter>>,
     training: bool,
+    checkpointing: bool,
+    checkpoint_grads: SideGrads,
     dropout: DropoutSource,
     logits_chunk_elements: usize,
 }
@@ -188,6 +260,8 @@ impl LlamaModel {
             policy: None,
             reference: None,
             training: false,
+            checkpointing: false,
+            checkpoint_grads: SideGrads::default(),
             dropout,
             logits_chunk_elements: crate::logprobs::DEFAULT_LOGITS_CHUNK_ELEMENTS,
         })
@@ -210,7 +284,7 @@ impl LlamaModel {
         if let Some(a) = &adapter {
             self.check_adapter(a)?;
         }
-        self.policy = adapter;
+        self.policy = adapter.map(Arc::new);
         Ok(())
     }
 
@@ -219,24 +293,48 @@ impl LlamaModel {
         if let Some(a) = &adapter {
             self.check_adapter(a)?;
         }
-        self.reference = adapter;
+        self.reference = adapter.map(Arc::new);
         Ok(())
     }
 
     pub fn policy_adapter(&self) -> Option<&LoraAdapter> {
-        self.policy.as_ref()
+        self.policy.as_deref()
     }
 
     /// The policy adapter's trainable tensors with their PEFT key names, in PEFT's order (empty without one).
     pub fn trainable_vars(&self) -> Vec<(String, candle_core::Var)> {
         self.policy
-            .as_ref()
+            .as_deref()
             .map(LoraAdapter::trainable_vars)
             .unwrap_or_default()
     }
 
     pub fn reference_adapter(&self) -> Option<&LoraAdapter> {
-        self.reference.as_ref()
+        self.reference.as_deref()
+    }
+
+    /// Gradient checkpointing: policy passes with gradient keep only each decoder layer's input and recompute the
+    /// layer in backward (about one extra forward of compute for a fraction of the memory). The LoRA gradients then
+    /// come out of [`LlamaModel::backward`], which must be used instead of `Tensor::backward`.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.checkpointing = on;
+    }
+
+    /// `loss.backward()`, plus the LoRA gradients computed inside checkpointed layers.
+    pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        self.checkpoint_grads.clear();
+        let mut grads = loss.backward()?;
+        self.checkpoint_grads.drain_into(&mut grads)?;
+        Ok(grads)
+    }
+
+    fn adapter_arc(&self, pass: Pass) -> Option<Arc<LoraAdapter>> {
+        let same = |a: &Option<Arc<LoraAdapter>>| {
+            a.as_ref()
+                .filter(|a| pass.adapter.is_some_and(|p| std::ptr::eq(p, a.as_ref())))
+                .cloned()
+        };
+        same(&self.policy).or_else(|| same(&self.reference))
     }
 
     /// Training mode turns LoRA dropout on for every pass that runs an adapter (generation excepted); `dropout_seed`
@@ -278,14 +376,14 @@ impl LlamaModel {
     pub(crate) fn pass(&self, choice: AdapterChoice) -> Result<Pass<'_>> {
         let (adapter, grad) = match choice {
             AdapterChoice::Policy => {
-                let policy = self.policy.as_ref();
+                let policy = self.policy.as_deref();
                 (
                     Some(policy.context("AdapterChoice::Policy needs a policy adapter")?),
                     true,
                 )
             }
-            AdapterChoice::PolicyNoGrad => (self.policy.as_ref(), false),
-            AdapterChoice::Reference => (self.reference.as_ref(), false),
+            AdapterChoice::PolicyNoGrad => (self.policy.as_deref(), false),
+            AdapterChoice::Reference => (self.reference.as_deref(), false),
         };
         let dropout = adapter
             .filter(|a| self.training && a.config().dropout > 0.0)
@@ -387,63 +485,36 @@ impl LlamaModel {
             self.config.hidden_size,
         ))?;
         let (cos, sin) = self.rope_tables(offset, width)?;
+        let checkpointed = pass.grad && self.checkpointing && cache.is_none();
+        if checkpointed {
+            if !self.checkpoint_grads.is_empty() {
+                bail!(
+                    "LoRA gradients of checkpointed layers were never collected: with gradient checkpointing, call \
+                     LlamaModel::backward(&loss) instead of loss.backward()"
+                );
+            }
+            // The first layer's input must be tracked for the checkpointed ops to enter the graph.
+            x = candle_core::Var::from_tensor(&x)?.as_tensor().clone();
+        }
         for (index, layer) in self.layers.iter().enumerate() {
-            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[index]);
-            let normed = rms_norm(&x, &layer.input_layernorm, self.config.rms_norm_eps)?;
-            let attn = self.attention(&layer.attn, &normed, mask, &cos, &sin, pass, layer_cache)?;
-            x = (x + attn)?;
-            let normed = rms_norm(
-                &x,
-                &layer.post_attention_layernorm,
-                self.config.rms_norm_eps,
-            )?;
-            let mlp = &layer.mlp;
-            let gate = mlp.gate.forward(&normed, pass)?.silu()?;
-            let up = mlp.up.forward(&normed, pass)?;
-            x = (x + mlp.down.forward(&(gate * up)?, pass)?)?;
+            x = if checkpointed {
+                let adapter = self.adapter_arc(pass);
+                let seed = pass.dropout.map(|d| d.next_seed());
+                let op = crate::recompute::RecomputedLayer::new(
+                    layer.clone(),
+                    self.config.clone(),
+                    adapter,
+                    [mask.clone(), cos.clone(), sin.clone()],
+                    seed,
+                    self.checkpoint_grads.clone(),
+                );
+                op.apply(&x)?
+            } else {
+                let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[index]);
+                layer.forward(&self.config, &x, mask, &cos, &sin, pass, layer_cache)?
+            };
         }
         rms_norm(&x, &self.norm, self.config.rms_norm_eps)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
-        &self,
-        attn: &Attention,
-        x: &Tensor,
-        mask: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        pass: Pass,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
-    ) -> Result<Tensor> {
-        let c = &self.config;
-        let (rows, width, _) = x.dims3()?;
-        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
-            Ok(t.reshape((rows, width, n, c.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let q = heads(attn.q.forward(x, pass)?, c.num_attention_heads)?;
-        let k = heads(attn.k.forward(x, pass)?, c.num_key_value_heads)?;
-        let v = heads(attn.v.forward(x, pass)?, c.num_key_value_heads)?;
-        let q = apply_rope(&q, cos, sin)?;
-        let mut k = apply_rope(&k, cos, sin)?;
-        let mut v = v;
-        if let Some(slot) = cache {
-            if let Some((k_old, v_old)) = slot.as_ref() {
-                k = Tensor::cat(&[k_old, &k], 2)?;
-                v = Tensor::cat(&[v_old, &v], 2)?;
-            }
-            *slot = Some((k.clone(), v.clone()));
-        }
-        let n_rep = c.num_attention_heads / c.num_key_value_heads;
-        let k = repeat_kv(&k, n_rep)?;
-        let v = repeat_kv(&v, n_rep)?;
-        let scale = 1.0 / (c.head_dim as f64).sqrt();
-        let out = crate::attention::attention(&q, &k, &v, mask, scale)?
-            .transpose(1, 2)?
-            .reshape((rows, width, c.num_attention_heads * c.head_dim))?;
-        attn.o.forward(&out, pass)
     }
 
     /// cos and sin [width, head_dim] for positions `offset..offset + width`, in the model dtype.

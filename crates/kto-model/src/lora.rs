@@ -350,6 +350,11 @@ impl DropoutSource {
         })
     }
 
+    /// A seed for a derived source (gradient checkpointing replays a layer's masks from it).
+    pub fn next_seed(&self) -> u64 {
+        self.rng.lock().expect("dropout rng poisoned").random()
+    }
+
     /// 0 with probability `p`, else `1 / (1 - p)`, f32.
     pub fn keep_mask(&self, dims: &[usize], p: f64, device: &Device) -> Result<Tensor> {
         let scale = 1.0 / (1.0 - p);
