@@ -165,20 +165,16 @@ impl Default for LoraSection {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TruncationMode {
-    KeepEnd,
-    KeepStart,
-}
+/// `keep_end | keep_start`: which end of a prompt longer than `max_prompt_length` is kept.
+pub use kto_data::tokenize::TruncationMode;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataSection {
     pub train_file: Option<PathBuf>,
     pub eval_file: Option<PathBuf>,
-    /// Input format name understood by `kto-data` (`auto` detects it).
-    pub format: String,
+    /// `auto | unpaired | nemo | paired | hh | conversational` (kto-data's readers; `auto` detects per file).
+    pub format: kto_data::Format,
     pub max_length: usize,
     /// Legacy truncation options (TRL < 1.0); unset means TRL 1.16's behaviour.
     pub max_prompt_length: Option<usize>,
@@ -191,7 +187,7 @@ impl Default for DataSection {
         Self {
             train_file: None,
             eval_file: None,
-            format: "auto".into(),
+            format: kto_data::Format::Auto,
             max_length: 1024,
             max_prompt_length: None,
             max_completion_length: None,
@@ -763,6 +759,12 @@ mod tests {
 
     #[test]
     fn bad_enum_value_lists_allowed_values() {
+        let err = parse("[data]\nformat = \"csv\"\n").unwrap_err().to_string();
+        assert!(err.contains("[data] format"), "{err}");
+        assert_eq!(
+            parse("[data]\nformat = \"hh\"\n").unwrap().data.format,
+            kto_data::Format::Hh
+        );
         let err = parse("[kto]\nloss_type = \"sigmoid\"\n")
             .unwrap_err()
             .to_string();

@@ -88,18 +88,13 @@ pub fn load_model(config: &Config, adapter_override: Option<&Path>) -> Result<Lo
     })
 }
 
-fn tokenization(config: &Config) -> Result<TokenizationConfig> {
-    let mode = format!("{:?}", config.data.truncation_mode);
-    Ok(TokenizationConfig {
+fn tokenization(config: &Config) -> TokenizationConfig {
+    TokenizationConfig {
         max_length: Some(config.data.max_length),
         max_prompt_length: config.data.max_prompt_length,
         max_completion_length: config.data.max_completion_length,
-        truncation_mode: match mode.as_str() {
-            "KeepEnd" => "keep_end",
-            _ => "keep_start",
-        }
-        .parse()?,
-    })
+        truncation_mode: config.data.truncation_mode,
+    }
 }
 
 /// Reads and tokenizes one data file as TRL does.
@@ -109,12 +104,12 @@ pub fn load_samples(
     path: &Path,
 ) -> Result<Vec<TokenizedSample>> {
     let options = ReadOptions {
-        format: config.data.format.parse()?,
+        format: config.data.format,
         ..Default::default()
     };
     let read = read_file(path, &options)?;
     tracing::info!("{}: {}", path.display(), read.report);
-    let (samples, report) = tokenize_dataset(tokenizer, &read.samples, &tokenization(config)?)
+    let (samples, report) = tokenize_dataset(tokenizer, &read.samples, &tokenization(config))
         .with_context(|| format!("tokenizing {}", path.display()))?;
     if !report.drops.is_empty() {
         tracing::warn!("{}: dropped {}", path.display(), report.drops);
@@ -188,7 +183,7 @@ fn reference_for(
         .file_contents("data", data_file)?
         .text(
             "tokenization",
-            &format!("{:?} format={}", tokenization(config)?, config.data.format),
+            &format!("{:?} format={}", tokenization(config), config.data.format),
         )
         .file_contents("tokenizer", &loaded.checkpoint.dir.join("tokenizer.json"))?
         .text(
