@@ -192,6 +192,15 @@ fn resumed_runs_match_an_uninterrupted_one() -> Result<()> {
         Some(0.8),
         "step 2 ends with micro-batch 4 of 5"
     );
+    // linear, 6 steps, 1 warm-up step: the logged rate is the one the step used, lr * (6 - (step - 1)) / 5.
+    let lrs: Vec<f64> = rows
+        .iter()
+        .filter(|r| r.contains_key("loss"))
+        .map(|r| r["learning_rate"].as_f64().unwrap())
+        .collect();
+    for (got, want) in lrs.iter().zip([0.05, 0.03, 0.01]) {
+        assert!((got - want).abs() < 1e-12, "{lrs:?}");
+    }
     let expected_rows = without_timing(rows);
     let expected_adapter = adapter_bits(straight.path())?;
 
@@ -216,6 +225,35 @@ fn resumed_runs_match_an_uninterrupted_one() -> Result<()> {
             "adapter after resuming at step {k}"
         );
     }
+    Ok(())
+}
+
+#[test]
+fn held_out_metrics_of_an_untrained_policy() -> Result<()> {
+    // Policy = reference: every log-ratio and the KL are 0, so each KTO loss is 1 - sigmoid(0) = 0.5, no sample is
+    // strictly on its right side, all rewards tie (AUROC 0.5) and no pair is won.
+    let out = tempfile::tempdir()?;
+    let config = config(out.path(), &[])?;
+    let model = Bigram::new(1)?;
+    let eval_set = samples(6, 1);
+    let batches = micro_batches(&config, &eval_set, 0, true)?;
+    let settings = kto_trainer::train::loss_settings(&config)?;
+    let row = kto_trainer::evaluate::evaluate_batches(
+        &model,
+        batches.epoch(0),
+        kto_trainer::forward::Reference::Online,
+        &settings,
+        7,
+    )?;
+    let get = |k: &str| row[k].as_f64().unwrap();
+    assert!((get("eval_loss") - 0.5).abs() < 1e-7);
+    assert_eq!(get("eval_kl"), 0.0);
+    assert_eq!(get("eval_rewards/chosen"), 0.0);
+    assert_eq!(get("eval_reward_accuracy"), 0.0);
+    assert_eq!(get("eval_reward_auroc"), 0.5);
+    assert_eq!(get("eval_pair_accuracy"), 0.0);
+    assert_eq!(get("eval_num_tokens"), 7.0);
+    assert_eq!(row["eval_samples"].as_u64(), Some(6));
     Ok(())
 }
 
