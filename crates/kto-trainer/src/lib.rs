@@ -1,7 +1,16 @@
-//! KTO training against a frozen reference, matching TRL 1.16's `KTOTrainer`.
+//! KTO training against a frozen reference, matching TRL 1.16's `KTOTrainer` inside transformers 5.17's `Trainer`.
 //!
-//! `config` reads the TOML config; `train` runs the loop over a [`forward::PolicyModel`] and tokenized samples;
-//! `evaluate` scores a held-out set; the other modules are the pieces the loop is made of.
+//! - [`config`]: the TOML config (TRL's key names and defaults), `--set` overrides, validation, `--print-config`.
+//! - [`run`]: config → model, adapters, tokenized data, resolved `"auto"` weights, cached reference log-probs →
+//!   [`train::train`] (`kto train`), or → [`evaluate::evaluate_batches`] (`kto eval`).
+//! - [`train`]: the loop, one function that reads top to bottom, over any [`forward::PolicyModel`]
+//!   ([`llama_policy::LoraPolicy`] for `kto-model`'s LoRA Llama).
+//! - The pieces: [`loss`] (KTO / APO-zero-unpaired and TRL's batch metrics), [`optimizer`] (torch's AdamW and
+//!   `clip_grad_norm_`), [`schedule`] (transformers' schedules), [`plan`] (steps, epochs, accumulation groups),
+//!   [`metrics`] (metrics.jsonl rows averaged as TRL/transformers do), [`checkpoint`] (atomic, checksummed
+//!   folders, pruning, trainer state), [`reference_cache`] (precomputed reference log-probs on disk),
+//!   [`evaluate`] (held-out loss, rewards, reward accuracy, AUROC, pair accuracy), [`forward`] (what the loop asks
+//!   of a model and how one micro-batch is scored).
 pub mod checkpoint;
 pub mod config;
 pub mod evaluate;
