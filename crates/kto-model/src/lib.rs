@@ -9,11 +9,13 @@
 //! let mut model = LlamaModel::load(&checkpoint, kto_model::parse_dtype("bf16")?, &device)?;
 //! let lora = LoraConfig::new(8, 16.0, 0.05, false, &LoraTarget::ALL)?;
 //! model.set_policy_adapter(Some(LoraAdapter::init(lora, model.config(), 42, &device)?))?;
+//! model.set_gradient_checkpointing(true); // optional: recompute layers in backward
+//! model.set_training(true, 7)?; // LoRA dropout on, seeded
 //! let batch = SequenceBatch { input_ids: vec![1, 5, 6, 2], rows: 1, width: 4, lengths: vec![4], completion_starts: vec![2], pad_id: 2 };
 //! let policy = model.sequence_logps(&batch, AdapterChoice::Policy)?; // logps [rows] with graph
 //! let reference = model.sequence_logps(&batch, AdapterChoice::Reference)?; // no graph
 //! let loss = (&policy.logps - &reference.logps)?.sum_all()?;
-//! let grads = loss.backward()?;
+//! let grads = model.backward(&loss)?; // = loss.backward() plus gradients from checkpointed layers
 //! for (peft_name, var) in model.trainable_vars() {
 //!     let _g = grads.get(var.as_tensor());
 //! }
