@@ -88,6 +88,7 @@ pub fn write_checkpoint(
     }
     std::fs::create_dir_all(&tmp_dir).with_context(|| format!("creating {}", tmp_dir.display()))?;
     fill(&tmp_dir).with_context(|| format!("writing checkpoint {}", final_dir.display()))?;
+    fault_pause();
     let manifest = Manifest {
         step,
         files: list_files(&tmp_dir)?,
@@ -103,6 +104,47 @@ pub fn write_checkpoint(
     std::fs::rename(&tmp_dir, &final_dir)
         .with_context(|| format!("renaming {} to {}", tmp_dir.display(), final_dir.display()))?;
     Ok(final_dir)
+}
+
+/// The fault-injection hook of the kill-anywhere test (`crates/kto-cli/tests/faults.rs`): with
+/// `KTO_FAULT_DELAY_MS=N` set, every checkpoint and final-adapter write sleeps N ms after its files are written and
+/// before it is sealed, so that a test can kill the process mid-write. Unset, it costs one environment lookup.
+pub const FAULT_DELAY_ENV: &str = "KTO_FAULT_DELAY_MS";
+
+pub fn fault_pause() {
+    if let Some(ms) = std::env::var(FAULT_DELAY_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+}
+
+/// Removes the temporary files and folders (`.NAME.tmp-PID`, `.checkpoint-N.tmp-PID`) that a killed run left in
+/// `output_dir`; they are never read, only in the way. Returns what was removed.
+pub fn remove_stale_temporaries(output_dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(output_dir) else {
+        return Ok(removed);
+    };
+    for entry in entries {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if !(name.starts_with('.') && name.contains(".tmp-")) {
+            continue;
+        }
+        if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        }
+        .with_context(|| format!("removing the leftover {}", path.display()))?;
+        removed.push(path);
+    }
+    Ok(removed)
 }
 
 /// Every file under `dir` (recursively, manifest excluded) with size and checksum, sorted by path.
@@ -221,6 +263,18 @@ pub fn latest_complete(output_dir: &Path) -> Result<Option<PathBuf>> {
     for (_, dir) in checkpoints_newest_first(output_dir)? {
         if check_complete(&dir, false).is_ok() {
             return Ok(Some(dir));
+        }
+    }
+    Ok(None)
+}
+
+/// The newest checkpoint that passes the full check (sizes and SHA-256), for resuming. Each newer checkpoint that
+/// fails is reported with its reason and skipped in favour of the previous one.
+pub fn latest_verified(output_dir: &Path) -> Result<Option<PathBuf>> {
+    for (_, dir) in checkpoints_newest_first(output_dir)? {
+        match check_complete(&dir, true) {
+            Ok(_) => return Ok(Some(dir)),
+            Err(err) => tracing::warn!("skipping {}: {err:#}", dir.display()),
         }
     }
     Ok(None)

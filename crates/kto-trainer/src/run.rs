@@ -260,7 +260,19 @@ pub fn run_training(
         .output_dir
         .clone()
         .context("[train] output_dir is not set")?;
-    std::fs::create_dir_all(&output_dir)?;
+    if resume.is_none() {
+        // Before config.toml is replaced: the earlier run's files stay as they were.
+        if let Some(existing) = crate::checkpoint::latest_complete(&output_dir)? {
+            bail!(
+                "{} holds checkpoints of an earlier run ({}): resume it with --resume, or choose another \
+                 [train] output_dir",
+                output_dir.display(),
+                existing.display()
+            );
+        }
+    }
+    std::fs::create_dir_all(&output_dir)
+        .with_context(|| format!("creating {}", output_dir.display()))?;
     crate::checkpoint::write_atomic(
         &output_dir.join("config.toml"),
         config.to_toml_string().as_bytes(),

@@ -111,6 +111,9 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
         .context("[train] output_dir is not set")?;
     std::fs::create_dir_all(&output_dir)
         .with_context(|| format!("creating {}", output_dir.display()))?;
+    for leftover in checkpoint::remove_stale_temporaries(&output_dir)? {
+        tracing::info!("removed {}, left by an interrupted run", leftover.display());
+    }
     let metrics_path = output_dir.join(METRICS_FILE);
     let settings = loss_settings(config)?;
     let train_batches = micro_batches(config, job.train, job.pad_id, false)?;
@@ -442,6 +445,7 @@ pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> R
     }
     std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     fill(&tmp)?;
+    checkpoint::fault_pause();
     if dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("replacing {}", dir.display()))?;
     }

@@ -3,8 +3,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use clap::Args;
-use kto_trainer::checkpoint::{latest_complete, MANIFEST};
+use kto_trainer::checkpoint::{latest_verified, MANIFEST};
 use kto_trainer::config::{Config, Override};
+use kto_trainer::train::{FINAL_ADAPTER_DIR, METRICS_FILE};
 
 /// Train a LoRA adapter with KTO, numerically as TRL 1.16's KTOTrainer.
 ///
@@ -33,15 +34,17 @@ pub fn run(args: TrainArgs) -> Result<()> {
         return Ok(());
     }
     config.require_for_training()?;
+    let output_dir = config
+        .train
+        .output_dir
+        .clone()
+        .expect("checked by require_for_training");
     let resume = match &args.resume {
-        None => None,
-        Some(dir) => {
-            let dir = dir
-                .clone()
-                .or_else(|| config.train.output_dir.clone())
-                .expect("checked by require_for_training");
-            Some(resolve_checkpoint(&dir)?)
+        None => {
+            refuse_earlier_run(&output_dir)?;
+            None
         }
+        Some(dir) => resolve_checkpoint(dir.as_deref().unwrap_or(&output_dir))?,
     };
     let summary = kto_trainer::run::run_training(&config, resume.as_deref(), None)?;
     if let Some(adapter) = &summary.final_adapter {
@@ -65,16 +68,69 @@ pub fn run(args: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// A checkpoint folder itself, or the newest complete one inside `dir`.
-fn resolve_checkpoint(dir: &Path) -> Result<PathBuf> {
+/// A checkpoint folder itself (checked in full by the trainer), or the newest intact one inside `dir`: newer ones
+/// that are incomplete or damaged are reported and skipped. `None` (start from the beginning, said on stderr) when
+/// `dir` holds no checkpoint at all, e.g. a run killed before its first save.
+fn resolve_checkpoint(dir: &Path) -> Result<Option<PathBuf>> {
     if dir.join(MANIFEST).is_file() {
-        return Ok(dir.to_path_buf());
+        return Ok(Some(dir.to_path_buf()));
     }
-    match latest_complete(dir)? {
-        Some(checkpoint) => Ok(checkpoint),
-        None => bail!(
-            "--resume: no complete checkpoint-N folder in {}",
+    let named_checkpoint = dir
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("checkpoint-"));
+    if named_checkpoint && dir.is_dir() {
+        bail!(
+            "--resume {}: no {MANIFEST}, an incomplete checkpoint; resume from the folder holding the \
+             checkpoints to use the newest complete one",
+            dir.display()
+        );
+    }
+    match latest_verified(dir)? {
+        Some(checkpoint) => Ok(Some(checkpoint)),
+        None if has_checkpoint_folders(dir) => bail!(
+            "--resume: no intact checkpoint-N folder in {} (every one is incomplete or damaged, see above)",
             dir.display()
         ),
+        None => {
+            eprintln!(
+                "--resume: no checkpoint in {} yet: starting from the beginning",
+                dir.display()
+            );
+            Ok(None)
+        }
     }
+}
+
+fn has_checkpoint_folders(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries.flatten().any(|e| {
+            e.file_name().to_string_lossy().starts_with("checkpoint-") && e.path().is_dir()
+        })
+    })
+}
+
+/// A fresh run never writes over another run's files: its metrics, checkpoints or final adapter.
+fn refuse_earlier_run(output_dir: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(output_dir) else {
+        return Ok(());
+    };
+    let mut found: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| {
+            name == METRICS_FILE
+                || name == FINAL_ADAPTER_DIR
+                || name == "config.toml"
+                || name.starts_with("checkpoint-")
+        })
+        .collect();
+    if found.is_empty() {
+        return Ok(());
+    }
+    found.sort();
+    bail!(
+        "{} holds an earlier run ({}): continue it with --resume, or choose another [train] output_dir",
+        output_dir.display(),
+        found.join(", ")
+    )
 }

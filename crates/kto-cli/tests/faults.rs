@@ -1,0 +1,302 @@
+//! Kill anywhere: `kto train` killed with SIGKILL at seeded random moments (some inside checkpoint writes) and
+//! resumed with `--resume` each time ends with the adapter and metrics of an uninterrupted run, bit for bit.
+//! Damaged checkpoints are reported and skipped in favour of the previous intact one.
+//!
+//! The run: the TRL fixture's tiny model and 12 samples, a fresh LoRA with dropout, shuffled batches, gradient
+//! accumulation, 12 steps, a checkpoint every step, `save_total_limit = 2` — every piece of state a resume restores.
+//! `KTO_FAULT_DELAY_MS` makes each checkpoint write pause after its files are written and before it is sealed, so
+//! the harness can see the temporary folder and kill the process inside the write.
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{Map, Value};
+
+const MAX_STEPS: usize = 12;
+const KILLS: usize = 12;
+const SEED: u64 = 20261123;
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/trl-kto-parity")
+        .canonicalize()
+        .unwrap()
+}
+
+fn write_config(dir: &Path) {
+    let fx = fixture();
+    let text = format!(
+        "[model]\npath = \"{m}\"\n[lora]\nr = 4\nalpha = 8\ndropout = 0.1\ntarget_modules = [\"q_proj\", \"v_proj\"]\n\
+         [data]\ntrain_file = \"{d}\"\nmax_length = 64\n[kto]\nbeta = 0.1\n[train]\noutput_dir = \"out\"\n\
+         per_device_train_batch_size = 2\ngradient_accumulation_steps = 2\nlearning_rate = 1e-2\n\
+         max_steps = {MAX_STEPS}\nsave_steps = 1\nsave_total_limit = 2\nlogging_steps = 1\nshuffle = true\n",
+        m = fx.join("model").display(),
+        d = fx.join("data.jsonl").display(),
+    );
+    std::fs::write(dir.join("kto.toml"), text).unwrap();
+}
+
+fn train_command(dir: &Path, resume: bool, fault_delay_ms: u64) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kto"));
+    cmd.args(["train", "--config", "kto.toml"])
+        .current_dir(dir)
+        .env("KTO_CACHE_DIR", dir.join("cache"))
+        .env("KTO_FAULT_DELAY_MS", fault_delay_ms.to_string())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if resume {
+        cmd.arg("--resume");
+    }
+    cmd
+}
+
+fn run_to_end(dir: &Path, resume: bool) -> String {
+    let out = train_command(dir, resume, 0).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "kto train failed: {stderr}");
+    stderr
+}
+
+fn metrics_rows(dir: &Path) -> Vec<Map<String, Value>> {
+    std::fs::read_to_string(dir.join("out/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Rows without the wall-clock figures, which differ between any two runs.
+fn deterministic(rows: Vec<Map<String, Value>>) -> Vec<Map<String, Value>> {
+    rows.into_iter()
+        .map(|mut r| {
+            r.retain(|k, _| !k.contains("per_second") && !k.contains("runtime"));
+            r
+        })
+        .collect()
+}
+
+fn adapter_bytes(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join("out/adapter/adapter_model.safetensors")).unwrap()
+}
+
+/// A temporary checkpoint or final-adapter folder: a write is in progress.
+fn write_in_progress(out: &Path) -> Option<String> {
+    std::fs::read_dir(out).ok()?.flatten().find_map(|e| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        (name.starts_with('.') && name.contains(".tmp-") && e.path().is_dir()).then_some(name)
+    })
+}
+
+/// How a launch is killed.
+#[derive(Debug)]
+enum Moment {
+    /// After this long, wherever the process is (loading, training, logging, saving).
+    After(Duration),
+    /// Inside the n-th checkpoint write seen (0-based), this long after it was first seen.
+    InWrite { nth: usize, delay: Duration },
+}
+
+/// Waits for `moment` and kills `child`; false when the process ended first.
+fn kill_at(child: &mut Child, out: &Path, moment: &Moment) -> bool {
+    let start = Instant::now();
+    let mut seen = 0;
+    let mut last: Option<String> = None;
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return false;
+        }
+        let due = match moment {
+            Moment::After(d) => start.elapsed() >= *d,
+            Moment::InWrite { nth, delay } => match write_in_progress(out) {
+                Some(name) if last.as_ref() != Some(&name) => {
+                    last = Some(name);
+                    seen += 1;
+                    if seen > *nth {
+                        std::thread::sleep(*delay);
+                        true
+                    } else {
+                        false
+                    }
+                }
+                Some(_) => false,
+                None => {
+                    last = None;
+                    false
+                }
+            },
+        };
+        if due {
+            child.kill().unwrap(); // SIGKILL on Unix
+            child.wait().unwrap();
+            return true;
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}
+
+#[test]
+fn killed_and_resumed_run_equals_an_uninterrupted_one() {
+    let reference = tempfile::tempdir().unwrap();
+    write_config(reference.path());
+    let started = Instant::now();
+    run_to_end(reference.path(), false);
+    let full_run = started.elapsed();
+
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path());
+    let out = dir.path().join("out");
+    let mut rng = StdRng::seed_from_u64(SEED);
+    let (mut kills, mut kills_in_write, mut launches) = (0, 0, 0);
+    let mut log = Vec::new();
+    while kills < KILLS {
+        assert!(
+            launches < 4 * KILLS,
+            "too many launches ended before their kill: {log:?}"
+        );
+        let fault_delay = 25;
+        let moment = if launches % 2 == 1 {
+            Moment::InWrite {
+                nth: rng.random_range(0..3),
+                delay: Duration::from_millis(rng.random_range(0..fault_delay)),
+            }
+        } else {
+            // Anywhere in the first 60% of a full run (later moments would often let it finish).
+            Moment::After(full_run.mul_f64(rng.random_range(0.0..0.6)))
+        };
+        let had_checkpoint = kto_trainer::checkpoint::latest_complete(&out)
+            .unwrap()
+            .is_some();
+        let resume = launches > 0;
+        let mut child = train_command(dir.path(), resume, fault_delay)
+            .spawn()
+            .unwrap();
+        let killed = kill_at(&mut child, &out, &moment);
+        launches += 1;
+        let stderr = {
+            use std::io::Read;
+            let mut s = String::new();
+            child.stderr.take().unwrap().read_to_string(&mut s).unwrap();
+            s
+        };
+        if resume && !had_checkpoint {
+            assert!(
+                stderr.contains("starting from the beginning"),
+                "--resume with no checkpoint says so: {stderr}"
+            );
+        }
+        log.push(format!("{moment:?} killed={killed}"));
+        if !killed {
+            // It ran to its end before the moment came; start over so that the remaining kills still happen.
+            assert!(!stderr.contains("error"), "{stderr}");
+            std::fs::remove_dir_all(&out).unwrap();
+            launches = 0;
+            continue;
+        }
+        kills += 1;
+        kills_in_write += matches!(moment, Moment::InWrite { .. }) as usize;
+        // Whatever the moment, every sealed checkpoint is intact.
+        for entry in std::fs::read_dir(&out).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.join("manifest.json").exists() {
+                kto_trainer::checkpoint::check_complete(&path, true)
+                    .unwrap_or_else(|e| panic!("after {moment:?}: {e:#}"));
+            }
+        }
+    }
+    assert!(kills_in_write >= KILLS / 3, "{log:?}");
+
+    run_to_end(dir.path(), true);
+    assert!(
+        adapter_bytes(dir.path()) == adapter_bytes(reference.path()),
+        "the final adapter differs from the uninterrupted run's after {log:?}"
+    );
+    let rows = deterministic(metrics_rows(dir.path()));
+    let steps: Vec<u64> = rows.iter().map(|r| r["step"].as_u64().unwrap()).collect();
+    assert_eq!(
+        steps,
+        (1..=MAX_STEPS as u64).collect::<Vec<_>>(),
+        "each step logged once"
+    );
+    assert_eq!(rows, deterministic(metrics_rows(reference.path())));
+    assert!(
+        write_in_progress(&out).is_none(),
+        "leftover temporaries are removed on resume"
+    );
+}
+
+/// Flips one byte in the middle of a file (same size: only the checksum can tell).
+fn corrupt(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn damaged_checkpoints_are_reported_and_skipped() {
+    let reference = tempfile::tempdir().unwrap();
+    write_config(reference.path());
+    run_to_end(reference.path(), false);
+
+    // A finished run keeps checkpoints 11 and 12 (save_total_limit = 2); drop its adapter and metrics.
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path());
+    let out = dir.path().join("out");
+    run_to_end(dir.path(), false);
+    std::fs::remove_dir_all(out.join("adapter")).unwrap();
+    std::fs::remove_file(out.join("metrics.jsonl")).unwrap();
+    let newest = out.join(format!("checkpoint-{MAX_STEPS}"));
+    let older = out.join(format!("checkpoint-{}", MAX_STEPS - 1));
+    assert!(newest.exists() && older.exists());
+
+    // The newest checkpoint corrupted (same size): reported, skipped, resumed from the one before.
+    corrupt(&newest.join("optimizer.safetensors"));
+    let stderr = run_to_end(dir.path(), true);
+    assert!(
+        stderr.contains(&format!("checkpoint-{MAX_STEPS}")) && stderr.contains("checksum mismatch"),
+        "{stderr}"
+    );
+    assert!(adapter_bytes(dir.path()) == adapter_bytes(reference.path()));
+    let rows = deterministic(metrics_rows(dir.path()));
+    assert_eq!(rows, deterministic(metrics_rows(reference.path())));
+
+    // Truncated files and a missing manifest are caught too; with nothing intact left, resuming is refused.
+    let trainable = newest.join("trainable.safetensors");
+    let len = std::fs::metadata(&trainable).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&trainable)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    std::fs::remove_file(older.join("manifest.json")).unwrap();
+    let out_cmd = train_command(dir.path(), true, 0).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out_cmd.stderr);
+    assert!(!out_cmd.status.success());
+    assert!(
+        stderr.contains("trainable.safetensors")
+            && stderr.contains("the manifest says")
+            && stderr.contains("no manifest")
+            && stderr.contains("no intact checkpoint"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn resume_before_any_checkpoint_starts_from_the_beginning() {
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path());
+    let stderr = run_to_end(dir.path(), true);
+    assert!(
+        stderr.contains("no checkpoint in out yet: starting from the beginning"),
+        "{stderr}"
+    );
+    let steps: Vec<u64> = metrics_rows(dir.path())
+        .iter()
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=MAX_STEPS as u64).collect::<Vec<_>>());
+}
