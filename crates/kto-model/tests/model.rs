@@ -653,3 +653,36 @@ fn checkpointed_layers_replay_their_dropout_masks() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn mistral_sliding_window_masks_distant_keys() -> Result<()> {
+    let tiny = TinyModel {
+        model_type: "mistral",
+        ..TinyModel::default()
+    };
+    let tmp = tempfile::tempdir()?;
+    let logits_with_window = |window: serde_json::Value| -> Result<Tensor> {
+        let dir = tmp.path().join(format!("w{window}"));
+        tiny.write(&dir, 4, 1)?;
+        let mut cfg = tiny.config_json();
+        cfg["sliding_window"] = window;
+        std::fs::write(dir.join("config.json"), cfg.to_string())?;
+        let model = LlamaModel::load(&Checkpoint::from_dir(&dir)?, DType::F32, &Device::Cpu)?;
+        let ids = Tensor::new(&[[1u32, 5, 9, 3, 7, 2]], &Device::Cpu)?;
+        Ok(model.forward_logits(&ids, &[6], AdapterChoice::Reference)?)
+    };
+    let full = logits_with_window(serde_json::Value::Null)?;
+    assert_eq!(
+        max_abs_diff(&full, &logits_with_window(6.into())?)?,
+        0.0,
+        "a window covering everything is no window"
+    );
+    let narrow = logits_with_window(2.into())?;
+    // Positions 0 and 1 see at most 2 keys either way; later ones lose their distant keys.
+    assert_eq!(
+        max_abs_diff(&full.narrow(1, 0, 2)?, &narrow.narrow(1, 0, 2)?)?,
+        0.0
+    );
+    assert!(max_abs_diff(&full.narrow(1, 2, 4)?, &narrow.narrow(1, 2, 4)?)? > 1e-4);
+    Ok(())
+}
