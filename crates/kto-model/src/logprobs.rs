@@ -88,6 +88,16 @@ impl LlamaModel {
     ) -> Result<SequenceLogps> {
         let scored = scored_tokens(batch)?;
         let device = self.device().clone();
+        if batch.rows == 0 || batch.width == 0 {
+            let empty = Tensor::zeros(batch.rows, DType::F32, &device)?;
+            let zeros = vec![0.0; batch.rows];
+            return Ok(SequenceLogps {
+                logps: empty,
+                token_counts: vec![0; batch.rows],
+                mean_logit_sums: zeros.clone(),
+                entropy_sums: zeros,
+            });
+        }
         let input_ids = Tensor::from_slice(&batch.input_ids, (batch.rows, batch.width), &device)?;
         let hidden = self.forward_hidden(&input_ids, &batch.lengths, choice)?;
         let grad = choice == AdapterChoice::Policy;

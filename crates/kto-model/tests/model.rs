@@ -686,3 +686,72 @@ fn mistral_sliding_window_masks_distant_keys() -> Result<()> {
     assert!(max_abs_diff(&full.narrow(1, 2, 4)?, &narrow.narrow(1, 2, 4)?)? > 1e-4);
     Ok(())
 }
+
+#[test]
+fn bf16_log_probs_and_gradients_track_f32() -> Result<()> {
+    let ids: Vec<Vec<u32>> = fixture_input_ids()?.to_vec2()?;
+    let batch = batch_from_rows(&[(ids[0].clone(), 2), (ids[1][..7].to_vec(), 4)], 8, 2);
+    let ckpt = Checkpoint::from_dir(&fixture().join("model"))?;
+    let run = |dtype: DType| -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
+        let mut model = LlamaModel::load(&ckpt, dtype, &Device::Cpu)?;
+        let adapter = load_adapter(
+            &fixture().join("adapter_init"),
+            model.config(),
+            &Device::Cpu,
+        )?;
+        model.set_policy_adapter(Some(adapter))?;
+        let out = model.sequence_logps(&batch, AdapterChoice::Policy)?;
+        assert_eq!(out.logps.dtype(), DType::F32);
+        let grads = model.backward(&out.logps.sum_all()?)?;
+        let grads = model
+            .trainable_vars()
+            .iter()
+            .map(|(_, v)| {
+                grads
+                    .get(v.as_tensor())
+                    .unwrap()
+                    .flatten_all()?
+                    .to_vec1::<f32>()
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok((out.logps_vec()?, grads))
+    };
+    let (logps32, grads32) = run(DType::F32)?;
+    let (logps16, grads16) = run(DType::BF16)?;
+    for (a, b) in logps32.iter().zip(&logps16) {
+        assert!(
+            (a - b).abs() < 0.02 * a.abs().max(1.0),
+            "bf16 log-prob {b} vs f32 {a}"
+        );
+    }
+    for (g32, g16) in grads32.iter().zip(&grads16) {
+        assert!(g16.iter().all(|v| v.is_finite()));
+        let dot: f64 = g32
+            .iter()
+            .zip(g16)
+            .map(|(a, b)| (*a as f64) * (*b as f64))
+            .sum();
+        let norm = |g: &[f32]| g.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+        let cosine = dot / (norm(g32) * norm(g16));
+        assert!(
+            cosine > 0.99,
+            "bf16 gradient direction off: cosine {cosine}"
+        );
+    }
+    let empty = SequenceBatch {
+        input_ids: vec![],
+        rows: 0,
+        width: 0,
+        lengths: vec![],
+        completion_starts: vec![],
+        pad_id: 0,
+    };
+    assert_eq!(
+        fixture_model()?
+            .sequence_logps(&empty, AdapterChoice::Reference)?
+            .logps
+            .dims(),
+        [0]
+    );
+    Ok(())
+}
