@@ -226,8 +226,8 @@ fn offset_pairs(samples: &mut [Sample], offset: u64) {
 }
 
 pub fn read_file(path: &Path, options: &ReadOptions) -> Result<ReadOutput> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = decode_text(&path.display().to_string(), bytes)?;
     let mut output = parse_str(&path.display().to_string(), &text, options)?;
     if let Some((_, format)) = output.report.files.pop() {
         output.report.files.push((path.to_owned(), format));
@@ -235,9 +235,42 @@ pub fn read_file(path: &Path, options: &ReadOptions) -> Result<ReadOutput> {
     Ok(output)
 }
 
+/// A data file's bytes as text. Data files are UTF-8 (a byte-order mark is allowed and skipped by [`parse_str`]);
+/// UTF-16/UTF-32 files and invalid bytes are refused with the line, so that the fix is obvious.
+pub fn decode_text(source: &str, bytes: Vec<u8>) -> Result<String> {
+    for (bom, encoding) in [
+        (&[0xFF, 0xFE, 0x00, 0x00][..], "UTF-32LE"),
+        (&[0x00, 0x00, 0xFE, 0xFF][..], "UTF-32BE"),
+        (&[0xFF, 0xFE][..], "UTF-16LE"),
+        (&[0xFE, 0xFF][..], "UTF-16BE"),
+    ] {
+        if bytes.starts_with(bom) {
+            bail!("{source}: the file is {encoding} (it starts with that byte-order mark); save it as UTF-8");
+        }
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        let valid = e.utf8_error().valid_up_to();
+        let bytes = e.as_bytes();
+        let line_start = bytes[..valid]
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |p| p + 1);
+        let line = 1 + bytes[..valid].iter().filter(|&&b| b == b'\n').count();
+        anyhow::anyhow!(
+            "{source}:{line}: not valid UTF-8 (byte 0x{:02X} at column {}); save the file as UTF-8",
+            bytes[valid],
+            valid - line_start + 1
+        )
+    })
+}
+
 /// Parses the text of one file; `source` names it in errors.
 pub fn parse_str(source: &str, text: &str, options: &ReadOptions) -> Result<ReadOutput> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let rows = split_rows(source, text)?;
+    if rows.is_empty() {
+        bail!("{source}: no rows (the file is empty)");
+    }
     let mut report = ReadReport::default();
     let mut format = options.format;
     let mut unpaired = Vec::new();
@@ -358,7 +391,19 @@ fn parse_row(row: &RawRow) -> Result<Map<String, Value>, RowError> {
             "expected a JSON object, got {}",
             type_name(&other)
         ))),
-        Err(e) => Err(row_error(format!("malformed JSON: {e}"))),
+        Err(e) => {
+            // A JSONL row is one line: its column says more than serde's "line 1".
+            let message = e.to_string();
+            let message = message
+                .rsplit_once(" at line ")
+                .map_or(message.as_str(), |(m, _)| m);
+            let at = if e.line() <= 1 {
+                format!("column {}", e.column())
+            } else {
+                format!("line {} of the value, column {}", e.line(), e.column())
+            };
+            Err(row_error(format!("malformed JSON at {at}: {message}")))
+        }
     }
 }
 

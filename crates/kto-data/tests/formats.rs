@@ -223,7 +223,7 @@ fn format_names() {
 fn bad_input_errors_name_file_line_and_field() {
     let good = r#"{"prompt": "Q", "completion": "A", "label": true}"#;
     let cases = [
-        ("{\"prompt\": \"Q\", \"completion\": ", "data.jsonl:2: malformed JSON: EOF while parsing a value at line 1 column 30"),
+        ("{\"prompt\": \"Q\", \"completion\": ", "data.jsonl:2: malformed JSON at column 30: EOF while parsing a value"),
         (r#"["Q", "A", true]"#, "data.jsonl:2: expected a JSON object, got a list"),
         (r#"{"prompt": "Q", "label": true, "completion": null}"#, "data.jsonl:2: field `completion` must be a string, got null"),
         (r#"{"prompt": "Q", "label": true}"#, "data.jsonl:2: missing field `completion`"),

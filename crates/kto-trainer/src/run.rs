@@ -115,9 +115,34 @@ pub fn load_samples(
         tracing::warn!("{}: dropped {}", path.display(), report.drops);
     }
     if samples.is_empty() {
-        bail!("{}: no samples left after tokenization", path.display());
+        bail!(
+            "{}: no samples left after tokenization ({}): every prompt reaches [data] max_length = {} tokens; \
+             raise max_length or shorten the prompts",
+            path.display(),
+            report.drops,
+            config.data.max_length
+        );
     }
     Ok(samples)
+}
+
+/// KTO learns from the contrast of desirable and undesirable examples; a training set with one class is almost
+/// always a labelling mistake (TRL only warns, with a weight range computed from a count clamped to 1).
+fn require_both_classes(path: &Path, samples: &[TokenizedSample]) -> Result<()> {
+    let counts = ClassCounts::from_labels(samples.iter().map(|s| s.label));
+    if counts.desirable == 0 || counts.undesirable == 0 {
+        let (present, missing) = if counts.desirable == 0 {
+            ("undesirable (label false)", "desirable (label true)")
+        } else {
+            ("desirable (label true)", "undesirable (label false)")
+        };
+        bail!(
+            "{}: all {} samples are {present}, none is {missing}: KTO needs both classes",
+            path.display(),
+            samples.len()
+        );
+    }
+    Ok(())
 }
 
 /// Replaces `"auto"` weights using the class counts of the training set (KTO paper eq. 8), and logs TRL's warning
@@ -242,6 +267,7 @@ pub fn run_training(
         Some(path) => Some(load_samples(&config, &loaded.tokenizer, path)?),
         None => None,
     };
+    require_both_classes(&train_file, &train_samples)?;
     resolve_weights(&mut config, &train_samples);
     let (train_reference, eval_reference) = if config.kto.precompute_ref_log_probs {
         let train_ref = reference_for(&config, &loaded, &train_file, &train_samples, false)?;
@@ -260,8 +286,10 @@ pub fn run_training(
         .output_dir
         .clone()
         .context("[train] output_dir is not set")?;
-    if resume.is_none() {
-        // Before config.toml is replaced: the earlier run's files stay as they were.
+    // Before config.toml is replaced: a refused run leaves the earlier run's files as they were.
+    if let Some(checkpoint) = resume {
+        crate::train::check_resumable(&config, checkpoint)?;
+    } else {
         if let Some(existing) = crate::checkpoint::latest_complete(&output_dir)? {
             bail!(
                 "{} holds checkpoints of an earlier run ({}): resume it with --resume, or choose another \

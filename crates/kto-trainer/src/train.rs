@@ -322,11 +322,12 @@ const CHANGEABLE_ON_RESUME: &[&str] = &[
     "train.save_total_limit",
 ];
 
-fn check_resumable(config: &Config, checkpoint_dir: &Path) -> Result<()> {
+pub(crate) fn check_resumable(config: &Config, checkpoint_dir: &Path) -> Result<()> {
     let path = checkpoint_dir.join(checkpoint::CONFIG);
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let saved = Config::from_toml_str(&text, Path::new("/"), &[])
+    // The saved config holds resolved paths; relative ones (from --set) stay relative, as they are now.
+    let saved = Config::from_toml_str(&text, Path::new(""), &[])
         .with_context(|| format!("{}", path.display()))?;
     let (now, then) = (
         crate::config::flatten(config),

@@ -1,16 +1,38 @@
 //! `kto train`: KTO training of a LoRA adapter from a TOML config.
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use kto_trainer::checkpoint::{latest_verified, MANIFEST};
 use kto_trainer::config::{Config, Override};
-use kto_trainer::train::{FINAL_ADAPTER_DIR, METRICS_FILE};
+use kto_trainer::train::{TrainSummary, FINAL_ADAPTER_DIR, METRICS_FILE};
+use serde_json::{Map, Value};
+
+use crate::plot::PlotOutputs;
+
+const EXAMPLES: &str = "\
+Examples:
+  # the embedded tiny Llama on the bundled HH sample: ends with a summary of the held-out figures
+  kto train --config configs/tiny.toml
+
+  # override any key: plain values, paths, numbers, booleans, TOML arrays
+  kto train --config configs/tiny.toml --set train.output_dir=runs/try2 --set kto.beta=0.2 \\
+            --set 'lora.target_modules=[\"q_proj\", \"v_proj\"]'
+
+  # every key with its default, as the run would use it
+  kto train --config configs/tiny.toml --print-config
+
+  # checkpoints every 20 steps; after an interruption, continue exactly where it stopped
+  kto train --config configs/tiny.toml --set train.save_steps=20
+  kto train --config configs/tiny.toml --set train.save_steps=20 --resume";
 
 /// Train a LoRA adapter with KTO, numerically as TRL 1.16's KTOTrainer.
 ///
-/// Writes `output_dir/metrics.jsonl`, `output_dir/checkpoint-N/` every save_steps and `output_dir/adapter/`.
+/// Writes `output_dir/metrics.jsonl`, `output_dir/checkpoint-N/` every save_steps, `output_dir/adapter/` and the
+/// learning curves `output_dir/curves.{svg,png}`, then prints a summary. On a terminal a progress bar shows the
+/// steps, loss, reward margin, KL, samples/s and the time left; elsewhere, one log line per logged step.
 #[derive(Debug, Args)]
+#[command(after_help = EXAMPLES)]
 pub struct TrainArgs {
     /// The TOML config (sections [model] [lora] [data] [kto] [train]).
     #[arg(long)]
@@ -44,28 +66,109 @@ pub fn run(args: TrainArgs) -> Result<()> {
             refuse_earlier_run(&output_dir)?;
             None
         }
+        Some(Some(dir)) if !dir.exists() => {
+            bail!("--resume {}: no such folder", dir.display())
+        }
         Some(dir) => resolve_checkpoint(dir.as_deref().unwrap_or(&output_dir))?,
     };
     let summary = kto_trainer::run::run_training(&config, resume.as_deref(), None)?;
-    if let Some(adapter) = &summary.final_adapter {
-        eprintln!(
-            "trained {} steps; adapter in {}",
-            summary.global_step,
-            adapter.display()
-        );
-    }
     // The learning curves; a plotting failure does not fail the finished training.
-    if let Some(output_dir) = &config.train.output_dir {
-        match crate::plot::plot_run(output_dir, None) {
-            Ok(plots) => eprintln!(
+    let plots = match crate::plot::plot_run(&output_dir, None) {
+        Ok(plots) => {
+            eprintln!(
                 "learning curves: {} and {}",
                 plots.svg.display(),
                 plots.png.display()
-            ),
-            Err(err) => tracing::warn!("could not plot the learning curves: {err:#}"),
+            );
+            Some(plots)
+        }
+        Err(err) => {
+            tracing::warn!("could not plot the learning curves: {err:#}");
+            None
+        }
+    };
+    let rows = read_metrics(&output_dir.join(METRICS_FILE))?;
+    print!("{}", summary_table(&summary, &rows, plots.as_ref()));
+    Ok(())
+}
+
+/// The rows of metrics.jsonl (absent file: none).
+fn read_metrics(path: &Path) -> Result<Vec<Map<String, Value>>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(i, line)| {
+            serde_json::from_str(line).with_context(|| format!("{}:{}", path.display(), i + 1))
+        })
+        .collect()
+}
+
+/// The end-of-training table: the last logged training figures, the last held-out figures, where things are.
+fn summary_table(
+    summary: &TrainSummary,
+    rows: &[Map<String, Value>],
+    plots: Option<&PlotOutputs>,
+) -> String {
+    let last_with = |key: &str| rows.iter().rev().find(|r| r.contains_key(key));
+    let number = |row: &Map<String, Value>, key: &str| -> Option<String> {
+        match row.get(key)? {
+            Value::Null => Some("nan".into()),
+            value => value.as_f64().map(|v| format!("{v:.4}")),
+        }
+    };
+    let mut lines: Vec<(String, String)> = vec![(
+        "steps".into(),
+        format!("{} / {}", summary.global_step, summary.max_steps),
+    )];
+    let sections = [
+        (
+            last_with("loss"),
+            &[
+                "loss",
+                "rewards/chosen",
+                "rewards/rejected",
+                "rewards/margins",
+                "kl",
+            ][..],
+        ),
+        (
+            last_with("eval_loss"),
+            &[
+                "eval_loss",
+                "eval_reward_accuracy",
+                "eval_reward_auroc",
+                "eval_pair_accuracy",
+            ][..],
+        ),
+    ];
+    for (row, keys) in sections {
+        for (key, row) in keys.iter().filter_map(|k| row.map(|r| (k, r))) {
+            if let Some(v) = number(row, key) {
+                lines.push((key.to_string(), v));
+            }
         }
     }
-    Ok(())
+    let adapter = match &summary.final_adapter {
+        Some(dir) => dir.display().to_string(),
+        None => {
+            "not written: training stopped before its last step (continue with --resume)".into()
+        }
+    };
+    lines.push(("adapter".into(), adapter));
+    if let Some(plots) = plots {
+        lines.push(("learning curves".into(), plots.png.display().to_string()));
+    }
+    let width = lines.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let mut table = String::from("\ntraining summary\n");
+    for (key, value) in lines {
+        table.push_str(&format!("  {key:width$}  {value}\n"));
+    }
+    table
 }
 
 /// A checkpoint folder itself (checked in full by the trainer), or the newest intact one inside `dir`: newer ones
