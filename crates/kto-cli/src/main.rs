@@ -1,12 +1,21 @@
 //! `kto`: KTO training with LoRA, the way TRL's KTOTrainer does it, on candle.
 mod commands;
 mod plot;
+mod progress;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "kto", version, about = "KTO (Kahneman-Tversky Optimization) training with LoRA adapters")]
+#[command(
+    name = "kto",
+    version,
+    about = "KTO (Kahneman-Tversky Optimization) training with LoRA adapters",
+    after_help = EXAMPLES
+)]
 struct Cli {
+    /// Only warnings and errors: no progress bars or info logs (results still go to stdout).
+    #[arg(long, short, global = true)]
+    quiet: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -17,22 +26,33 @@ enum Command {
     Train(commands::train::TrainArgs),
     Eval(commands::eval::EvalArgs),
     Plot(commands::plot::PlotArgs),
+    Generate(commands::generate::GenerateArgs),
+    Chat(commands::chat::ChatArgs),
+    Export(commands::export::ExportArgs),
 }
 
+const EXAMPLES: &str = "\
+Examples:
+  # train the embedded tiny Llama on the bundled HH sample (2 CPU cores, under 2 minutes)
+  kto train --config configs/tiny.toml
+  # its learning curves, a reply from the trained adapter, and a merged HF checkpoint
+  kto plot runs/tiny
+  kto generate --config configs/tiny.toml --prompt $'\\n\\nHuman: Any tips for tea?\\n\\nAssistant:'
+  kto export --config configs/tiny.toml --out runs/tiny/merged
+
+Each command has its own examples: kto help train, kto train --help.";
+
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .without_time()
-        .init();
     let cli = Cli::parse();
+    progress::init(cli.quiet);
     let result = match cli.command {
         Command::Prepare(args) => commands::prepare::run(args),
         Command::Train(args) => commands::train::run(args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Plot(args) => commands::plot::run(args),
+        Command::Generate(args) => commands::generate::run(args),
+        Command::Chat(args) => commands::chat::run(args),
+        Command::Export(args) => commands::export::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

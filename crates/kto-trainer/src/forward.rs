@@ -10,6 +10,7 @@ use kto_data::batch::{MicroBatch, SequenceBatch};
 use crate::loss::{
     batch_metrics, kto_loss, LossInputs, LossOutput, LossSettings, MicroBatchMetrics, RowStats,
 };
+use crate::progress::{Pass, PassProgress};
 use crate::reference_cache::ReferenceLogps;
 
 /// Which weights a forward pass uses.
@@ -162,13 +163,11 @@ pub fn precompute_reference<M: PolicyModel>(
 ) -> Result<ReferenceLogps> {
     let mut targets = vec![f32::NAN; num_samples];
     let mut kl = with_kl.then(|| vec![f32::NAN; num_samples]);
-    let progress = indicatif::ProgressBar::new(num_samples as u64)
-        .with_message(format!("reference log-probs ({label})"));
-    progress.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg} {bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}]",
-        )
-        .expect("valid progress template"),
+    let progress = PassProgress::start(
+        Pass::ReferencePrecompute {
+            dataset: label.to_string(),
+        },
+        num_samples,
     );
     for batch in batches {
         let values = model
@@ -187,9 +186,9 @@ pub fn precompute_reference<M: PolicyModel>(
                 kl_out[i] = v;
             }
         }
-        progress.inc(batch.indices.len() as u64);
+        progress.advance(batch.indices.len());
     }
-    progress.finish_and_clear();
+    drop(progress);
     ensure!(
         targets.iter().all(|v| !v.is_nan()),
         "reference precompute missed samples ({label})"

@@ -10,7 +10,8 @@
 //!   [`metrics`] (metrics.jsonl rows averaged as TRL/transformers do), [`checkpoint`] (atomic, checksummed
 //!   folders, pruning, trainer state), [`reference_cache`] (precomputed reference log-probs on disk),
 //!   [`evaluate`] (held-out loss, rewards, reward accuracy, AUROC, pair accuracy), [`forward`] (what the loop asks
-//!   of a model and how one micro-batch is scored).
+//!   of a model and how one micro-batch is scored), [`progress`] (steps, precompute and evaluation reported to an
+//!   observer the program installs).
 pub mod checkpoint;
 pub mod config;
 pub mod evaluate;
@@ -20,6 +21,7 @@ pub mod loss;
 pub mod metrics;
 pub mod optimizer;
 pub mod plan;
+pub mod progress;
 pub mod reference_cache;
 pub mod run;
 pub mod schedule;

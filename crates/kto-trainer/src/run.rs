@@ -15,6 +15,7 @@ use crate::config::{Config, Weight};
 use crate::evaluate::evaluate_batches;
 use crate::forward::{precompute_reference, Reference};
 use crate::llama_policy::LoraPolicy;
+use crate::progress::{Pass, PassProgress};
 use crate::reference_cache::{self, CacheKeyBuilder, ReferenceLogps};
 use crate::train::{loss_settings, micro_batches, train, GradientHook, TrainJob, TrainSummary};
 
@@ -342,9 +343,10 @@ pub fn run_evaluation(config: &Config, adapter: Option<&Path>) -> Result<Map<Str
         "a weight is \"auto\": set [data] train_file so it can be resolved, or give a number",
     )?;
     let batches = micro_batches(&config, &samples, loaded.tokenizer.pad_id, true)?;
+    let pass = PassProgress::start(Pass::Evaluation, samples.len());
     evaluate_batches(
         &loaded.policy,
-        batches.epoch(0),
+        batches.epoch(0).inspect(|b| pass.advance(b.indices.len())),
         Reference::Online,
         &settings,
         0,

@@ -17,6 +17,7 @@ use crate::loss::LossSettings;
 use crate::metrics::{self, MetricsAccumulator, StepInfo};
 use crate::optimizer::{clip_grad_norm, AdamW, AdamWSettings};
 use crate::plan::TrainingPlan;
+use crate::progress::{Pass, PassProgress, TrainingProgress};
 use crate::reference_cache::ReferenceLogps;
 use crate::schedule::Schedule;
 
@@ -192,6 +193,8 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
         plan.max_steps
     );
 
+    let progress = TrainingProgress::start(state.global_step, plan.max_steps);
+
     let (first_epoch, mut first_step_in_epoch) = plan.position_of_step(state.global_step);
     'epochs: for epoch in first_epoch..plan.num_epochs {
         // Built lazily, one micro-batch at a time; a resumed epoch skips the micro-batches already trained on.
@@ -208,6 +211,7 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
             let group = plan.micro_batches_of_step(step_in_epoch);
             let group_size = group.len();
             let mut grads: HashMap<String, Tensor> = HashMap::new();
+            let mut samples_in_step = 0;
             for micro in group.clone() {
                 let batch = epoch_batches
                     .next()
@@ -231,6 +235,7 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
                     }
                 }
                 pending.add_micro_batch(&scored.metrics, scaled_value, batch.indices.len());
+                samples_in_step += batch.indices.len();
             }
             let max_norm = if t.max_grad_norm > 0.0 {
                 t.max_grad_norm
@@ -252,6 +257,7 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
             state.epoch = plan.epoch_progress(epoch, group.end - 1);
             (state.epoch_index, state.micro_batches_done) = (epoch, group.end);
             pending.end_step();
+            progress.step_finished(step, samples_in_step);
             let is_last = step >= plan.max_steps;
 
             if step % t.logging_steps == 0 {
@@ -264,24 +270,28 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
                 let row = pending.take_train_row(info, since_log.elapsed().as_secs_f64());
                 since_log = Instant::now();
                 metrics::append_row(&metrics_path, &row)?;
-                tracing::info!("{}", serde_json::to_string(&row)?);
+                tracing::debug!("{}", serde_json::to_string(&row)?);
+                progress.metrics_logged(&row);
                 state.metrics_rows.push(row);
             }
             let evaluate_now = (t.eval_steps > 0 && step % t.eval_steps == 0) || is_last;
             if let (true, Some(eval)) = (evaluate_now, &eval_batches) {
                 model.begin_evaluation()?;
+                let pass = PassProgress::start(Pass::Evaluation, job.eval.map_or(0, <[_]>::len));
                 let mut row = serde_json::Map::new();
                 row.insert("step".into(), step.into());
                 row.insert("epoch".into(), metrics::json_f64(state.epoch));
                 row.extend(evaluate_batches(
                     model,
-                    eval.epoch(0),
+                    eval.epoch(0).inspect(|b| pass.advance(b.indices.len())),
                     eval_reference,
                     &settings,
                     pending.total_tokens,
                 )?);
+                drop(pass);
                 metrics::append_row(&metrics_path, &row)?;
-                tracing::info!("{}", serde_json::to_string(&row)?);
+                tracing::debug!("{}", serde_json::to_string(&row)?);
+                progress.metrics_logged(&row);
                 state.metrics_rows.push(row);
             }
             if t.save_steps > 0 && (step % t.save_steps == 0 || is_last) {
@@ -291,6 +301,7 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
         }
         first_step_in_epoch = 0;
     }
+    drop(progress);
 
     let finished = state.global_step >= plan.max_steps;
     let final_adapter = if finished {

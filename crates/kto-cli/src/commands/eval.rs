@@ -5,8 +5,22 @@ use anyhow::{Context, Result};
 use clap::Args;
 use kto_trainer::config::{Config, Override};
 
+const EXAMPLES: &str = "\
+Examples:
+  # the adapter `kto train --config configs/tiny.toml` wrote, on its [data] eval_file
+  kto eval --config configs/tiny.toml
+
+  # another adapter or test file; the base model alone (its rewards are all 0: accuracy 0, AUROC 0.5)
+  kto eval --config configs/tiny.toml --adapter runs/tiny/checkpoint-40/adapter --out ckpt40.json
+  kto eval --config configs/tiny.toml --set data.eval_file=data/hh-sample/test.jsonl
+
+Figures: eval_loss and TRL's eval_* metrics, plus eval_reward_accuracy (desirable samples with a reward above
+the batch's KL reference point, undesirable below), eval_reward_auroc (how well the implied reward ranks desirable
+above undesirable, 0.5 is chance) and eval_pair_accuracy (chosen above rejected within preference pairs).";
+
 /// Evaluate the policy on `[data] eval_file`: prints a table and writes the figures as JSON.
 #[derive(Debug, Args)]
+#[command(after_help = EXAMPLES)]
 pub struct EvalArgs {
     /// The TOML config (the same file as for `kto train`).
     #[arg(long)]

@@ -1,4 +1,7 @@
+pub mod chat;
 pub mod eval;
+pub mod export;
+pub mod generate;
+pub mod plot;
 pub mod prepare;
 pub mod train;
-pub mod plot;

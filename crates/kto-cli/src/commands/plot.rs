@@ -6,9 +6,18 @@ use clap::Args;
 
 use crate::plot::plot_run;
 
+const EXAMPLES: &str = "\
+Examples:
+  # runs/tiny/curves.svg and runs/tiny/curves.png (kto train draws them too, at its end)
+  kto plot runs/tiny
+
+  # elsewhere: report.svg and report.png
+  kto plot runs/tiny --out report.png";
+
 /// Draw the learning curves of a run (loss, rewards, KL, held-out accuracy, learning rate, gradient norm) as SVG
 /// and PNG.
 #[derive(Debug, Args)]
+#[command(after_help = EXAMPLES)]
 pub struct PlotArgs {
     /// The run's output_dir: the folder where `kto train` wrote metrics.jsonl.
     pub run_dir: PathBuf,

@@ -7,11 +7,29 @@ use kto_data::formats::ReadOptions;
 use kto_data::prepare::{prepare, OutputStyle, PrepareOptions, DEFAULT_SEED};
 use kto_data::Format;
 
+const EXAMPLES: &str = "\
+Examples:
+  # raw Anthropic HH-RLHF (chosen/rejected conversations) to unpaired prompt/completion/label rows
+  kto prepare --input data/hh-sample/train.jsonl --out data/prepared
+  #   -> data/prepared/train.jsonl, data/prepared/test.jsonl (10% of the pairs), a report of drops
+
+  # NeMo Aligner field names, 20% held out, reproducible split
+  kto prepare --input pairs.jsonl --out data/nemo --style nemo --test-fraction 0.2 --seed 7
+
+One example of each input format (one JSON object per line):
+  unpaired (TRL)   {\"prompt\": \"Hi\", \"completion\": \" Hello!\", \"label\": true}
+  nemo             {\"prompt\": \"Hi\", \"response\": \" Hello!\", \"preference\": \"chosen\"}
+  paired           {\"prompt\": \"Hi\", \"chosen\": \" Hello!\", \"rejected\": \" Go away.\"}
+  hh               {\"chosen\": \"\\n\\nHuman: Hi\\n\\nAssistant: Hello!\", \"rejected\": \"...\"}
+  conversational   {\"prompt\": [{\"role\": \"user\", \"content\": \"Hi\"}],
+                    \"completion\": [{\"role\": \"assistant\", \"content\": \"Hello!\"}], \"label\": true}";
+
 /// Read preference data, split it into train and test, and write unpaired JSONL files.
 ///
 /// Inputs may be TRL unpaired, NeMo, paired, raw Anthropic HH-RLHF or conversational data (JSONL or a JSON array),
 /// detected per file. Inputs already named as a train and a test file keep their split.
 #[derive(Debug, Args)]
+#[command(after_help = EXAMPLES)]
 pub struct PrepareArgs {
     /// Input files (JSONL or a JSON array).
     #[arg(long = "input", required = true, num_args = 1..)]

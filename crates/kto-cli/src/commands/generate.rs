@@ -1,0 +1,218 @@
+//! `kto generate`: continue a prompt with the base model and (by default) the trained adapter.
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use kto_data::tokenize::TokenizerBundle;
+use kto_model::{AdapterChoice, Checkpoint, GenerationOptions, LlamaModel};
+use kto_trainer::config::{Config, Override};
+use kto_trainer::train::FINAL_ADAPTER_DIR;
+
+const EXAMPLES: &str = "\
+Examples:
+  # the adapter that `kto train --config configs/tiny.toml` wrote (output_dir/adapter), greedy
+  kto generate --config configs/tiny.toml --prompt $'\\n\\nHuman: How do I boil an egg?\\n\\nAssistant:'
+
+  # sampled, reproducible with --seed; compare with the base model (--no-adapter)
+  kto generate --config configs/tiny.toml --prompt 'Once upon a time' --temperature 0.7 --top-p 0.9 --seed 1
+  kto generate --config configs/tiny.toml --prompt 'Once upon a time' --no-adapter
+
+  # a merged export (`kto export`) is a model of its own
+  kto generate --config configs/tiny.toml --set model.path=runs/tiny/merged --no-adapter --prompt 'Hi'";
+
+/// Continue a prompt: prints only the generated text on stdout.
+///
+/// The prompt is used verbatim (tokenized with the tokenizer's special tokens, e.g. a Llama BOS); use `kto chat`
+/// for a conversation rendered with the chat template.
+#[derive(Debug, Args)]
+#[command(after_help = EXAMPLES)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The text to continue.
+    #[arg(long)]
+    pub prompt: String,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+/// Which model and adapter to load (shared by `kto generate` and `kto chat`).
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// The TOML config: [model] path, dtype and device, and [train] output_dir (where the adapter is).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Override one config key, e.g. --set model.device=cuda (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub sets: Vec<Override>,
+    /// A PEFT adapter folder [default: output_dir/adapter when it exists, else [lora] init_adapter, else none].
+    #[arg(long, conflicts_with = "no_adapter")]
+    pub adapter: Option<PathBuf>,
+    /// Use the base model alone, even when a trained adapter exists.
+    #[arg(long)]
+    pub no_adapter: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SamplingArgs {
+    /// The most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy (always the most likely token).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Nucleus sampling: sample among the most likely tokens that make up this much probability (1 keeps all).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Seed of the sampler (same seed, same text).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// A model ready to generate: weights, optional adapter, tokenizer, stop tokens.
+pub struct Generator {
+    pub model: LlamaModel,
+    pub tokenizer: TokenizerBundle,
+    choice: AdapterChoice,
+    stop_tokens: Vec<u32>,
+}
+
+impl Generator {
+    /// Loads the config's model and the adapter chosen by `args` (saying which on the log).
+    pub fn load(args: &ModelArgs) -> Result<Self> {
+        let config = Config::load(&args.config, &args.sets)?;
+        let adapter = choose_adapter(
+            &config,
+            &args.config,
+            args.adapter.as_deref(),
+            args.no_adapter,
+        )?;
+        let spec = config.model.path.as_ref().with_context(|| {
+            format!(
+                "{}: [model] path is not set (a model folder or a hub id); add it or pass --set model.path=DIR",
+                args.config.display()
+            )
+        })?;
+        let checkpoint = Checkpoint::locate(&spec.to_string_lossy())?;
+        let device = kto_model::open_device(&config.model.device)?;
+        let dtype = kto_model::parse_dtype(&format!("{:?}", config.model.dtype).to_lowercase())?;
+        let mut model = LlamaModel::load(&checkpoint, dtype, &device)?;
+        let tokenizer = TokenizerBundle::from_dir(&checkpoint.dir)?;
+        let choice = match &adapter {
+            Some(dir) => {
+                let lora = kto_model::peft::load_adapter(dir, &checkpoint.config, &device)
+                    .with_context(|| format!("adapter {}", dir.display()))?;
+                model.set_policy_adapter(Some(lora))?;
+                tracing::info!(
+                    "model {} with adapter {}",
+                    checkpoint.dir.display(),
+                    dir.display()
+                );
+                AdapterChoice::PolicyNoGrad
+            }
+            None => {
+                tracing::info!("model {} without adapter", checkpoint.dir.display());
+                AdapterChoice::Reference
+            }
+        };
+        model.set_training(false, 0)?;
+        let mut stop_tokens = checkpoint.config.eos_token_ids.clone();
+        if !stop_tokens.contains(&tokenizer.eos_id) {
+            stop_tokens.push(tokenizer.eos_id);
+        }
+        Ok(Self {
+            model,
+            tokenizer,
+            choice,
+            stop_tokens,
+        })
+    }
+
+    /// The room left for new tokens after `prompt_tokens` (the model's `max_position_embeddings`).
+    pub fn room_after(&self, prompt_tokens: usize) -> usize {
+        self.model
+            .config()
+            .max_position_embeddings
+            .saturating_sub(prompt_tokens)
+    }
+
+    /// Generates after the token ids `prompt`; returns the new tokens' text.
+    pub fn continue_ids(&self, prompt: &[u32], sampling: &SamplingArgs) -> Result<String> {
+        let room = self.room_after(prompt.len());
+        if room == 0 {
+            bail!(
+                "the prompt has {} tokens, as many as the model's max_position_embeddings ({}): shorten it",
+                prompt.len(),
+                self.model.config().max_position_embeddings
+            );
+        }
+        if sampling.max_new_tokens > room {
+            tracing::warn!(
+                "--max-new-tokens {} lowered to {room}: the model handles {} positions and the prompt takes {}",
+                sampling.max_new_tokens,
+                self.model.config().max_position_embeddings,
+                prompt.len()
+            );
+        }
+        let options = GenerationOptions {
+            max_new_tokens: sampling.max_new_tokens.min(room),
+            temperature: sampling.temperature,
+            top_p: sampling.top_p,
+            seed: sampling.seed,
+            stop_tokens: self.stop_tokens.clone(),
+        };
+        let started = Instant::now();
+        let generation = kto_model::generate(&self.model, prompt, &options, self.choice)
+            .context("generation (--temperature must be >= 0 and --top-p in (0, 1])")?;
+        let seconds = started.elapsed().as_secs_f64();
+        tracing::debug!(
+            "{} tokens in {seconds:.2} s ({:.1} tokens/s), stopped by {:?}",
+            generation.tokens.len(),
+            generation.tokens.len() as f64 / seconds.max(1e-9),
+            generation.stop
+        );
+        self.tokenizer.decode(&generation.tokens)
+    }
+}
+
+/// `--adapter`, else `output_dir/adapter` when training wrote one, else `[lora] init_adapter`, else none.
+pub fn choose_adapter(
+    config: &Config,
+    config_path: &Path,
+    flag: Option<&Path>,
+    no_adapter: bool,
+) -> Result<Option<PathBuf>> {
+    if no_adapter {
+        return Ok(None);
+    }
+    if let Some(dir) = flag {
+        if !dir.join("adapter_config.json").is_file() {
+            bail!(
+                "--adapter {}: no adapter_config.json there. Pass the folder `kto train` wrote (output_dir/{FINAL_ADAPTER_DIR}, \
+                 or adapter/ inside a checkpoint-N folder), or train first with `kto train --config {}`",
+                dir.display(),
+                config_path.display()
+            );
+        }
+        return Ok(Some(dir.to_path_buf()));
+    }
+    let trained = config
+        .train
+        .output_dir
+        .as_ref()
+        .map(|d| d.join(FINAL_ADAPTER_DIR))
+        .filter(|d| d.join("adapter_config.json").is_file());
+    Ok(trained.or_else(|| config.lora.init_adapter.clone()))
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    let generator = Generator::load(&args.model)?;
+    let prompt = generator.tokenizer.encode(&args.prompt, true)?;
+    if prompt.is_empty() {
+        bail!("--prompt is empty: give some text to continue");
+    }
+    let text = generator.continue_ids(&prompt, &args.sampling)?;
+    println!("{text}");
+    Ok(())
+}
