@@ -1,5 +1,9 @@
 //! The three TRL 1.16 runs of `tests/fixtures/trl-kto-parity/runs/`, driven through a TOML config: per-step
 //! metrics, step-1 gradients after clipping, and the adapter after step 3.
+//!
+//! On CPU in f32 by default. `KTO_TEST_DEVICE=cuda` (a `--features cuda` build on the GPU machine) runs the same
+//! checks on the GPU; `KTO_TEST_DTYPE=bf16` checks loss and rewards within 2e-2 of TRL's f32 numbers instead
+//! (gradients and adapters are then not compared: bf16 base weights change them beyond f32 tolerances).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -15,8 +19,20 @@ fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/trl-kto-parity")
 }
 
+/// Device and base dtype of the run: `KTO_TEST_DEVICE` (default cpu) and `KTO_TEST_DTYPE` (default f32).
+fn test_target() -> (String, String) {
+    let var =
+        |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_string());
+    (var("KTO_TEST_DEVICE", "cpu"), var("KTO_TEST_DTYPE", "f32"))
+}
+
 fn close(got: f64, want: f64) -> bool {
     (got - want).abs() <= 1e-6 || (got - want).abs() <= 1e-4 * want.abs()
+}
+
+/// bf16 base weights: loss and rewards within 2e-2 of TRL's f32 run; other metrics are not compared.
+fn close_bf16(key: &str, got: f64, want: f64) -> bool {
+    !(key == "loss" || key.starts_with("rewards/")) || (got - want).abs() <= 2e-2
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
@@ -30,10 +46,12 @@ fn check_run(name: &str, kto_section: &str) -> Result<()> {
     let config_path = out.path().join("kto.toml");
     // `output_dir` is relative: it resolves against the config file's folder.
     let rel = |p: PathBuf| p.canonicalize().map(|p| p.display().to_string());
+    let (device_name, dtype) = test_target();
+    let full_precision = dtype == "f32";
     std::fs::write(
         &config_path,
         format!(
-            "[model]\npath = \"{model}\"\n\n[lora]\ninit_adapter = \"{adapter}\"\n\n[data]\ntrain_file = \"{data}\"\n\
+            "[model]\npath = \"{model}\"\ndevice = \"{device_name}\"\ndtype = \"{dtype}\"\n\n[lora]\ninit_adapter = \"{adapter}\"\n\n[data]\ntrain_file = \"{data}\"\n\
              max_length = 64\n\n[kto]\n{kto_section}\n\n[train]\noutput_dir = \"out\"\nper_device_train_batch_size = 4\n\
              learning_rate = 1e-2\nlr_scheduler_type = \"constant\"\nmax_steps = 3\nmax_grad_norm = 1.0\n\
              weight_decay = 0.0\nlogging_steps = 1\n",
@@ -68,13 +86,28 @@ fn check_run(name: &str, kto_section: &str) -> Result<()> {
                 .get(key)
                 .and_then(Value::as_f64)
                 .with_context(|| format!("{name}: row lacks {key}"))?;
-            if !close(got, want) {
+            let ok = if full_precision {
+                close(got, want)
+            } else {
+                close_bf16(key, got, want)
+            };
+            if !ok {
                 failures.push(format!(
                     "step {} {key}: got {got}, TRL {want}",
                     want_step(row)
                 ));
             }
         }
+    }
+
+    if !full_precision {
+        assert!(
+            failures.is_empty(),
+            "{name} ({dtype}): {} mismatches:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+        return Ok(());
     }
 
     // Step-1 gradients after clipping.
