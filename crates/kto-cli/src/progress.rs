@@ -154,6 +154,19 @@ struct BarState {
     pass: Option<ProgressBar>,
 }
 
+impl BarState {
+    /// The training bar's message: the last logged figures and the speed.
+    fn refresh(&self) {
+        if let Some((bar, rate)) = &self.training {
+            bar.set_message(format!(
+                "{}  {:.1} samples/s",
+                self.figures,
+                rate.samples_per_second()
+            ));
+        }
+    }
+}
+
 impl Bars {
     fn new(bars: MultiProgress) -> Self {
         Self {
@@ -187,29 +200,35 @@ impl Observer for Bars {
 
     fn step_finished(&self, step: usize, samples: usize) {
         let mut state = self.state();
-        let figures = state.figures.clone();
         if let Some((bar, rate)) = &mut state.training {
             rate.samples += samples;
             bar.set_position(step as u64);
-            bar.set_message(format!(
-                "{figures}  {:.1} samples/s",
-                rate.samples_per_second()
-            ));
         }
+        state.refresh();
     }
 
     fn metrics_logged(&self, row: &Map<String, Value>) {
         if is_eval_row(row) {
             self.bars.suspend(|| eprintln!("{}", eval_line(row)));
         } else {
-            self.state().figures = train_figures(row);
+            let mut state = self.state();
+            state.figures = train_figures(row);
+            state.refresh();
         }
     }
 
     fn training_finished(&self) {
-        if let Some((bar, _)) = self.state().training.take() {
-            bar.finish();
+        if let Some((bar, rate)) = self.state().training.take() {
+            // The bar gives way to one line, so that what follows starts on a clean line.
+            bar.finish_and_clear();
             self.bars.remove(&bar);
+            eprintln!(
+                "trained {}/{} steps in {} ({:.1} samples/s)",
+                bar.position(),
+                rate.max_steps,
+                human(rate.started.elapsed()),
+                rate.samples_per_second()
+            );
         }
     }
 

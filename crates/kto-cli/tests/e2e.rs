@@ -295,8 +295,9 @@ fn prepare_train_kill_resume_eval_plot_export_generate_chat() {
     let (exported, stderr) = generate(&from_export);
     assert!(stderr.contains("without adapter"), "{stderr}");
     assert_eq!(exported, with_adapter, "export = base + adapter");
-    let sampled = ["--temperature", "1", "--seed", "3"];
-    let (sampled_with_adapter, _) = generate(&sampled);
+    let sampled = ["--temperature", "1", "--seed", "3", "--quiet"];
+    let (sampled_with_adapter, stderr) = generate(&sampled);
+    assert_eq!(stderr, "", "--quiet silences the logs");
     let (sampled_export, _) = generate(&[&from_export[..], &sampled[..]].concat());
     assert_eq!(sampled_export, sampled_with_adapter);
     assert_ne!(sampled_export, exported, "sampling is not greedy");

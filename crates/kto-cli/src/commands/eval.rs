@@ -69,7 +69,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         std::fs::write(&tmp, serde_json::to_string_pretty(&results)? + "\n")
             .with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("wrote {}", path.display());
+        tracing::info!("wrote {}", path.display());
     }
     Ok(())
 }

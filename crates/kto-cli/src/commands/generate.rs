@@ -59,15 +59,34 @@ pub struct SamplingArgs {
     /// The most tokens to generate.
     #[arg(long, default_value_t = 128)]
     pub max_new_tokens: usize,
-    /// Sampling temperature; 0 is greedy (always the most likely token).
-    #[arg(long, default_value_t = 0.0)]
+    /// Sampling temperature, >= 0; 0 is greedy (always the most likely token).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_temperature)]
     pub temperature: f64,
-    /// Nucleus sampling: sample among the most likely tokens that make up this much probability (1 keeps all).
-    #[arg(long, default_value_t = 1.0)]
+    /// Nucleus sampling, in (0, 1]: sample among the most likely tokens that make up this much probability (1
+    /// keeps all).
+    #[arg(long, default_value_t = 1.0, value_parser = parse_top_p)]
     pub top_p: f64,
     /// Seed of the sampler (same seed, same text).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+}
+
+fn parse_temperature(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(t) if t >= 0.0 && t.is_finite() => Ok(t),
+        _ => Err(format!(
+            "expected a number >= 0 (0 = greedy, 0.7 = a common choice), got {text}"
+        )),
+    }
+}
+
+fn parse_top_p(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(p) if p > 0.0 && p <= 1.0 => Ok(p),
+        _ => Err(format!(
+            "expected a number in (0, 1] (1 keeps every token, 0.9 a common choice), got {text}"
+        )),
+    }
 }
 
 /// A model ready to generate: weights, optional adapter, tokenizer, stop tokens.
@@ -163,8 +182,7 @@ impl Generator {
             stop_tokens: self.stop_tokens.clone(),
         };
         let started = Instant::now();
-        let generation = kto_model::generate(&self.model, prompt, &options, self.choice)
-            .context("generation (--temperature must be >= 0 and --top-p in (0, 1])")?;
+        let generation = kto_model::generate(&self.model, prompt, &options, self.choice)?;
         let seconds = started.elapsed().as_secs_f64();
         tracing::debug!(
             "{} tokens in {seconds:.2} s ({:.1} tokens/s), stopped by {:?}",
