@@ -1,0 +1,112 @@
+//! Builds the kernels in `kernels/*.cu` two ways, each only when its feature asks for it:
+//! - `cuda`: nvcc 13.0 compiles every source to `compute_80` PTX (the 580 driver JITs it for A100, H100 and H200),
+//!   embedded in the crate through `$OUT_DIR/ptx.rs`.
+//! - `emulation`: the C++ compiler builds the same sources against `kernels/simt.hpp` and the fiber runtime in
+//!   `emulation/`, so tests run every kernel on the CPU (the test builds enable it; a user build never does).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn main() {
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
+    let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
+    println!("cargo:rerun-if-changed=kernels");
+    println!("cargo:rerun-if-changed=emulation");
+    println!("cargo:rerun-if-env-changed=NVCC");
+    println!("cargo:rerun-if-env-changed=CUDA_ROOT");
+    let sources = cuda_sources(&root.join("kernels"));
+    if std::env::var_os("CARGO_FEATURE_EMULATION").is_some() {
+        build_emulation(&root, &sources);
+    }
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        build_ptx(&root, &out, &sources);
+    }
+}
+
+/// `kernels/*.cu`, sorted (headers are `.cuh` / `.hpp`).
+fn cuda_sources(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("kernels/ exists")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn build_emulation(root: &Path, sources: &[PathBuf]) {
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .std("c++17")
+        .opt_level(2)
+        .define("KTO_SIMT_EMULATION", None)
+        .include(root.join("kernels"))
+        .flag_if_supported("-Wno-unknown-pragmas")
+        .flag_if_supported("-Wno-unused-parameter")
+        // `.cu` is not a C++ extension to gcc: say so before the file names.
+        .flag("-x")
+        .flag("c++");
+    for file in sources {
+        build.file(file);
+    }
+    // Kernels that exist to show the harness catches bugs (tests of the harness itself).
+    for file in cuda_sources(&root.join("emulation")) {
+        build.file(file);
+    }
+    build.file(root.join("emulation/runtime.cpp"));
+    build.compile("kto_simt");
+}
+
+/// nvcc from `$NVCC`, `$CUDA_ROOT/bin`, `$CUDA_PATH/bin`, /usr/local/cuda/bin or `PATH`.
+fn find_nvcc() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("NVCC") {
+        return Some(PathBuf::from(p));
+    }
+    for var in ["CUDA_ROOT", "CUDA_PATH", "CUDA_HOME"] {
+        if let Some(dir) = std::env::var_os(var) {
+            let p = PathBuf::from(dir).join("bin/nvcc");
+            if p.exists() {
+                return Some(p);
+            }
+        }
+    }
+    let local = PathBuf::from("/usr/local/cuda/bin/nvcc");
+    if local.exists() {
+        return Some(local);
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("nvcc"))
+            .find(|p| p.exists())
+    })
+}
+
+fn build_ptx(root: &Path, out: &Path, sources: &[PathBuf]) {
+    let nvcc = find_nvcc().unwrap_or_else(|| {
+        panic!(
+            "the `cuda` feature needs nvcc 13.0: run `bash scripts/cuda-toolchain.sh` and `source /opt/cuda13/env.sh` \
+             (or set NVCC)"
+        )
+    });
+    let mut table = String::from("/// (module, PTX) for every `kernels/*.cu`.\npub(crate) const PTX: &[(&str, &str)] = &[\n");
+    for file in sources {
+        let stem = file.file_stem().unwrap().to_string_lossy().to_string();
+        let ptx = out.join(format!("{stem}.ptx"));
+        let status = Command::new(&nvcc)
+            .args(["-ptx", "-arch=compute_80", "-O3", "-std=c++17", "-lineinfo"])
+            .arg("-I")
+            .arg(root.join("kernels"))
+            .arg("-o")
+            .arg(&ptx)
+            .arg(file)
+            .status()
+            .unwrap_or_else(|e| panic!("running {}: {e}", nvcc.display()));
+        if !status.success() {
+            panic!("nvcc failed on {}", file.display());
+        }
+        table.push_str(&format!("    ({stem:?}, include_str!({:?})),\n", ptx.display().to_string()));
+    }
+    table.push_str("];\n");
+    std::fs::write(out.join("ptx.rs"), table).unwrap();
+}

@@ -1,0 +1,27 @@
+//! Fused training ops for kto, each a candle custom op with three faces:
+//! - a **CPU twin** in plain Rust (rayon over rows, f32 accumulation): the reference every other face is checked
+//!   against, and the fast CPU path;
+//! - a **CUDA kernel** in `kernels/<op>.cu`, compiled to PTX by build.rs under the `cuda` feature and launched
+//!   through candle's `CudaDevice::get_or_load_custom_func`;
+//! - a **backward** built from this crate's own ops (never from a stock candle op that drops gradients).
+//!
+//! The same `.cu` sources also compile as C++ against `kernels/simt.hpp` and run on the CPU under a deterministic
+//! emulation of CUDA threads ([`emulation`], test builds), so CI checks every kernel against its twin without a GPU;
+//! `tests/ptx.rs` checks the PTX itself (ptxas, spills, shared memory, entry parameters) wherever nvcc is present.
+//! [`kernel`] describes kernels and launches the same way for all of them.
+
+pub mod float;
+pub mod kernel;
+pub mod rmsnorm;
+#[doc(hidden)]
+pub mod testing;
+
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(feature = "emulation")]
+pub mod emulation;
+
+/// Every kernel of the crate (for the PTX checks and the launch-declaration tests).
+pub fn all_kernels() -> Vec<&'static kernel::Kernel> {
+    vec![&rmsnorm::RMSNORM_FWD, &rmsnorm::RMSNORM_BWD]
+}
