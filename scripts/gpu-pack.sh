@@ -3,12 +3,12 @@
 # the binary (xz), TRL's bench script and the wheels TRL needs there. Then, with the device tool:
 #   run: bash scripts/bench-gpu.sh .gpu        (carry: [".gpu"])
 set -euo pipefail
-bash ../shared/tools/cuda-toolchain.sh
+bash scripts/cuda-toolchain.sh
 source /opt/cuda13/env.sh
 cargo build --release --features cuda -p kto-cli
 mkdir -p .gpu
 xz -T2 -c target/release/kto > .gpu/kto.xz
-cp ../shared/bench/trl_kto_bench.py .gpu/
+cp scripts/trl_kto_bench.py .gpu/
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .gpu/whl \
   trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19

@@ -7,6 +7,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+// find_nvcc and nvcc_flags, shared with the PTX checks of tests/ptx.rs.
+include!("src/toolchain.rs");
+
 fn main() {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
@@ -58,30 +61,6 @@ fn build_emulation(root: &Path, sources: &[PathBuf]) {
     build.compile("kto_simt");
 }
 
-/// nvcc from `$NVCC`, `$CUDA_ROOT/bin`, `$CUDA_PATH/bin`, /usr/local/cuda/bin or `PATH`.
-fn find_nvcc() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("NVCC") {
-        return Some(PathBuf::from(p));
-    }
-    for var in ["CUDA_ROOT", "CUDA_PATH", "CUDA_HOME"] {
-        if let Some(dir) = std::env::var_os(var) {
-            let p = PathBuf::from(dir).join("bin/nvcc");
-            if p.exists() {
-                return Some(p);
-            }
-        }
-    }
-    let local = PathBuf::from("/usr/local/cuda/bin/nvcc");
-    if local.exists() {
-        return Some(local);
-    }
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join("nvcc"))
-            .find(|p| p.exists())
-    })
-}
-
 fn build_ptx(root: &Path, out: &Path, sources: &[PathBuf]) {
     let nvcc = find_nvcc().unwrap_or_else(|| {
         panic!(
@@ -94,7 +73,7 @@ fn build_ptx(root: &Path, out: &Path, sources: &[PathBuf]) {
         let stem = file.file_stem().unwrap().to_string_lossy().to_string();
         let ptx = out.join(format!("{stem}.ptx"));
         let status = Command::new(&nvcc)
-            .args(["-ptx", "-arch=compute_80", "-O3", "-std=c++17", "-lineinfo"])
+            .args(nvcc_flags(root))
             .arg("-I")
             .arg(root.join("kernels"))
             .arg("-o")

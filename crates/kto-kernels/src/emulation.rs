@@ -187,3 +187,32 @@ impl<T: Copy> Drop for GuardedBuffer<T> {
         unsafe { munmap(self.base as *mut c_void, self.mapped) };
     }
 }
+
+/// Kernels of `emulation/harness.cu`, which exist to show that the harness catches the classic kernel bugs
+/// (tests/harness.rs). Each broken kernel computes what its correct twin does, with one bug.
+pub mod harness {
+    use crate::kernels;
+
+    kernels! {
+        module "harness";
+        /// Σx and Σx² per row (one block per row), two block reductions sharing a scratch buffer.
+        pub TWO_SUMS = harness_two_sums [F32 f32] (x: Ptr, out: Ptr, dim: I32) max_threads 1024, shared 0;
+        /// Bug: the reduction lacks its closing barrier.
+        pub TWO_SUMS_MISSING_BARRIER = harness_two_sums_missing_barrier [F32 f32] (x: Ptr, out: Ptr, dim: I32)
+            max_threads 1024, shared 0;
+        /// Bug: reads one element past each row.
+        pub TWO_SUMS_OFF_BY_ONE = harness_two_sums_off_by_one [F32 f32] (x: Ptr, out: Ptr, dim: I32)
+            max_threads 1024, shared 0;
+        /// Each lane takes its neighbour's value through shared memory, with or without `__syncwarp`.
+        pub NEIGHBOUR_SWAP = harness_neighbour_swap [F32 f32] (x: Ptr, out: Ptr, sync: I32)
+            max_threads 1024, shared 4096;
+        /// Bug: only the first warp reaches the barrier.
+        pub DIVERGENT_BARRIER = harness_divergent_barrier [F32 f32] (out: Ptr) max_threads 1024, shared 0;
+        /// Bug: the halves of the block wait at different barriers.
+        pub SPLIT_BARRIER = harness_split_barrier [F32 f32] (out: Ptr) max_threads 1024, shared 0;
+        /// Bug: lane 0 exits before a shuffle it takes part in.
+        pub SHUFFLE_AFTER_EXIT = harness_shuffle_after_exit [F32 f32] (out: Ptr) max_threads 1024, shared 0;
+        /// Bug in the declaration, not the kernel: `dim` declared a float.
+        pub MISDECLARED = harness_two_sums [F32 f32] (x: Ptr, out: Ptr, dim: F32) max_threads 1024, shared 0;
+    }
+}

@@ -15,6 +15,8 @@ pub mod kernel;
 pub mod rmsnorm;
 #[doc(hidden)]
 pub mod testing;
+/// Where nvcc is and the flags the kernels are compiled with (build.rs includes the same file).
+pub mod toolchain;
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
