@@ -13,6 +13,7 @@
 pub mod float;
 pub mod kernel;
 pub mod rmsnorm;
+pub mod rope;
 #[doc(hidden)]
 pub mod testing;
 /// Where nvcc is and the flags the kernels are compiled with (build.rs includes the same file).
@@ -25,5 +26,5 @@ pub mod emulation;
 
 /// Every kernel of the crate (for the PTX checks and the launch-declaration tests).
 pub fn all_kernels() -> Vec<&'static kernel::Kernel> {
-    vec![&rmsnorm::RMSNORM_FWD, &rmsnorm::RMSNORM_BWD]
+    vec![&rmsnorm::RMSNORM_FWD, &rmsnorm::RMSNORM_BWD, &rope::ROPE_FWD, &rope::ROPE_BWD]
 }
