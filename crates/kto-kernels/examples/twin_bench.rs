@@ -62,9 +62,17 @@ fn tensor(seed: u64, shape: &[usize], scale: f32) -> Result<Tensor> {
 
 /// Σ probe ⊙ f(x) backward: the forward and the input gradient, as a training step needs them.
 fn forward_backward(x: &Var, probe: &Tensor, f: &dyn Fn(&Tensor) -> Result<Tensor>) -> Result<()> {
-    let y = f(x.as_tensor())?;
+    forward_backward_all(std::slice::from_ref(x), probe, &|xs| f(&xs[0]))
+}
+
+/// The same with several inputs, every one of which gets its gradient.
+fn forward_backward_all(xs: &[Var], probe: &Tensor, f: &dyn Fn(&[Tensor]) -> Result<Tensor>) -> Result<()> {
+    let inputs: Vec<Tensor> = xs.iter().map(|x| x.as_tensor().clone()).collect();
+    let y = f(&inputs)?;
     let grads = (y.to_dtype(DType::F32)? * probe)?.sum_all()?.backward()?;
-    grads.get(x.as_tensor()).expect("a gradient");
+    for x in &inputs {
+        grads.get(x).expect("a gradient");
+    }
     Ok(())
 }
 
@@ -110,12 +118,104 @@ fn rms_norm_case() -> Result<Case> {
     })
 }
 
+/// The benchmark's batch: 8 rows of 256 tokens (issue 13's CPU benchmark shape).
+const ROWS: usize = 8;
+const SEQ: usize = TOKENS / ROWS;
+
+fn inv_freq() -> Vec<f32> {
+    (0..HEAD_DIM / 2).map(|i| 1.0 / 100_000f32.powf(2.0 * i as f32 / HEAD_DIM as f32)).collect()
+}
+
+/// kto-model's stock RoPE: transpose to [rows, heads, tokens, d], `x cos + rotate_half(x) sin`.
+fn stock_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let x = x.transpose(1, 2)?.contiguous()?;
+    let half = HEAD_DIM / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}
+
+fn rope_case() -> Result<Case> {
+    let x = Var::from_tensor(&tensor(4, &[ROWS, SEQ, HEADS, HEAD_DIM], 1.0)?)?;
+    let probe = tensor(5, &[ROWS, HEADS, SEQ, HEAD_DIM], 1.0)?;
+    let inv = Tensor::new(inv_freq(), &Device::Cpu)?;
+    let positions: Vec<u32> = (0..ROWS).flat_map(|_| 0..SEQ as u32).collect();
+    let positions = Tensor::from_vec(positions, (ROWS, SEQ), &Device::Cpu)?;
+    let (x2, p2) = (x.clone(), probe.clone());
+    Ok(Case {
+        name: "rope q [8×256×9×64] → [8×9×256×64]",
+        stock: Box::new(move || {
+            forward_backward(&x, &probe, &|x| {
+                // the tables are rebuilt per call, as kto-model does per forward
+                let pos = Tensor::arange(0f32, SEQ as f32, &Device::Cpu)?.unsqueeze(1)?;
+                let freqs = pos.broadcast_mul(&inv.unsqueeze(0)?)?;
+                let emb = Tensor::cat(&[&freqs, &freqs], 1)?;
+                stock_rope(x, &emb.cos()?, &emb.sin()?)
+            })
+        }),
+        fused: Box::new(move || {
+            let inv = Tensor::new(inv_freq(), &Device::Cpu)?;
+            forward_backward(&x2, &p2, &|x| kto_kernels::rope::rope(x, &positions, &inv))
+        }),
+    })
+}
+
+/// kto-model's stock attention chain: K/V repeated for the query heads, scores, additive mask, f32 softmax, · V.
+fn stock_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    let n_rep = HEADS / KV_HEADS;
+    let repeat = |t: &Tensor| -> Result<Tensor> {
+        let (r, kv, n, d) = t.dims4()?;
+        Tensor::cat(&vec![t; n_rep], 2)?.reshape((r, kv * n_rep, n, d))
+    };
+    let (k, v) = (repeat(k)?, repeat(v)?);
+    let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?.broadcast_add(mask)?;
+    let max = scores.max_keepdim(D::Minus1)?.detach();
+    let e = scores.broadcast_sub(&max)?.exp()?;
+    let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+    p.to_dtype(v.dtype())?.matmul(&v)
+}
+
+fn attention_case() -> Result<Case> {
+    // rows of different lengths, right-padded to SEQ, as a KTO micro-batch
+    let lengths: Vec<usize> = (0..ROWS).map(|r| SEQ - 16 * r).collect();
+    let qkv = vec![
+        Var::from_tensor(&tensor(6, &[ROWS, HEADS, SEQ, HEAD_DIM], 1.0)?)?,
+        Var::from_tensor(&tensor(7, &[ROWS, KV_HEADS, SEQ, HEAD_DIM], 1.0)?)?,
+        Var::from_tensor(&tensor(8, &[ROWS, KV_HEADS, SEQ, HEAD_DIM], 1.0)?)?,
+    ];
+    let probe = tensor(9, &[ROWS, HEADS, SEQ, HEAD_DIM], 1.0)?;
+    let scale = 1.0 / (HEAD_DIM as f64).sqrt();
+    let mut dense = Vec::with_capacity(ROWS * SEQ * SEQ);
+    for &len in &lengths {
+        for i in 0..SEQ {
+            for j in 0..SEQ {
+                dense.push(if j <= i && j < len.max(1) { 0f32 } else { f32::NEG_INFINITY });
+            }
+        }
+    }
+    let mask = Tensor::from_vec(dense, (ROWS, 1, SEQ, SEQ), &Device::Cpu)?;
+    let ranges = kto_kernels::attention::AttentionMask::causal(&lengths, SEQ, 0, None, &Device::Cpu)?;
+    let (qkv2, p2) = (qkv.clone(), probe.clone());
+    Ok(Case {
+        name: "attention GQA 9/3 heads, 8 rows × 256",
+        stock: Box::new(move || {
+            forward_backward_all(&qkv, &probe, &|t| stock_attention(&t[0], &t[1], &t[2], &mask, scale))
+        }),
+        fused: Box::new(move || {
+            forward_backward_all(&qkv2, &p2, &|t| {
+                kto_kernels::attention::attention(&t[0], &t[1], &t[2], &ranges, scale)
+            })
+        }),
+    })
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let repeats: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(5);
     let only = args.get(2).cloned();
     let _ = (INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM, VOCAB);
-    let cases: Vec<fn() -> Result<Case>> = vec![rms_norm_case];
+    let cases: Vec<fn() -> Result<Case>> = vec![rms_norm_case, rope_case, attention_case];
     println!(
         "| op (fwd+bwd, f32, {} threads) | stock ms | twin ms | speed-up | stock peak MiB | twin peak MiB |",
         rayon::current_num_threads()
