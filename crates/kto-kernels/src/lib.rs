@@ -13,6 +13,7 @@
 pub mod attention;
 pub mod float;
 pub mod kernel;
+pub mod lora;
 pub mod rmsnorm;
 pub mod rope;
 #[doc(hidden)]
@@ -34,5 +35,6 @@ pub fn all_kernels() -> Vec<&'static kernel::Kernel> {
         &rope::ROPE_BWD,
         &attention::MASKED_SOFTMAX_FWD,
         &attention::MASKED_SOFTMAX_BWD,
+        &lora::LORA_EPILOGUE,
     ]
 }

@@ -1,0 +1,340 @@
+//! LoRA epilogue: the CUDA kernel (emulated) against the CPU twin, the backward against finite differences of the
+//! twin, and the candle op against the stock-op formula it replaces (kto-model's `lora_delta` + add + cast).
+
+use candle_core::{DType, Device, Tensor, Var};
+use half::{bf16, f16};
+use kto_kernels::emulation::{run, GuardedBuffer, Order};
+use kto_kernels::float::Float;
+use kto_kernels::lora::{epilogue_launch, forward_twin, lora_epilogue, lora_epilogue_backward};
+use kto_kernels::testing::{assert_close, cast, check_gradient, widen, Normal, Tolerance};
+
+const SCALE: f32 = 2.0;
+
+/// Segment starts for `segments` uneven segments of `cols` columns (None where they do not fit). The three-way split
+/// puts segment boundaries inside 64-column tiles, so some tiles take two or three segment passes.
+fn starts(cols: usize, segments: usize) -> Option<Vec<usize>> {
+    match segments {
+        1 => Some(vec![0]),
+        3 if cols >= 3 => Some(vec![0, (cols * 11).div_ceil(20), (cols * 4).div_ceil(5)]),
+        _ => None,
+    }
+}
+
+fn emulated_matches_twin<T: Float>() -> candle_core::Result<()> {
+    let mut rng = Normal::new(17);
+    let mut cases = Vec::new();
+    // rows 77 spans two 64-row tiles, columns 100 and 130 two and three 64-column tiles.
+    for rows in [1, 5, 37, 77] {
+        for cols in [1, 33, 100, 130] {
+            for rank in [1, 8, 16] {
+                for segments in [1, 3] {
+                    cases.push((rows, cols, rank, segments));
+                }
+            }
+        }
+    }
+    cases.push((37, 130, 64, 3)); // the largest rank: the largest shared-memory tiles
+    for (rows, cols, rank, segments) in cases {
+        let Some(starts) = starts(cols, segments) else {
+            continue;
+        };
+        let base: Vec<T> = cast(&rng.vec(rows * cols, 1.0));
+        let h = rng.vec(rows * segments * rank, 1.0);
+        let b = rng.vec(cols * rank, 0.5);
+        let mut want = vec![T::default(); rows * cols];
+        forward_twin(&base, &h, &b, &mut want, cols, &starts, SCALE);
+        let (base_buf, h_buf, b_buf) = (
+            GuardedBuffer::from_slice(&base),
+            GuardedBuffer::from_slice(&h),
+            GuardedBuffer::from_slice(&b),
+        );
+        for order in Order::BOTH {
+            let out = GuardedBuffer::filled(rows * cols, T::from_f32(f32::NAN));
+            let launch = epilogue_launch(
+                T::DTYPE,
+                rows,
+                cols,
+                rank,
+                &starts,
+                SCALE,
+                base_buf.arg(),
+                h_buf.arg(),
+                b_buf.arg(),
+                out.arg(),
+            )?;
+            run(&launch, order)?;
+            let what = format!(
+                "lora epilogue {:?} {rows}×{cols} rank {rank} starts {starts:?} {order:?}",
+                T::DTYPE
+            );
+            assert_close(
+                &what,
+                &widen(out.as_slice()),
+                &widen(&want),
+                Tolerance::for_dtype(T::DTYPE),
+            )?;
+            out.check()?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn emulated_kernel_matches_the_twin_f32() -> candle_core::Result<()> {
+    emulated_matches_twin::<f32>()
+}
+
+#[test]
+fn emulated_kernel_matches_the_twin_bf16() -> candle_core::Result<()> {
+    emulated_matches_twin::<bf16>()
+}
+
+#[test]
+fn emulated_kernel_matches_the_twin_f16() -> candle_core::Result<()> {
+    emulated_matches_twin::<f16>()
+}
+
+/// The twin against a plain triple loop (the definition), so the twin is not only checked against the kernel that
+/// mirrors it.
+#[test]
+fn twin_matches_the_definition() -> candle_core::Result<()> {
+    let mut rng = Normal::new(19);
+    for (rows, cols, rank, segments) in [(3, 1, 2, 1), (4, 37, 5, 1), (2, 70, 8, 3), (3, 200, 3, 3)]
+    {
+        let starts = starts(cols, segments).unwrap();
+        let base = rng.vec(rows * cols, 1.0);
+        let h = rng.vec(rows * segments * rank, 1.0);
+        let b = rng.vec(cols * rank, 1.0);
+        let mut got = vec![0f32; rows * cols];
+        forward_twin(&base, &h, &b, &mut got, cols, &starts, SCALE);
+        let mut want = vec![0f32; rows * cols];
+        for m in 0..rows {
+            for n in 0..cols {
+                let s = starts.iter().rposition(|&st| st <= n).unwrap();
+                let dot: f32 = (0..rank)
+                    .map(|k| h[m * segments * rank + s * rank + k] * b[n * rank + k])
+                    .sum();
+                want[m * cols + n] = base[m * cols + n] + SCALE * dot;
+            }
+        }
+        assert_close(
+            &format!("twin {rows}×{cols} rank {rank}"),
+            &got,
+            &want,
+            Tolerance::for_dtype(DType::F32),
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn backward_matches_finite_differences_of_the_twin() -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    let mut rng = Normal::new(23);
+    for (rows, cols, rank, segments) in [(3, 7, 2, 1), (4, 40, 4, 3), (1, 33, 3, 3)] {
+        let starts = starts(cols, segments).unwrap();
+        let h_cols = segments * rank;
+        let base = rng.vec(rows * cols, 1.0);
+        let h = rng.vec(rows * h_cols, 1.0);
+        let b = rng.vec(cols * rank, 1.0);
+        let probe = rng.vec(rows * cols, 1.0);
+        let loss = |base: &[f32], h: &[f32], b: &[f32]| -> f64 {
+            let mut out = vec![0f32; base.len()];
+            forward_twin(base, h, b, &mut out, cols, &starts, SCALE);
+            out.iter()
+                .zip(&probe)
+                .map(|(&o, &p)| o as f64 * p as f64)
+                .sum()
+        };
+        let g = Tensor::from_vec(probe.clone(), (rows, cols), &dev)?;
+        let h_t = Tensor::from_vec(h.clone(), (rows, h_cols), &dev)?;
+        let b_t = Tensor::from_vec(b.clone(), (cols, rank), &dev)?;
+        let (dh, db) = lora_epilogue_backward(&g, &h_t, &b_t, &starts, SCALE as f64)?;
+        let (dh, db) = (
+            dh.flatten_all()?.to_vec1::<f32>()?,
+            db.flatten_all()?.to_vec1::<f32>()?,
+        );
+        let what = format!("{rows}×{cols} rank {rank} starts {starts:?}");
+        check_gradient(
+            &format!("dh {what}"),
+            &h,
+            &dh,
+            |h| loss(&base, h, &b),
+            1e-2,
+            2e-3,
+            64,
+        )?;
+        check_gradient(
+            &format!("dB {what}"),
+            &b,
+            &db,
+            |b| loss(&base, &h, b),
+            1e-2,
+            2e-3,
+            64,
+        )?;
+        // d base = g
+        check_gradient(
+            &format!("d base {what}"),
+            &base,
+            &probe,
+            |base| loss(base, &h, &b),
+            1e-2,
+            2e-3,
+            64,
+        )?;
+    }
+    Ok(())
+}
+
+/// kto-model's chain: `(f32(y) + (h · Bᵀ) · scale).to(dtype)`, per segment.
+fn stock_epilogue(
+    base: &Tensor,
+    h: &Tensor,
+    b: &Tensor,
+    starts: &[usize],
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let (rank, cols) = (b.dim(1)?, b.dim(0)?);
+    let mut deltas = Vec::new();
+    for (s, &start) in starts.iter().enumerate() {
+        let width = starts.get(s + 1).copied().unwrap_or(cols) - start;
+        let h_s = h.narrow(1, s * rank, rank)?;
+        let b_s = b.narrow(0, start, width)?;
+        deltas.push((h_s.matmul(&b_s.t()?)? * scale)?);
+    }
+    let delta = Tensor::cat(&deltas, 1)?.reshape(base.shape())?;
+    (base.to_dtype(DType::F32)? + delta)?.to_dtype(base.dtype())
+}
+
+fn flat(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()
+}
+
+/// The op against the stock formula in value and in the gradients of base, h and B, for a base in `dtype`.
+fn op_matches_stock(dtype: DType, segments: usize) -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    let mut rng = Normal::new(29 + segments as u64);
+    let (batch, tokens, cols, rank) = (2, 5, 70, 4);
+    let rows = batch * tokens;
+    let starts = starts(cols, segments).unwrap();
+    let base = Var::from_tensor(
+        &Tensor::from_vec(rng.vec(rows * cols, 1.0), (batch, tokens, cols), &dev)?
+            .to_dtype(dtype)?,
+    )?;
+    let h = Var::from_vec(
+        rng.vec(rows * segments * rank, 1.0),
+        (rows, segments * rank),
+        &dev,
+    )?;
+    let b = Var::from_vec(rng.vec(cols * rank, 0.5), (cols, rank), &dev)?;
+    let probe = Tensor::from_vec(rng.vec(rows * cols, 1.0), (batch, tokens, cols), &dev)?
+        .to_dtype(dtype)?;
+    let fused = lora_epilogue(
+        base.as_tensor(),
+        h.as_tensor(),
+        b.as_tensor(),
+        &starts,
+        0.75,
+    )?;
+    let stock = stock_epilogue(
+        base.as_tensor(),
+        h.as_tensor(),
+        b.as_tensor(),
+        &starts,
+        0.75,
+    )?;
+    assert_eq!(fused.dims(), [batch, tokens, cols]);
+    assert_eq!(fused.dtype(), dtype);
+    let what = format!("lora epilogue op {dtype:?} starts {starts:?}");
+    assert_close(
+        &format!("{what} forward"),
+        &flat(&fused)?,
+        &flat(&stock)?,
+        Tolerance::for_dtype(dtype),
+    )?;
+    // The op is one node over its three inputs: no [M, N] f32 intermediates in the graph.
+    assert_eq!(fused.sorted_nodes().len(), 4);
+    let g_fused = (&fused * &probe)?.sum_all()?.backward()?;
+    let g_stock = (&stock * &probe)?.sum_all()?.backward()?;
+    let grad_tol = Tolerance {
+        rel: 1e-4,
+        abs: 1e-5,
+    };
+    for (name, var) in [
+        ("base", base.as_tensor()),
+        ("h", h.as_tensor()),
+        ("B", b.as_tensor()),
+    ] {
+        let (got, want) = (g_fused.get(var).unwrap(), g_stock.get(var).unwrap());
+        assert_eq!(got.dims(), var.dims(), "{what}: d{name} shape");
+        assert_close(
+            &format!("{what} d{name}"),
+            &flat(got)?,
+            &flat(want)?,
+            grad_tol,
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn op_matches_the_stock_formula_f32() -> candle_core::Result<()> {
+    op_matches_stock(DType::F32, 1)?;
+    op_matches_stock(DType::F32, 3)
+}
+
+#[test]
+fn op_matches_the_stock_formula_bf16() -> candle_core::Result<()> {
+    op_matches_stock(DType::BF16, 1)?;
+    op_matches_stock(DType::BF16, 3)
+}
+
+#[test]
+fn op_in_bf16_stays_close_to_f32() -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    let mut rng = Normal::new(31);
+    let (rows, cols, rank) = (6, 96, 8);
+    let base = Tensor::from_vec(rng.vec(rows * cols, 1.0), (rows, cols), &dev)?;
+    let h = Tensor::from_vec(rng.vec(rows * rank, 1.0), (rows, rank), &dev)?;
+    let b = Tensor::from_vec(rng.vec(cols * rank, 0.5), (cols, rank), &dev)?;
+    let f32_out = lora_epilogue(&base, &h, &b, &[0], 0.5)?;
+    let bf16_out = lora_epilogue(&base.to_dtype(DType::BF16)?, &h, &b, &[0], 0.5)?;
+    assert_close(
+        "lora epilogue bf16 vs f32",
+        &flat(&bf16_out)?,
+        &flat(&f32_out)?,
+        Tolerance {
+            rel: 0.02,
+            abs: 0.02,
+        },
+    )
+}
+
+#[test]
+fn bad_arguments_are_rejected() -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    let base = Tensor::zeros((4, 10), DType::F32, &dev)?;
+    let h = Tensor::zeros((4, 4), DType::F32, &dev)?;
+    let b = Tensor::zeros((10, 2), DType::F32, &dev)?;
+    assert!(lora_epilogue(&base, &h, &b, &[0, 5], 1.0).is_ok());
+    for bad in [&[][..], &[1, 5], &[0, 0], &[0, 10], &[5, 0]] {
+        assert!(
+            lora_epilogue(&base, &h, &b, bad, 1.0).is_err(),
+            "segment starts {bad:?} accepted"
+        );
+    }
+    assert!(
+        lora_epilogue(&base, &h, &b, &[0], 1.0).is_err(),
+        "h of two segments for one"
+    );
+    assert!(
+        lora_epilogue(&base, &h.to_dtype(DType::BF16)?, &b, &[0, 5], 1.0).is_err(),
+        "bf16 h"
+    );
+    assert!(
+        lora_epilogue(&base, &h, &b.narrow(0, 0, 9)?, &[0, 5], 1.0).is_err(),
+        "B of 9 rows"
+    );
+    Ok(())
+}
