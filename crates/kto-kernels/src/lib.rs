@@ -10,6 +10,7 @@
 //! `tests/ptx.rs` checks the PTX itself (ptxas, spills, shared memory, entry parameters) wherever nvcc is present.
 //! [`kernel`] describes kernels and launches the same way for all of them.
 
+pub mod adamw;
 pub mod float;
 pub mod kernel;
 pub mod rmsnorm;
@@ -23,5 +24,5 @@ pub mod emulation;
 
 /// Every kernel of the crate (for the PTX checks and the launch-declaration tests).
 pub fn all_kernels() -> Vec<&'static kernel::Kernel> {
-    vec![&rmsnorm::RMSNORM_FWD, &rmsnorm::RMSNORM_BWD]
+    vec![&rmsnorm::RMSNORM_FWD, &rmsnorm::RMSNORM_BWD, &adamw::ADAMW, &adamw::GRAD_SUMSQ]
 }
