@@ -10,6 +10,7 @@
 //! `tests/ptx.rs` checks the PTX itself (ptxas, spills, shared memory, entry parameters) wherever nvcc is present.
 //! [`kernel`] describes kernels and launches the same way for all of them.
 
+pub mod adamw;
 pub mod attention;
 pub mod float;
 pub mod kernel;
@@ -36,5 +37,7 @@ pub fn all_kernels() -> Vec<&'static kernel::Kernel> {
         &attention::MASKED_SOFTMAX_FWD,
         &attention::MASKED_SOFTMAX_BWD,
         &lora::LORA_EPILOGUE,
+        &adamw::ADAMW,
+        &adamw::GRAD_SUMSQ,
     ]
 }
