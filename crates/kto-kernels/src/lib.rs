@@ -13,6 +13,7 @@
 pub mod float;
 pub mod kernel;
 pub mod rmsnorm;
+pub mod swiglu;
 #[doc(hidden)]
 pub mod testing;
 
@@ -23,5 +24,10 @@ pub mod emulation;
 
 /// Every kernel of the crate (for the PTX checks and the launch-declaration tests).
 pub fn all_kernels() -> Vec<&'static kernel::Kernel> {
-    vec![&rmsnorm::RMSNORM_FWD, &rmsnorm::RMSNORM_BWD]
+    vec![
+        &rmsnorm::RMSNORM_FWD,
+        &rmsnorm::RMSNORM_BWD,
+        &swiglu::SWIGLU_FWD,
+        &swiglu::SWIGLU_BWD,
+    ]
 }
