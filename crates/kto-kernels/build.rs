@@ -38,6 +38,7 @@ fn cuda_sources(dir: &Path) -> Vec<PathBuf> {
 }
 
 fn build_emulation(root: &Path, sources: &[PathBuf]) {
+    let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     let mut build = cc::Build::new();
     build
         .cpp(true)
@@ -46,16 +47,21 @@ fn build_emulation(root: &Path, sources: &[PathBuf]) {
         .define("KTO_SIMT_EMULATION", None)
         .include(root.join("kernels"))
         .flag_if_supported("-Wno-unknown-pragmas")
-        .flag_if_supported("-Wno-unused-parameter")
-        // `.cu` is not a C++ extension to gcc: say so before the file names.
-        .flag("-x")
-        .flag("c++");
-    for file in sources {
-        build.file(file);
-    }
-    // Kernels that exist to show the harness catches bugs (tests of the harness itself).
-    for file in cuda_sources(&root.join("emulation")) {
-        build.file(file);
+        .flag_if_supported("-Wno-unused-parameter");
+    // Kernels that exist to show the harness catches bugs (tests of the harness itself) come with the real ones.
+    let harness = cuda_sources(&root.join("emulation"));
+    for file in sources.iter().chain(&harness) {
+        // All modules link into one library here (on the GPU each is its own PTX module): each gets a namespace of
+        // its own so that two files' helpers of the same name cannot silently replace each other. The headers are
+        // included first, outside it; the `extern "C"` entries keep their names inside it.
+        let stem = file.file_stem().unwrap().to_string_lossy().to_string();
+        let wrapper = out.join(format!("emulated_{stem}.cpp"));
+        let text = format!(
+            "#include \"common.cuh\"\nnamespace kto_module_{stem} {{\n#include {:?}\n}}\n",
+            file.display().to_string()
+        );
+        std::fs::write(&wrapper, text).unwrap();
+        build.file(wrapper);
     }
     build.file(root.join("emulation/runtime.cpp"));
     build.compile("kto_simt");

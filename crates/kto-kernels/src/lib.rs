@@ -17,6 +17,7 @@ pub mod kernel;
 pub mod lora;
 pub mod rmsnorm;
 pub mod rope;
+pub mod swiglu;
 #[doc(hidden)]
 pub mod testing;
 /// Where nvcc is and the flags the kernels are compiled with (build.rs includes the same file).
@@ -39,5 +40,7 @@ pub fn all_kernels() -> Vec<&'static kernel::Kernel> {
         &lora::LORA_EPILOGUE,
         &adamw::ADAMW,
         &adamw::GRAD_SUMSQ,
+        &swiglu::SWIGLU_FWD,
+        &swiglu::SWIGLU_BWD,
     ]
 }
