@@ -12,6 +12,7 @@
 
 pub mod float;
 pub mod kernel;
+pub mod logprobs;
 pub mod rmsnorm;
 #[doc(hidden)]
 pub mod testing;
@@ -23,5 +24,5 @@ pub mod emulation;
 
 /// Every kernel of the crate (for the PTX checks and the launch-declaration tests).
 pub fn all_kernels() -> Vec<&'static kernel::Kernel> {
-    vec![&rmsnorm::RMSNORM_FWD, &rmsnorm::RMSNORM_BWD]
+    vec![&rmsnorm::RMSNORM_FWD, &rmsnorm::RMSNORM_BWD, &logprobs::LOGPROB_FWD, &logprobs::LOGPROB_BWD]
 }
