@@ -14,6 +14,7 @@ pub mod adamw;
 pub mod attention;
 pub mod float;
 pub mod kernel;
+pub mod logprobs;
 pub mod lora;
 pub mod rmsnorm;
 pub mod rope;
@@ -42,5 +43,7 @@ pub fn all_kernels() -> Vec<&'static kernel::Kernel> {
         &adamw::GRAD_SUMSQ,
         &swiglu::SWIGLU_FWD,
         &swiglu::SWIGLU_BWD,
+        &logprobs::LOGPROB_FWD,
+        &logprobs::LOGPROB_BWD,
     ]
 }
