@@ -65,15 +65,45 @@ fn forward_backward(x: &Var, probe: &Tensor, f: &dyn Fn(&Tensor) -> Result<Tenso
     forward_backward_all(std::slice::from_ref(x), probe, &|xs| f(&xs[0]))
 }
 
-/// The same with several inputs, every one of which gets its gradient.
-fn forward_backward_all(xs: &[Var], probe: &Tensor, f: &dyn Fn(&[Tensor]) -> Result<Tensor>) -> Result<()> {
+/// The same with several inputs, every one of which gets its gradient. The output's gradient is `probe` itself,
+/// handed to the backward by [`Seed`] as the next layer would hand it over (contiguous, no broadcast or product to pay
+/// for), so the times are the op's and candle's gradient bookkeeping, nothing of the measuring.
+fn forward_backward_all(
+    xs: &[Var],
+    probe: &Tensor,
+    f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+) -> Result<()> {
     let inputs: Vec<Tensor> = xs.iter().map(|x| x.as_tensor().clone()).collect();
     let y = f(&inputs)?;
-    let grads = (y.to_dtype(DType::F32)? * probe)?.sum_all()?.backward()?;
+    let grads = y.apply_op1(Seed(probe.to_dtype(y.dtype())?))?.backward()?;
     for x in &inputs {
         grads.get(x).expect("a gradient");
     }
     Ok(())
+}
+
+/// A scalar whose gradient with respect to its input is a given tensor.
+struct Seed(Tensor);
+
+impl candle_core::CustomOp1 for Seed {
+    fn name(&self) -> &'static str {
+        "seed"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        Ok((
+            candle_core::CpuStorage::F32(vec![0.0]),
+            candle_core::Shape::from(()),
+        ))
+    }
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.0.clone()))
+    }
 }
 
 /// Median seconds and peak extra heap bytes of `run`.
@@ -114,7 +144,9 @@ fn rms_norm_case() -> Result<Case> {
     Ok(Case {
         name: "rms_norm [2048×576]",
         stock: Box::new(move || forward_backward(&x, &probe, &|x| stock_rms_norm(x, &w))),
-        fused: Box::new(move || forward_backward(&x2, &p2, &|x| kto_kernels::rmsnorm::rms_norm(x, &w2, 1e-5))),
+        fused: Box::new(move || {
+            forward_backward(&x2, &p2, &|x| kto_kernels::rmsnorm::rms_norm(x, &w2, 1e-5))
+        }),
     })
 }
 
@@ -123,7 +155,9 @@ const ROWS: usize = 8;
 const SEQ: usize = TOKENS / ROWS;
 
 fn inv_freq() -> Vec<f32> {
-    (0..HEAD_DIM / 2).map(|i| 1.0 / 100_000f32.powf(2.0 * i as f32 / HEAD_DIM as f32)).collect()
+    (0..HEAD_DIM / 2)
+        .map(|i| 1.0 / 100_000f32.powf(2.0 * i as f32 / HEAD_DIM as f32))
+        .collect()
 }
 
 /// kto-model's stock RoPE: transpose to [rows, heads, tokens, d], `x cos + rotate_half(x) sin`.
@@ -162,14 +196,22 @@ fn rope_case() -> Result<Case> {
 }
 
 /// kto-model's stock attention chain: K/V repeated for the query heads, scores, additive mask, f32 softmax, · V.
-fn stock_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+fn stock_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
     let n_rep = HEADS / KV_HEADS;
     let repeat = |t: &Tensor| -> Result<Tensor> {
         let (r, kv, n, d) = t.dims4()?;
         Tensor::cat(&vec![t; n_rep], 2)?.reshape((r, kv * n_rep, n, d))
     };
     let (k, v) = (repeat(k)?, repeat(v)?);
-    let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?.broadcast_add(mask)?;
+    let scores = (q.matmul(&k.t()?)? * scale)?
+        .to_dtype(DType::F32)?
+        .broadcast_add(mask)?;
     let max = scores.max_keepdim(D::Minus1)?.detach();
     let e = scores.broadcast_sub(&max)?.exp()?;
     let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
@@ -190,17 +232,24 @@ fn attention_case() -> Result<Case> {
     for &len in &lengths {
         for i in 0..SEQ {
             for j in 0..SEQ {
-                dense.push(if j <= i && j < len.max(1) { 0f32 } else { f32::NEG_INFINITY });
+                dense.push(if j <= i && j < len.max(1) {
+                    0f32
+                } else {
+                    f32::NEG_INFINITY
+                });
             }
         }
     }
     let mask = Tensor::from_vec(dense, (ROWS, 1, SEQ, SEQ), &Device::Cpu)?;
-    let ranges = kto_kernels::attention::AttentionMask::causal(&lengths, SEQ, 0, None, &Device::Cpu)?;
+    let ranges =
+        kto_kernels::attention::AttentionMask::causal(&lengths, SEQ, 0, None, &Device::Cpu)?;
     let (qkv2, p2) = (qkv.clone(), probe.clone());
     Ok(Case {
         name: "attention GQA 9/3 heads, 8 rows × 256",
         stock: Box::new(move || {
-            forward_backward_all(&qkv, &probe, &|t| stock_attention(&t[0], &t[1], &t[2], &mask, scale))
+            forward_backward_all(&qkv, &probe, &|t| {
+                stock_attention(&t[0], &t[1], &t[2], &mask, scale)
+            })
         }),
         fused: Box::new(move || {
             forward_backward_all(&qkv2, &p2, &|t| {
@@ -210,12 +259,200 @@ fn attention_case() -> Result<Case> {
     })
 }
 
+/// What the measuring itself costs (the probe product, its sum and their backward) on the rms_norm shape: `stock`
+/// is the identity, `fused` only the forward of the fused op (no backward).
+fn harness_case() -> Result<Case> {
+    let x = Var::from_tensor(&tensor(1, &[TOKENS, HIDDEN], 1.0)?)?;
+    let w = tensor(2, &[HIDDEN], 1.0)?;
+    let probe = tensor(3, &[TOKENS, HIDDEN], 1.0)?;
+    let x2 = x.clone();
+    Ok(Case {
+        name: "(floor: an identity op through the same autograd / rms_norm forward alone)",
+        stock: Box::new(move || forward_backward(&x, &probe, &|x| Ok(x.clone()))),
+        fused: Box::new(move || {
+            kto_kernels::rmsnorm::rms_norm(&x2.as_tensor().detach(), &w, 1e-5).map(|_| ())
+        }),
+    })
+}
+
+fn swiglu_case() -> Result<Case> {
+    let gate_up = Var::from_tensor(&tensor(10, &[TOKENS, 2 * INTERMEDIATE], 2.0)?)?;
+    let probe = tensor(11, &[TOKENS, INTERMEDIATE], 1.0)?;
+    let (g2, p2) = (gate_up.clone(), probe.clone());
+    Ok(Case {
+        name: "swiglu [2048×3072] → [2048×1536]",
+        stock: Box::new(move || {
+            forward_backward(&gate_up, &probe, &|x| {
+                x.narrow(1, 0, INTERMEDIATE)?.silu()? * x.narrow(1, INTERMEDIATE, INTERMEDIATE)?
+            })
+        }),
+        fused: Box::new(move || forward_backward(&g2, &p2, &|x| kto_kernels::swiglu::swiglu(x))),
+    })
+}
+
+/// gate_proj's LoRA (576 → 1536, r 8): kto-model's `(f32(y) + (h·Bᵀ)·scale).to(dtype)` against the epilogue.
+fn lora_case() -> Result<Case> {
+    let rank = 8;
+    let vars = vec![
+        Var::from_tensor(&tensor(12, &[TOKENS, INTERMEDIATE], 1.0)?)?,
+        Var::from_tensor(&tensor(13, &[TOKENS, rank], 1.0)?)?,
+        Var::from_tensor(&tensor(14, &[INTERMEDIATE, rank], 0.1)?)?,
+    ];
+    let probe = tensor(15, &[TOKENS, INTERMEDIATE], 1.0)?;
+    let (v2, p2) = (vars.clone(), probe.clone());
+    Ok(Case {
+        name: "lora epilogue [2048×1536], r 8",
+        stock: Box::new(move || {
+            forward_backward_all(&vars, &probe, &|t| {
+                let delta = (t[1].matmul(&t[2].t()?)? * 2.0)?;
+                (t[0].to_dtype(DType::F32)? + delta)?.to_dtype(t[0].dtype())
+            })
+        }),
+        fused: Box::new(move || {
+            forward_backward_all(&v2, &p2, &|t| {
+                kto_kernels::lora::lora_epilogue(&t[0], &t[1], &t[2], &[0], 2.0)
+            })
+        }),
+    })
+}
+
+/// Tokens per log-prob chunk: kto-model's budget of 16 Mi logits.
+const LOGITS_CHUNK: usize = 16 * 1024 * 1024 / VOCAB;
+
+/// kto-model's per-chunk log-prob math (log-softmax, gather, entropy, mean logit, and the gradient onehot − softmax)
+/// over 2048 tokens, against the fused stats + backward; the logits are given (the LM-head GEMM is the same in both).
+fn logprobs_case() -> Result<Case> {
+    let logits = tensor(16, &[LOGITS_CHUNK, VOCAB], 3.0)?;
+    let targets: Vec<u32> = (0..LOGITS_CHUNK as u32)
+        .map(|i| (i * 7919) % VOCAB as u32)
+        .collect();
+    let targets = Tensor::from_vec(targets, (LOGITS_CHUNK, 1), &Device::Cpu)?;
+    let chunks = TOKENS.div_ceil(LOGITS_CHUNK);
+    let (l2, t2) = (logits.clone(), targets.flatten_all()?);
+    Ok(Case {
+        name: "log-probs 2048 tokens × 49152 (chunks of 341)",
+        stock: Box::new(move || {
+            let vocab_ids = Tensor::arange(0u32, VOCAB as u32, &Device::Cpu)?.unsqueeze(0)?;
+            for _ in 0..chunks {
+                let max = logits.max_keepdim(D::Minus1)?;
+                let sum_exp = logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?;
+                let log_z = (max + sum_exp.log()?)?;
+                let log_probs = logits.broadcast_sub(&log_z)?;
+                let probs = log_probs.exp()?;
+                let _target = log_probs.gather(&targets, 1)?;
+                let _entropy =
+                    ((probs.mul(&logits)?.sum(D::Minus1)? * -1.0)? + log_z.squeeze(1)?)?;
+                let _mean = logits.mean(D::Minus1)?;
+                let onehot = targets.broadcast_eq(&vocab_ids)?.to_dtype(DType::F32)?;
+                let _grad = (onehot - probs)?;
+            }
+            Ok(())
+        }),
+        fused: Box::new(move || {
+            let ones = Tensor::ones(LOGITS_CHUNK, DType::F32, &Device::Cpu)?;
+            for _ in 0..chunks {
+                let stats = kto_kernels::logprobs::logprob_stats(&l2, &t2)?;
+                let lse = stats
+                    .narrow(1, kto_kernels::logprobs::LSE, 1)?
+                    .squeeze(1)?
+                    .contiguous()?;
+                let _grad = kto_kernels::logprobs::logprob_backward(&l2, &t2, &lse, &ones)?;
+            }
+            Ok(())
+        }),
+    })
+}
+
+/// One optimizer step over SmolLM2's LoRA tensors (r 8 on all seven linears of 30 layers, 4.9 M parameters),
+/// clipping included: kto-trainer's per-tensor candle ops against one fused pass.
+fn adamw_case() -> Result<Case> {
+    use kto_trainer::optimizer::{clip_grad_norm, AdamW, AdamWSettings};
+    let shapes = [
+        (HIDDEN, HIDDEN),
+        (HIDDEN, 192),
+        (HIDDEN, 192),
+        (HIDDEN, HIDDEN),
+        (HIDDEN, INTERMEDIATE),
+        (HIDDEN, INTERMEDIATE),
+        (INTERMEDIATE, HIDDEN),
+    ];
+    let mut params = Vec::new();
+    let mut grads = std::collections::HashMap::new();
+    for layer in 0..30 {
+        for (m, &(fan_in, fan_out)) in shapes.iter().enumerate() {
+            for (ab, shape) in [("A", (8, fan_in)), ("B", (fan_out, 8))] {
+                let name = format!("{layer}.{m}.{ab}");
+                let seed = (layer * 100 + m * 2) as u64 + (ab == "B") as u64;
+                params.push((
+                    name.clone(),
+                    Var::from_tensor(&tensor(seed, &[shape.0, shape.1], 0.02)?)?,
+                ));
+                grads.insert(name, tensor(seed + 7, &[shape.0, shape.1], 1e-3)?);
+            }
+        }
+    }
+    let settings = AdamWSettings {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.0,
+    };
+    let (p2, g2) = (params.clone(), grads.clone());
+    let moments = |p: &[(String, Var)]| -> Result<Vec<(Tensor, Tensor)>> {
+        p.iter()
+            .map(|(_, v)| Ok((v.as_tensor().zeros_like()?, v.as_tensor().zeros_like()?)))
+            .collect()
+    };
+    let m2 = moments(&p2)?;
+    let optimizer = std::cell::RefCell::new(AdamW::new(settings));
+    Ok(Case {
+        name: "adamw + clip, 420 LoRA tensors (4.9 M)",
+        stock: Box::new(move || {
+            let mut g = grads.clone();
+            clip_grad_norm(&mut g, 1.0).map_err(candle_core::Error::wrap)?;
+            optimizer
+                .borrow_mut()
+                .step(&params, &g, 1e-4)
+                .map_err(candle_core::Error::wrap)
+        }),
+        fused: Box::new(move || {
+            use kto_kernels::adamw::{adamw_step, clip_coefficient, global_grad_norm, AdamWHyper};
+            let mut names: Vec<&String> = g2.keys().collect();
+            names.sort();
+            let grad_refs: Vec<&Tensor> = names.iter().map(|n| &g2[*n]).collect();
+            let norm = global_grad_norm(&grad_refs)?;
+            let vars: Vec<&Var> = p2.iter().map(|(_, v)| v).collect();
+            let grads: Vec<&Tensor> = p2.iter().map(|(n, _)| &g2[n]).collect();
+            let exp_avg: Vec<&Tensor> = m2.iter().map(|m| &m.0).collect();
+            let exp_avg_sq: Vec<&Tensor> = m2.iter().map(|m| &m.1).collect();
+            let hyper = AdamWHyper {
+                lr: 1e-4,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.0,
+                step: 1,
+                grad_scale: clip_coefficient(norm, 1.0),
+            };
+            adamw_step(&vars, &grads, &exp_avg, &exp_avg_sq, &hyper)
+        }),
+    })
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let repeats: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(5);
     let only = args.get(2).cloned();
-    let _ = (INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM, VOCAB);
-    let cases: Vec<fn() -> Result<Case>> = vec![rms_norm_case, rope_case, attention_case];
+    let cases: Vec<fn() -> Result<Case>> = vec![
+        harness_case,
+        rms_norm_case,
+        rope_case,
+        attention_case,
+        swiglu_case,
+        lora_case,
+        logprobs_case,
+        adamw_case,
+    ];
     println!(
         "| op (fwd+bwd, f32, {} threads) | stock ms | twin ms | speed-up | stock peak MiB | twin peak MiB |",
         rayon::current_num_threads()
