@@ -16,7 +16,8 @@ use candle_core::{
     Storage, Tensor, D,
 };
 use rayon::prelude::*;
-use std::sync::{Arc, Mutex};
+use crate::handover::HandOver;
+use std::sync::Arc;
 
 kernels! {
     module "attention";
@@ -612,7 +613,7 @@ pub fn attention(
         heads,
         mask: mask.clone(),
         scale,
-        out: Mutex::new(Some(out)),
+        out: HandOver::new("attention", out),
     };
     q.apply_op3_arc(&k, &v, Arc::new(Box::new(op)))
 }
@@ -645,28 +646,8 @@ struct RecomputedAttention {
     heads: Heads,
     mask: AttentionMask,
     scale: f64,
-    /// Taken by the forward, so the op does not keep a second copy of the output.
-    out: Mutex<Option<Tensor>>,
-}
-
-impl RecomputedAttention {
-    fn take_output(&self) -> Result<Tensor> {
-        match self.out.lock().map(|mut o| o.take()) {
-            Ok(Some(out)) => Ok(out),
-            _ => bail!("attention: the forward ran twice"),
-        }
-    }
-}
-
-macro_rules! hand_over_output {
-    ($self:ident, $variant:ident) => {{
-        let out = $self.take_output()?;
-        let (storage, layout) = out.storage_and_layout();
-        let Storage::$variant(s) = &*storage else {
-            bail!("attention: output on another device");
-        };
-        Ok((s.try_clone(layout)?, out.shape().clone()))
-    }};
+    /// Given up to the forward, so the op does not keep a second copy of the output.
+    out: HandOver,
 }
 
 impl CustomOp3 for RecomputedAttention {
@@ -683,7 +664,7 @@ impl CustomOp3 for RecomputedAttention {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        hand_over_output!(self, Cpu)
+        self.out.cpu()
     }
 
     #[cfg(feature = "cuda")]
@@ -696,7 +677,7 @@ impl CustomOp3 for RecomputedAttention {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        hand_over_output!(self, Cuda)
+        self.out.cuda()
     }
 
     /// With grouped views: dV = Pᵀ dO, dP = dO Vᵀ, dS = masked_softmax_backward(P, dP), dQ = dS K, dK = dSᵀ Q.

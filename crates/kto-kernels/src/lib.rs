@@ -13,6 +13,7 @@
 pub mod adamw;
 pub mod attention;
 pub mod float;
+mod handover;
 pub mod kernel;
 pub mod logprobs;
 pub mod lora;

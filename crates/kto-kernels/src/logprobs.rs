@@ -15,7 +15,8 @@ use candle_core::{
     Tensor,
 };
 use rayon::prelude::*;
-use std::sync::{Arc, Mutex};
+use crate::handover::HandOver;
+use std::sync::Arc;
 
 kernels! {
     module "logprobs";
@@ -309,7 +310,7 @@ pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, Tens
     let op = TokenLogprob {
         targets: targets.detach().contiguous()?,
         lse: column(LSE)?,
-        logp: Mutex::new(Some(logp)),
+        logp: HandOver::new("token-logprobs", logp),
     };
     let logp = logits.apply_op1_arc(Arc::new(Box::new(op)))?;
     Ok((logp, stats))
@@ -433,28 +434,8 @@ impl CustomOp3 for LogprobBackward {
 struct TokenLogprob {
     targets: Tensor,
     lse: Tensor,
-    /// Taken by the forward, so the graph holds no second copy.
-    logp: Mutex<Option<Tensor>>,
-}
-
-impl TokenLogprob {
-    fn take_logp(&self) -> Result<Tensor> {
-        match self.logp.lock().map(|mut o| o.take()) {
-            Ok(Some(logp)) => Ok(logp),
-            _ => bail!("token-logprobs: forward ran twice"),
-        }
-    }
-}
-
-macro_rules! hand_over_logp {
-    ($self:ident, $variant:ident) => {{
-        let logp = $self.take_logp()?;
-        let (storage, layout) = logp.storage_and_layout();
-        let Storage::$variant(s) = &*storage else {
-            bail!("token-logprobs: logp on another device than the logits");
-        };
-        Ok((s.try_clone(layout)?, logp.shape().clone()))
-    }};
+    /// Given up to the forward, so the graph holds no second copy.
+    logp: HandOver,
 }
 
 impl CustomOp1 for TokenLogprob {
@@ -463,7 +444,7 @@ impl CustomOp1 for TokenLogprob {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        hand_over_logp!(self, Cpu)
+        self.logp.cpu()
     }
 
     #[cfg(feature = "cuda")]
@@ -472,7 +453,7 @@ impl CustomOp1 for TokenLogprob {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        hand_over_logp!(self, Cuda)
+        self.logp.cuda()
     }
 
     fn bwd(&self, logits: &Tensor, _logp: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
