@@ -18,7 +18,7 @@
 namespace adamw_kernels {
 
 // IEEE f32 operations, each rounded to nearest: nvcc would otherwise fuse `a * b + c` into one FMA, and the update
-// must round exactly where kto-trainer's optimizer (one candle op per step) rounds.
+// must round exactly where the stock optimizer (one candle op per step, testing/stock_adamw.rs) rounds.
 #if defined(__CUDACC__)
 KTO_DEVICE float mul(float a, float b) { return __fmul_rn(a, b); }
 KTO_DEVICE float add(float a, float b) { return __fadd_rn(a, b); }
@@ -54,7 +54,7 @@ KTO_DEVICE T* address(unsigned long long word) {
 
 }  // namespace adamw_kernels
 
-// One AdamW step (torch's single-tensor AdamW, in kto-trainer's op order), elementwise:
+// One AdamW step (torch's single-tensor AdamW, in the stock optimizer's op order), elementwise:
 //   g = g · grad_scale                          (clip_grad_norm_'s `mul_`)
 //   p = p · decay                               (only if weight_decay ≠ 0)
 //   m = lerp(m, g, 1 − β1)                      (from the start or the end, as torch picks by the weight)

@@ -1,5 +1,6 @@
-//! AdamW over every trainable tensor in one launch, and the global gradient norm in one pass: numerically the
-//! optimizer of `kto-trainer` (torch's single-tensor `AdamW` after `clip_grad_norm_`), fused.
+//! AdamW over every trainable tensor in one launch, and the global gradient norm in one pass: kto-trainer's
+//! optimizer. Numerically torch's single-tensor `AdamW` after `clip_grad_norm_` as the stock candle ops compute it
+//! one op at a time ([`crate::testing::stock_adamw`], kto-trainer's former implementation), fused.
 //!
 //! - [`adamw_step`] updates parameters and both moments **in place**: one `adamw_f32` launch for all tensors on
 //!   CUDA, the twin ([`adamw_twin`], rayon over tensors and chunks) on the CPU. The clipping coefficient is applied
@@ -7,11 +8,11 @@
 //!   read once and never rewritten.
 //! - [`global_grad_norm`] is `clip_grad_norm_`'s total norm: one `grad_sumsq_f32` launch writes an f32 partial
 //!   Σg² per block; the host adds each tensor's partials in block order (f64), takes the tensor's norm, and combines
-//!   the norms in f32 in the order given, as kto-trainer does. The CPU path is kto-trainer's computation exactly.
+//!   the norms in f32 in the order given, as the stock clipping does. The CPU path is its computation exactly.
 //!
-//! Every f32 rounding of the update happens where kto-trainer's candle ops round (one op, one rounding, no fused
+//! Every f32 rounding of the update happens where the stock candle ops round (one op, one rounding, no fused
 //! multiply-add), and the scalars are rounded on the host the way it rounds them ([`AdamWScalars::new`]), so the
-//! twin, the emulated kernel and kto-trainer agree bit for bit.
+//! twin, the emulated kernel and the stock optimizer agree bit for bit.
 
 use crate::float::Float;
 use crate::kernel::{Arg, Launch};
@@ -55,12 +56,13 @@ pub struct AdamWHyper {
     pub grad_scale: f32,
 }
 
-/// The per-launch scalars, rounded to f32 on the host exactly as kto-trainer rounds them (f64 arithmetic, then
+/// The per-launch scalars, rounded to f32 on the host exactly as the stock optimizer rounds them (f64 arithmetic, then
 /// one cast: torch's Python-float scalars).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWScalars {
     pub grad_scale: f32,
-    /// `1 − lr · weight_decay`, or `None` when weight decay is off (kto-trainer skips the multiplication then).
+    /// `1 − lr · weight_decay`, or `None` when weight decay is off (the stock optimizer skips the multiplication
+    /// then).
     pub decay: Option<f32>,
     /// torch's `lerp` with weight `w = 1 − β1` computes `m + (g − m)·w` for |w| < 0.5, else `g − (g − m)·(1 − w)`.
     pub lerp_from_end: bool,
@@ -108,7 +110,7 @@ fn scale(x: f32, s: f32) -> f32 {
     x * s + 0.0
 }
 
-/// One element of one step, in kto-trainer's op order (see `kernels/adamw.cu`).
+/// One element of one step, in the stock optimizer's op order (see `kernels/adamw.cu`).
 #[inline(always)]
 pub fn adamw_element(s: &AdamWScalars, p: &mut f32, g: f32, m: &mut f32, v: &mut f32) {
     let g = scale(g, s.grad_scale);
@@ -162,8 +164,8 @@ fn tensor_norm(sum_sq: f64) -> f32 {
     sum_sq.sqrt() as f32
 }
 
-/// CPU twin of the global norm, kto-trainer's computation exactly: each tensor's Σg² in f64 (in element order, as
-/// candle's `sum_all` adds), its norm rounded to f32, then [`combine_norms`].
+/// CPU twin of the global norm, the stock clipping's computation exactly: each tensor's Σg² in f64 (in element
+/// order, as candle's `sum_all` adds), its norm rounded to f32, then [`combine_norms`].
 pub fn grad_norm_twin(grads: &[&[f32]]) -> f32 {
     let norms: Vec<f32> = grads
         .par_iter()
@@ -371,8 +373,9 @@ fn check_distinct(written: &[&Tensor], read: &[Tensor]) -> Result<()> {
 }
 
 /// One AdamW step of every `params[i]` with gradient `grads[i]` and moments `exp_avg[i]`, `exp_avg_sq[i]`
-/// (created as zeros before the first step, like kto-trainer's lazy state), all f32 on one device, updated in
-/// place. Bit for bit `kto_trainer::optimizer::AdamW::step` on gradients multiplied by `hyper.grad_scale` first.
+/// (created as zeros before the first step, like torch's lazy state), all f32 on one device, updated in
+/// place. Bit for bit [`StockAdamW::step`](crate::testing::stock_adamw::StockAdamW::step) on gradients multiplied by
+/// `hyper.grad_scale` first.
 pub fn adamw_step(
     params: &[&Var],
     grads: &[&Tensor],
@@ -529,7 +532,7 @@ fn adamw_step_cuda(
 }
 
 /// torch's `clip_grad_norm_` total norm of f32 gradients on one device (the norm of the per-tensor norms,
-/// combined in the order given: kto-trainer sorts by parameter name). On the CPU exactly kto-trainer's value; on
+/// combined in the order given: kto-trainer sorts by parameter name). On the CPU exactly the stock value; on
 /// CUDA one launch, each block's Σg² accumulated in f32 (a few ulp apart).
 pub fn global_grad_norm(grads: &[&Tensor]) -> Result<f32> {
     let Some(first) = grads.first() else {

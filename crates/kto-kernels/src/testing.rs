@@ -1,7 +1,10 @@
-//! Helpers for the kernel tests and benchmarks: seeded data, dtype-aware closeness, finite differences.
+//! Helpers for the kernel tests and benchmarks: seeded data, dtype-aware closeness, finite differences, and the
+//! stock candle-op optimizer the fused AdamW is checked against ([`stock_adamw`]).
 
 use crate::float::Float;
 use candle_core::{bail, DType, Result};
+
+pub mod stock_adamw;
 
 /// A seeded stream of normal numbers (splitmix64 + Box-Muller): the same data on every machine.
 pub struct Normal(u64);
