@@ -1,8 +1,12 @@
-//! AdamW with `torch.optim.AdamW` semantics and f32 state that can be saved, and torch's global-norm clipping.
+//! AdamW with `torch.optim.AdamW` semantics and f32 state that can be saved, and torch's global-norm clipping, on
+//! the fused ops of `kto_kernels::adamw`: one pass over every LoRA tensor per step, parameters and moments updated
+//! in place, the clipping coefficient applied inside the step (the gradients are read once, never rewritten).
 //!
 //! One AdamW step for parameter `p` with gradient `g` at step `t` (torch's single-tensor implementation, the
-//! operations in the same order and each rounded to f32 like torch's kernels):
+//! operations in the same order and each rounded to f32 like torch's kernels; bit for bit the stock candle-op chain
+//! of `kto_kernels::testing::stock_adamw`, which this module ran before):
 //! ```text
+//! g = g * clip_coefficient                   # clip_grad_norm_'s `mul_` (1 without clipping)
 //! p = p * (1 - lr * weight_decay)            # decoupled weight decay, before the moments
 //! m = lerp(m, g, 1 - beta1)                  # m + (1 - beta1) * (g - m)
 //! v = v * beta2 + (1 - beta2) * g * g
@@ -16,6 +20,7 @@ use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
+use kto_kernels::adamw::{adamw_step, clip_coefficient, global_grad_norm, AdamWHyper};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWSettings {
@@ -25,15 +30,16 @@ pub struct AdamWSettings {
     pub weight_decay: f64,
 }
 
-/// First and second moments of one parameter.
-#[derive(Debug, Clone)]
+/// First and second moments of one parameter (f32, updated in place by each step).
+#[derive(Debug)]
 struct Moments {
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
 }
 
-/// AdamW over named parameters. The state is created lazily at a parameter's first step, as torch does.
-#[derive(Debug, Clone)]
+/// AdamW over named parameters. The state is created lazily at a parameter's first step, as torch does. Not
+/// `Clone`: the steps write the moments in place, so a copy would share them.
+#[derive(Debug)]
 pub struct AdamW {
     settings: AdamWSettings,
     /// Optimizer steps taken (torch's per-parameter `step`; all parameters step together here).
@@ -62,59 +68,63 @@ impl AdamW {
         grads: &HashMap<String, Tensor>,
         lr: f64,
     ) -> Result<()> {
+        self.step_scaled(params, grads, lr, 1.0)
+    }
+
+    /// [`AdamW::step`] on the gradients multiplied by `grad_scale` first: the clipping coefficient of
+    /// [`measure_grad_norm`], so that clipping costs no pass of its own. One fused launch for all parameters.
+    pub fn step_scaled(
+        &mut self,
+        params: &[(String, Var)],
+        grads: &HashMap<String, Tensor>,
+        lr: f64,
+        grad_scale: f32,
+    ) -> Result<()> {
         self.step += 1;
-        let t = self.step as i32;
+        let mut stepped: Vec<(&String, &Var, Tensor)> = Vec::with_capacity(params.len());
+        for (name, var) in params {
+            let Some(grad) = grads.get(name) else {
+                continue;
+            };
+            ensure!(
+                grad.dims() == var.dims(),
+                "gradient of {name} has shape {:?}, the parameter {:?}",
+                grad.dims(),
+                var.dims()
+            );
+            if !self.moments.contains_key(name) {
+                let zeros = || Tensor::zeros(var.shape(), DType::F32, var.device());
+                self.moments.insert(
+                    name.clone(),
+                    Moments {
+                        exp_avg: zeros()?,
+                        exp_avg_sq: zeros()?,
+                    },
+                );
+            }
+            stepped.push((name, var, grad.to_dtype(DType::F32)?));
+        }
+        let vars: Vec<&Var> = stepped.iter().map(|(_, v, _)| *v).collect();
+        let grads: Vec<&Tensor> = stepped.iter().map(|(_, _, g)| g).collect();
+        let moments: Vec<&Moments> = stepped.iter().map(|(n, _, _)| &self.moments[*n]).collect();
+        let exp_avg: Vec<&Tensor> = moments.iter().map(|m| &m.exp_avg).collect();
+        let exp_avg_sq: Vec<&Tensor> = moments.iter().map(|m| &m.exp_avg_sq).collect();
         let AdamWSettings {
             beta1,
             beta2,
             eps,
             weight_decay,
         } = self.settings;
-        let bias_correction1 = 1.0 - beta1.powi(t);
-        let bias_correction2 = 1.0 - beta2.powi(t);
-        let step_size = lr / bias_correction1;
-        let bias_correction2_sqrt = bias_correction2.sqrt();
-        for (name, var) in params {
-            let Some(grad) = grads.get(name) else {
-                continue;
-            };
-            let param = var.as_tensor();
-            ensure!(
-                grad.dims() == param.dims(),
-                "gradient of {name} has shape {:?}, the parameter {:?}",
-                grad.dims(),
-                param.dims()
-            );
-            let grad = grad.to_dtype(DType::F32)?;
-            let mut p = param.to_dtype(DType::F32)?;
-            if weight_decay != 0.0 {
-                p = p.affine(f32_scalar(1.0 - lr * weight_decay), 0.0)?;
-            }
-            let moments = match self.moments.remove(name) {
-                Some(m) => m,
-                None => Moments {
-                    exp_avg: grad.zeros_like()?,
-                    exp_avg_sq: grad.zeros_like()?,
-                },
-            };
-            let exp_avg = lerp(&moments.exp_avg, &grad, 1.0 - beta1)?;
-            let exp_avg_sq = (moments.exp_avg_sq.affine(f32_scalar(beta2), 0.0)?
-                + grad.affine(f32_scalar(1.0 - beta2), 0.0)?.mul(&grad)?)?;
-            let denom = exp_avg_sq
-                .sqrt()?
-                .broadcast_div(&scalar_tensor(bias_correction2_sqrt, grad.device())?)?
-                .affine(1.0, f32_scalar(eps))?;
-            let update = exp_avg.affine(f32_scalar(-step_size), 0.0)?.div(&denom)?;
-            let new_param = (p + update)?.to_dtype(param.dtype())?;
-            var.set(&new_param)?;
-            self.moments.insert(
-                name.clone(),
-                Moments {
-                    exp_avg,
-                    exp_avg_sq,
-                },
-            );
-        }
+        let hyper = AdamWHyper {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            step: self.step,
+            grad_scale,
+        };
+        adamw_step(&vars, &grads, &exp_avg, &exp_avg_sq, &hyper)?;
         Ok(())
     }
 
@@ -206,52 +216,49 @@ impl AdamW {
 
 const STEP_KEY: &str = "__step__";
 
-/// torch multiplies an f32 tensor by a Python float rounded to f32.
-fn f32_scalar(x: f64) -> f64 {
-    x as f32 as f64
+/// What `torch.nn.utils.clip_grad_norm_` measures: the 2-norm over all gradients before clipping, and the
+/// coefficient `min(max_norm / (norm + 1e-6), 1)` it multiplies every gradient by.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Clipping {
+    pub norm: f32,
+    pub coefficient: f32,
 }
 
-fn scalar_tensor(x: f64, device: &Device) -> Result<Tensor> {
-    Ok(Tensor::new(x as f32, device)?)
-}
-
-/// torch's `lerp(start, end, weight)` for a scalar weight below 0.5: `start + weight * (end - start)`.
-fn lerp(start: &Tensor, end: &Tensor, weight: f64) -> Result<Tensor> {
-    if weight.abs() < 0.5 {
-        Ok((start + (end - start)?.affine(f32_scalar(weight), 0.0)?)?)
-    } else {
-        Ok((end - (end - start)?.affine(f32_scalar(1.0 - weight), 0.0)?)?)
-    }
-}
-
-/// `torch.nn.utils.clip_grad_norm_(params, max_norm)`: the 2-norm over all gradients (the norm of the per-tensor
-/// norms, in f32), then every gradient times `min(max_norm / (total + 1e-6), 1)`. Returns the norm before clipping.
+/// The global gradient norm (the norm of the per-tensor norms, combined in f32 in name order; each tensor's sum of
+/// squares in f64, as torch reduces pairwise) and the clipping coefficient, in one pass over the gradients.
 /// `max_norm = f64::INFINITY` only measures (transformers' `max_grad_norm <= 0` path multiplies by 1).
-pub fn clip_grad_norm(grads: &mut HashMap<String, Tensor>, max_norm: f64) -> Result<f32> {
+pub fn measure_grad_norm(grads: &HashMap<String, Tensor>, max_norm: f64) -> Result<Clipping> {
     let mut names: Vec<&String> = grads.keys().collect();
     names.sort();
-    let mut sum_sq = 0f32;
-    for name in &names {
-        let norm = tensor_norm(&grads[*name])?;
-        sum_sq += norm * norm;
-    }
-    let total = sum_sq.sqrt();
-    let coef = (max_norm as f32 / (total + 1e-6)).min(1.0);
-    for grad in grads.values_mut() {
-        *grad = grad.affine(coef as f64, 0.0)?;
-    }
-    Ok(total)
+    let grads: Vec<Tensor> = names
+        .iter()
+        .map(|n| grads[*n].to_dtype(DType::F32))
+        .collect::<candle_core::Result<_>>()?;
+    let norm = global_grad_norm(&grads.iter().collect::<Vec<_>>())?;
+    Ok(Clipping {
+        norm,
+        coefficient: clip_coefficient(norm, max_norm),
+    })
 }
 
-/// The 2-norm of one tensor as torch's `vector_norm` returns it in f32; the sum of squares is accumulated in f64
-/// (torch reduces pairwise, so a plain f32 running sum would drift on large tensors).
-fn tensor_norm(t: &Tensor) -> Result<f32> {
-    let sum_sq = t
-        .to_dtype(DType::F64)?
-        .sqr()?
-        .sum_all()?
-        .to_scalar::<f64>()?;
-    Ok(sum_sq.sqrt() as f32)
+/// The gradients as clipping leaves them: each multiplied by `coefficient` (rounded as torch's `mul_` rounds).
+pub fn scale_grads(
+    grads: &HashMap<String, Tensor>,
+    coefficient: f32,
+) -> Result<HashMap<String, Tensor>> {
+    grads
+        .iter()
+        .map(|(name, g)| Ok((name.clone(), g.affine(coefficient as f64, 0.0)?)))
+        .collect()
+}
+
+/// `torch.nn.utils.clip_grad_norm_(params, max_norm)`: [`measure_grad_norm`], then every gradient times the
+/// coefficient. Returns the norm before clipping. (The training loop hands the coefficient to
+/// [`AdamW::step_scaled`] instead of rewriting the gradients.)
+pub fn clip_grad_norm(grads: &mut HashMap<String, Tensor>, max_norm: f64) -> Result<f32> {
+    let clipping = measure_grad_norm(grads, max_norm)?;
+    *grads = scale_grads(grads, clipping.coefficient)?;
+    Ok(clipping.norm)
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use crate::evaluate::evaluate_batches;
 use crate::forward::{score_micro_batch, PolicyModel, Reference};
 use crate::loss::LossSettings;
 use crate::metrics::{self, MetricsAccumulator, StepInfo};
-use crate::optimizer::{clip_grad_norm, AdamW, AdamWSettings};
+use crate::optimizer::{measure_grad_norm, scale_grads, AdamW, AdamWSettings};
 use crate::plan::TrainingPlan;
 use crate::progress::{Pass, PassProgress, TrainingProgress};
 use crate::reference_cache::ReferenceLogps;
@@ -242,15 +242,17 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
             } else {
                 f64::INFINITY
             };
-            let grad_norm = clip_grad_norm(&mut grads, max_norm)?;
+            // Measured once; the coefficient is applied inside the fused AdamW step, the gradients stay as they are.
+            let clipping = measure_grad_norm(&grads, max_norm)?;
+            let grad_norm = clipping.norm;
             if !grad_norm.is_finite() {
                 bail!(non_finite_message("gradient norm", step, &output_dir));
             }
             if let Some(hook) = job.gradient_hook {
-                hook(step, &grads)?;
+                hook(step, &scale_grads(&grads, clipping.coefficient)?)?;
             }
             let learning_rate = schedule.learning_rate_at(state.global_step);
-            optimizer.step(&params, &grads, learning_rate)?;
+            optimizer.step_scaled(&params, &grads, learning_rate, clipping.coefficient)?;
             drop(grads);
 
             state.global_step = step;
