@@ -53,7 +53,7 @@ fn gradients(
     let mut grads = HashMap::new();
     for (i, (name, shape)) in shapes.iter().enumerate() {
         let n: usize = shape.iter().product();
-        let values = rng.vec(n, if k % 2 == 0 { 2.0 } else { 0.01 });
+        let values = rng.vec(n, if k.is_multiple_of(2) { 2.0 } else { 0.01 });
         let g = if shape.len() == 2 && i == 1 {
             Tensor::from_vec(values, (shape[1], shape[0]), dev)?.t()?
         } else {
