@@ -124,15 +124,7 @@ pub fn fault_pause() {
 /// `output_dir`; they are never read, only in the way. Returns what was removed.
 pub fn remove_stale_temporaries(output_dir: &Path) -> Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
-    let Ok(entries) = std::fs::read_dir(output_dir) else {
-        return Ok(removed);
-    };
-    for entry in entries {
-        let path = entry?.path();
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+    for (name, path) in named_entries(output_dir)? {
         if !(name.starts_with('.') && name.contains(".tmp-")) {
             continue;
         }
@@ -233,18 +225,28 @@ pub fn check_complete(dir: &Path, verify_checksums: bool) -> Result<Manifest> {
     Ok(manifest)
 }
 
+/// The entries of `dir` with their names (lossy text), as the file system lists them; none when `dir` cannot be read
+/// (no output folder yet).
+fn named_entries(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(Vec::new());
+    };
+    entries
+        .map(|entry| {
+            let path = entry?.path();
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            Ok((name, path))
+        })
+        .collect()
+}
+
 /// The `checkpoint-N` folders under `output_dir`, newest (largest N) first.
 fn checkpoints_newest_first(output_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
     let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir(output_dir) else {
-        return Ok(found);
-    };
-    for entry in entries {
-        let path = entry?.path();
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+    for (name, path) in named_entries(output_dir)? {
         if let Some(step) = name
             .strip_prefix("checkpoint-")
             .and_then(|n| n.parse::<usize>().ok())
