@@ -3,7 +3,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use kto_trainer::config::{Config, Override};
+
+use super::model_source::ModelSource;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -22,29 +23,15 @@ above undesirable, 0.5 is chance) and eval_pair_accuracy (chosen above rejected 
 #[derive(Debug, Args)]
 #[command(after_help = EXAMPLES)]
 pub struct EvalArgs {
-    /// The TOML config (the same file as for `kto train`).
-    #[arg(long)]
-    pub config: PathBuf,
-    /// Override one config key, e.g. --set data.eval_file=test.jsonl (repeatable).
-    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
-    pub sets: Vec<Override>,
-    /// A PEFT adapter folder to evaluate [default: output_dir/adapter when it exists, else the config's start].
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
+    #[command(flatten)]
+    pub source: ModelSource,
     /// Where to write the JSON [default: output_dir/eval_results.json].
     #[arg(long)]
     pub out: Option<PathBuf>,
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
-    let config = Config::load(&args.config, &args.sets)?;
-    let trained = config
-        .train
-        .output_dir
-        .as_ref()
-        .map(|d| d.join("adapter"))
-        .filter(|d| d.is_dir());
-    let adapter = args.adapter.clone().or(trained);
+    let (config, adapter) = args.source.load(false)?;
     let results = kto_trainer::run::run_evaluation(&config, adapter.as_deref())?;
     let width = results.keys().map(String::len).max().unwrap_or(0);
     for (key, value) in &results {

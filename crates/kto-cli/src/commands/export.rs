@@ -4,11 +4,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Args;
-use kto_model::Checkpoint;
-use kto_trainer::config::{Config, Override};
 use kto_trainer::train::FINAL_ADAPTER_DIR;
 
-use super::generate::choose_adapter;
+use super::model_source::ModelSource;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -30,15 +28,8 @@ Examples:
 #[derive(Debug, Args)]
 #[command(after_help = EXAMPLES)]
 pub struct ExportArgs {
-    /// The TOML config: [model] path is the base model, [train] output_dir holds the trained adapter.
-    #[arg(long)]
-    pub config: PathBuf,
-    /// Override one config key, e.g. --set model.path=DIR (repeatable).
-    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
-    pub sets: Vec<Override>,
-    /// The PEFT adapter folder to merge [default: output_dir/adapter].
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
+    #[command(flatten)]
+    pub source: ModelSource,
     /// The folder to write; must not exist or be empty.
     #[arg(long)]
     pub out: PathBuf,
@@ -48,16 +39,15 @@ pub struct ExportArgs {
 }
 
 pub fn run(args: ExportArgs) -> Result<()> {
-    let config = Config::load(&args.config, &args.sets)?;
-    let Some(adapter_dir) = choose_adapter(&config, &args.config, args.adapter.as_deref(), false)?
-    else {
+    let (config, adapter_dir) = args.source.load(false)?;
+    let Some(adapter_dir) = adapter_dir else {
         let expected = config.train.output_dir.as_ref().map_or_else(
             || "[train] output_dir is not set".to_string(),
             |d| format!("{} does not exist", d.join(FINAL_ADAPTER_DIR).display()),
         );
         bail!(
             "no adapter to merge ({expected}): train first with `kto train --config {}` or pass --adapter DIR",
-            args.config.display()
+            args.source.config.display()
         );
     };
     if args.out.exists() && !is_empty_dir(&args.out) {
@@ -66,13 +56,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
             args.out.display()
         );
     }
-    let spec = config.model.path.as_ref().with_context(|| {
-        format!(
-            "{}: [model] path is not set (the base model the adapter was trained on)",
-            args.config.display()
-        )
-    })?;
-    let checkpoint = Checkpoint::locate(&spec.to_string_lossy())?;
+    let checkpoint = args.source.base_model(&config)?;
     // Merging touches every weight once: the CPU does it without an accelerator.
     let adapter = kto_model::peft::load_adapter(&adapter_dir, &checkpoint.config, &Device::Cpu)
         .with_context(|| format!("adapter {}", adapter_dir.display()))?;

@@ -1,13 +1,12 @@
 //! `kto generate`: continue a prompt with the base model and (by default) the trained adapter.
-use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use kto_data::tokenize::TokenizerBundle;
-use kto_model::{AdapterChoice, Checkpoint, GenerationOptions, LlamaModel};
-use kto_trainer::config::{Config, Override};
-use kto_trainer::train::FINAL_ADAPTER_DIR;
+use kto_model::{AdapterChoice, GenerationOptions, LlamaModel};
+
+use super::model_source::ModelSource;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -40,17 +39,10 @@ pub struct GenerateArgs {
 /// Which model and adapter to load (shared by `kto generate` and `kto chat`).
 #[derive(Debug, Args)]
 pub struct ModelArgs {
-    /// The TOML config: [model] path, dtype and device, and [train] output_dir (where the adapter is).
-    #[arg(long)]
-    pub config: PathBuf,
-    /// Override one config key, e.g. --set model.device=cuda (repeatable).
-    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
-    pub sets: Vec<Override>,
-    /// A PEFT adapter folder [default: output_dir/adapter when it exists, else [lora] init_adapter, else none].
-    #[arg(long, conflicts_with = "no_adapter")]
-    pub adapter: Option<PathBuf>,
+    #[command(flatten)]
+    pub source: ModelSource,
     /// Use the base model alone, even when a trained adapter exists.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "adapter")]
     pub no_adapter: bool,
 }
 
@@ -100,20 +92,8 @@ pub struct Generator {
 impl Generator {
     /// Loads the config's model and the adapter chosen by `args` (saying which on the log).
     pub fn load(args: &ModelArgs) -> Result<Self> {
-        let config = Config::load(&args.config, &args.sets)?;
-        let adapter = choose_adapter(
-            &config,
-            &args.config,
-            args.adapter.as_deref(),
-            args.no_adapter,
-        )?;
-        let spec = config.model.path.as_ref().with_context(|| {
-            format!(
-                "{}: [model] path is not set (a model folder or a hub id); add it or pass --set model.path=DIR",
-                args.config.display()
-            )
-        })?;
-        let checkpoint = Checkpoint::locate(&spec.to_string_lossy())?;
+        let (config, adapter) = args.source.load(args.no_adapter)?;
+        let checkpoint = args.source.base_model(&config)?;
         let device = kto_model::open_device(&config.model.device)?;
         let dtype = kto_model::parse_dtype(&format!("{:?}", config.model.dtype).to_lowercase())?;
         let mut model = LlamaModel::load(&checkpoint, dtype, &device)?;
@@ -192,36 +172,6 @@ impl Generator {
         );
         self.tokenizer.decode(&generation.tokens)
     }
-}
-
-/// `--adapter`, else `output_dir/adapter` when training wrote one, else `[lora] init_adapter`, else none.
-pub fn choose_adapter(
-    config: &Config,
-    config_path: &Path,
-    flag: Option<&Path>,
-    no_adapter: bool,
-) -> Result<Option<PathBuf>> {
-    if no_adapter {
-        return Ok(None);
-    }
-    if let Some(dir) = flag {
-        if !dir.join("adapter_config.json").is_file() {
-            bail!(
-                "--adapter {}: no adapter_config.json there. Pass the folder `kto train` wrote (output_dir/{FINAL_ADAPTER_DIR}, \
-                 or adapter/ inside a checkpoint-N folder), or train first with `kto train --config {}`",
-                dir.display(),
-                config_path.display()
-            );
-        }
-        return Ok(Some(dir.to_path_buf()));
-    }
-    let trained = config
-        .train
-        .output_dir
-        .as_ref()
-        .map(|d| d.join(FINAL_ADAPTER_DIR))
-        .filter(|d| d.join("adapter_config.json").is_file());
-    Ok(trained.or_else(|| config.lora.init_adapter.clone()))
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {

@@ -1,0 +1,75 @@
+//! The options `kto eval`, `export`, `generate` and `chat` share (config, `--set`, `--adapter`), and how they turn
+//! into a config, an adapter folder and the base model.
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use kto_model::Checkpoint;
+use kto_trainer::config::{Config, Override};
+use kto_trainer::train::FINAL_ADAPTER_DIR;
+
+/// Which config, overrides and adapter a command works on.
+#[derive(Debug, Args)]
+pub struct ModelSource {
+    /// The TOML config (the same file as for `kto train`): [model] is the base model, [train] output_dir holds the
+    /// trained adapter.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Override one config key, e.g. --set model.device=cuda or --set data.eval_file=test.jsonl (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub sets: Vec<Override>,
+    /// A PEFT adapter folder [default: output_dir/adapter when it exists, else [lora] init_adapter, else none].
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+}
+
+impl ModelSource {
+    /// The config with the overrides applied, and the adapter: `--adapter`, else `output_dir/adapter` when
+    /// training wrote one, else `[lora] init_adapter`, else none; none at all with `no_adapter`.
+    pub fn load(&self, no_adapter: bool) -> Result<(Config, Option<PathBuf>)> {
+        let config = Config::load(&self.config, &self.sets)?;
+        let adapter = if no_adapter {
+            None
+        } else {
+            self.choose_adapter(&config)?
+        };
+        Ok((config, adapter))
+    }
+
+    fn choose_adapter(&self, config: &Config) -> Result<Option<PathBuf>> {
+        if let Some(dir) = &self.adapter {
+            if !is_adapter(dir) {
+                bail!(
+                    "--adapter {}: no adapter_config.json there. Pass the folder `kto train` wrote (output_dir/{FINAL_ADAPTER_DIR}, \
+                     or adapter/ inside a checkpoint-N folder), or train first with `kto train --config {}`",
+                    dir.display(),
+                    self.config.display()
+                );
+            }
+            return Ok(Some(dir.clone()));
+        }
+        let trained = config
+            .train
+            .output_dir
+            .as_ref()
+            .map(|d| d.join(FINAL_ADAPTER_DIR))
+            .filter(|d| is_adapter(d));
+        Ok(trained.or_else(|| config.lora.init_adapter.clone()))
+    }
+
+    /// The base model of `[model] path` (a folder or a hub id in the local cache).
+    pub fn base_model(&self, config: &Config) -> Result<Checkpoint> {
+        let spec = config.model.path.as_ref().with_context(|| {
+            format!(
+                "{}: [model] path is not set (a model folder or a hub id: the base model the adapter was trained on); \
+                 add it or pass --set model.path=DIR",
+                self.config.display()
+            )
+        })?;
+        Checkpoint::locate(&spec.to_string_lossy())
+    }
+}
+
+fn is_adapter(dir: &Path) -> bool {
+    dir.join("adapter_config.json").is_file()
+}
