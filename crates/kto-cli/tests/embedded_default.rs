@@ -21,15 +21,20 @@ fn embedded_default_reaches_reward_accuracy_0_8() {
         .unwrap();
     assert!(status.success(), "kto train failed: {status}");
     let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
-    let last_eval: serde_json::Value = metrics
+    let rows: Vec<serde_json::Value> = metrics
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|row| row.get("eval_reward_accuracy").is_some())
-        .last()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let last_eval = rows
+        .iter()
+        .rfind(|row| row.get("eval_reward_accuracy").is_some())
         .expect("no evaluation row in metrics.jsonl");
     let accuracy = last_eval["eval_reward_accuracy"].as_f64().unwrap();
     let auroc = last_eval["eval_reward_auroc"].as_f64().unwrap();
     assert_eq!(last_eval["eval_samples"].as_u64(), Some(240), "{last_eval}");
-    assert!(accuracy >= 0.8, "eval_reward_accuracy {accuracy} < 0.8: {last_eval}");
+    assert!(
+        accuracy >= 0.8,
+        "eval_reward_accuracy {accuracy} < 0.8: {last_eval}"
+    );
     assert!(auroc >= 0.8, "eval_reward_auroc {auroc} < 0.8: {last_eval}");
 }
