@@ -23,13 +23,13 @@
 //! # Ok(()) }
 //! ```
 
-pub mod attention;
 pub mod checkpoint;
 pub mod config;
 pub mod device;
 mod files;
 pub mod frozen_linear;
 pub mod generate;
+mod layer;
 pub mod llama;
 pub mod logprobs;
 pub mod lora;

@@ -1,19 +1,20 @@
-//! The Llama decoder (also Mistral and Qwen2) with optional LoRA adapters, built for training.
-//!
-//! Shaped like candle-transformers' `models/llama.rs`, but every op on the training path has a backward: RMSNorm,
-//! RoPE and softmax are written from basic ops (candle-nn's fused `rms_norm`, `rope*` and `softmax_last_dim` drop
-//! gradients), base linears are [`FrozenLinear`]s that compute no weight gradient, and attention recomputes its
-//! probabilities in backward instead of keeping them ([`crate::attention`]).
+//! The Llama-family causal LM (also Mistral and Qwen2) with optional LoRA adapters, built for training: embeddings,
+//! the decoder layers of [`crate::layer`] (fused ops of `kto-kernels`), the final norm and the LM head, forward passes
+//! over right-padded batches, and KV-cache steps for generation.
 
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::frozen_linear::FrozenLinear;
-use crate::lora::{lora_delta, DropoutSource, LoraAdapter, LoraSite, LoraTarget};
+use crate::layer::{DecoderLayer, LayerContext, Pass};
+use crate::logprobs::{self, SequenceLogps};
+use crate::lora::{DropoutSource, LoraAdapter};
 use crate::recompute::SideGrads;
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use kto_data::batch::SequenceBatch;
+use kto_kernels::attention::AttentionMask;
 use std::sync::Arc;
 
 /// Which weights a forward pass runs with.
@@ -25,14 +26,6 @@ pub enum AdapterChoice {
     PolicyNoGrad,
     /// The frozen reference adapter when one is loaded, else the base model with the adapter disabled; no graph.
     Reference,
-}
-
-/// Per-call settings resolved from an [`AdapterChoice`].
-#[derive(Clone, Copy)]
-pub(crate) struct Pass<'a> {
-    pub(crate) adapter: Option<&'a LoraAdapter>,
-    pub(crate) grad: bool,
-    pub(crate) dropout: Option<&'a DropoutSource>,
 }
 
 /// Cached keys and values of earlier positions, one entry per layer (generation).
@@ -52,131 +45,6 @@ impl KvCache {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-}
-
-/// A linear layer of the decoder: frozen base weights plus whatever adapter the pass uses at this site.
-#[derive(Debug, Clone)]
-pub(crate) struct AdaptedLinear {
-    pub(crate) base: FrozenLinear,
-    pub(crate) site: LoraSite,
-}
-
-impl AdaptedLinear {
-    fn load(vb: &VarBuilder, config: &ModelConfig, site: LoraSite, bias: bool) -> Result<Self> {
-        let (fan_in, fan_out) = site.1.shape(config);
-        let vb = vb.pp(site.1.module_name());
-        let weight = vb.get((fan_out, fan_in), "weight")?;
-        let bias = if bias {
-            Some(vb.get(fan_out, "bias")?)
-        } else {
-            None
-        };
-        Ok(Self {
-            base: FrozenLinear::new(weight, bias)?,
-            site,
-        })
-    }
-
-    fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
-        let y = self.base.forward(x)?;
-        let Some((adapter, pair)) = pass.adapter.and_then(|a| a.pair(self.site).map(|p| (a, p)))
-        else {
-            return Ok(y);
-        };
-        let delta = lora_delta(x, pair, adapter.config(), pass.grad, pass.dropout)?;
-        // Sum in f32, then back to the base dtype (torch's type promotion in PEFT's `result + lora(x) * scale`).
-        Ok((y.to_dtype(DType::F32)? + delta)?.to_dtype(y.dtype())?)
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Attention {
-    q: AdaptedLinear,
-    k: AdaptedLinear,
-    v: AdaptedLinear,
-    o: AdaptedLinear,
-}
-
-#[derive(Debug, Clone)]
-struct Mlp {
-    gate: AdaptedLinear,
-    up: AdaptedLinear,
-    down: AdaptedLinear,
-}
-
-#[derive(Debug, Clone)]
-pub(crate) struct DecoderLayer {
-    input_layernorm: Tensor,
-    attn: Attention,
-    post_attention_layernorm: Tensor,
-    mlp: Mlp,
-}
-
-impl Attention {
-    #[allow(clippy::too_many_arguments)]
-    fn forward(
-        &self,
-        c: &ModelConfig,
-        x: &Tensor,
-        mask: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        pass: Pass,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
-    ) -> Result<Tensor> {
-        let (rows, width, _) = x.dims3()?;
-        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
-            Ok(t.reshape((rows, width, n, c.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let q = heads(self.q.forward(x, pass)?, c.num_attention_heads)?;
-        let k = heads(self.k.forward(x, pass)?, c.num_key_value_heads)?;
-        let v = heads(self.v.forward(x, pass)?, c.num_key_value_heads)?;
-        let q = apply_rope(&q, cos, sin)?;
-        let mut k = apply_rope(&k, cos, sin)?;
-        let mut v = v;
-        if let Some(slot) = cache {
-            if let Some((k_old, v_old)) = slot.as_ref() {
-                k = Tensor::cat(&[k_old, &k], 2)?;
-                v = Tensor::cat(&[v_old, &v], 2)?;
-            }
-            *slot = Some((k.clone(), v.clone()));
-        }
-        let n_rep = c.num_attention_heads / c.num_key_value_heads;
-        let k = repeat_kv(&k, n_rep)?;
-        let v = repeat_kv(&v, n_rep)?;
-        let scale = 1.0 / (c.head_dim as f64).sqrt();
-        let out = crate::attention::attention(&q, &k, &v, mask, scale)?
-            .transpose(1, 2)?
-            .reshape((rows, width, c.num_attention_heads * c.head_dim))?;
-        self.o.forward(&out, pass)
-    }
-}
-
-impl DecoderLayer {
-    /// One decoder layer: pre-norm attention and MLP, each added to the residual stream.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn forward(
-        &self,
-        config: &ModelConfig,
-        x: &Tensor,
-        mask: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        pass: Pass,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
-    ) -> Result<Tensor> {
-        let eps = config.rms_norm_eps;
-        let normed = rms_norm(x, &self.input_layernorm, eps)?;
-        let x = (x + self
-            .attn
-            .forward(config, &normed, mask, cos, sin, pass, cache)?)?;
-        let normed = rms_norm(&x, &self.post_attention_layernorm, eps)?;
-        let gate = self.mlp.gate.forward(&normed, pass)?.silu()?;
-        let up = self.mlp.up.forward(&normed, pass)?;
-        Ok((&x + self.mlp.down.forward(&(gate * up)?, pass)?)?)
     }
 }
 
@@ -217,27 +85,11 @@ impl LlamaModel {
             .get((config.vocab_size, h), "weight")?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for index in 0..config.num_hidden_layers {
-            let lvb = model_vb.pp(format!("layers.{index}"));
-            let avb = lvb.pp("self_attn");
-            let mvb = lvb.pp("mlp");
-            let lin = |vb: &VarBuilder, target: LoraTarget, bias: bool| {
-                AdaptedLinear::load(vb, &config, (index, target), bias)
-            };
-            layers.push(DecoderLayer {
-                input_layernorm: lvb.pp("input_layernorm").get(h, "weight")?,
-                attn: Attention {
-                    q: lin(&avb, LoraTarget::Q, config.qkv_bias)?,
-                    k: lin(&avb, LoraTarget::K, config.qkv_bias)?,
-                    v: lin(&avb, LoraTarget::V, config.qkv_bias)?,
-                    o: lin(&avb, LoraTarget::O, config.o_bias)?,
-                },
-                post_attention_layernorm: lvb.pp("post_attention_layernorm").get(h, "weight")?,
-                mlp: Mlp {
-                    gate: lin(&mvb, LoraTarget::Gate, config.mlp_bias)?,
-                    up: lin(&mvb, LoraTarget::Up, config.mlp_bias)?,
-                    down: lin(&mvb, LoraTarget::Down, config.mlp_bias)?,
-                },
-            });
+            layers.push(DecoderLayer::load(
+                &model_vb.pp(format!("layers.{index}")),
+                &config,
+                index,
+            )?);
         }
         let norm = model_vb.pp("norm").get(h, "weight")?;
         let lm_head_weight = if config.tie_word_embeddings && !vb.contains_tensor("lm_head.weight")
@@ -400,12 +252,26 @@ impl LlamaModel {
         self.logits_chunk_elements = elements.max(1);
     }
 
-    pub(crate) fn logits_chunk_elements(&self) -> usize {
-        self.logits_chunk_elements
-    }
-
-    pub(crate) fn lm_head(&self) -> &FrozenLinear {
-        &self.lm_head
+    /// Completion log-probs of every row of `batch` with the weights `choice` selects.
+    pub fn sequence_logps(
+        &self,
+        batch: &SequenceBatch,
+        choice: AdapterChoice,
+    ) -> Result<SequenceLogps> {
+        logprobs::check_batch(batch)?;
+        if batch.rows == 0 || batch.width == 0 {
+            return logprobs::empty_logps(batch.rows, &self.device);
+        }
+        let input_ids =
+            Tensor::from_slice(&batch.input_ids, (batch.rows, batch.width), &self.device)?;
+        let hidden = self.forward_hidden(&input_ids, &batch.lengths, choice)?;
+        logprobs::completion_logps(
+            &hidden,
+            batch,
+            &self.lm_head,
+            self.logits_chunk_elements,
+            choice == AdapterChoice::Policy,
+        )
     }
 
     /// Final hidden states [rows, width, hidden] of right-padded `input_ids` [rows, width]; row r holds `lengths[r]`
@@ -417,12 +283,11 @@ impl LlamaModel {
         choice: AdapterChoice,
     ) -> Result<Tensor> {
         let pass = self.pass(choice)?;
-        let (rows, width) = input_ids.dims2()?;
+        let (rows, _) = input_ids.dims2()?;
         if lengths.len() != rows {
             bail!("{} lengths for {rows} rows", lengths.len());
         }
-        let mask = self.attention_mask(lengths, width, 0)?;
-        self.run_layers(input_ids, &mask, 0, pass, None)
+        self.run_layers(input_ids, lengths, 0, pass, None)
     }
 
     /// Logits [rows, width, vocab] in the model dtype (tests and tools; training uses `sequence_logps`).
@@ -459,8 +324,7 @@ impl LlamaModel {
             cache.layers = vec![None; self.layers.len()];
         }
         let offset = cache.len();
-        let mask = self.attention_mask(&[offset + n], n, offset)?;
-        let hidden = self.run_layers(input_ids, &mask, offset, pass, Some(cache))?;
+        let hidden = self.run_layers(input_ids, &[offset + n], offset, pass, Some(cache))?;
         let last = hidden.narrow(1, n - 1, 1)?.flatten_all()?;
         Ok(self
             .lm_head
@@ -469,10 +333,12 @@ impl LlamaModel {
             .to_dtype(DType::F32)?)
     }
 
+    /// The decoder over `input_ids` [rows, width] at positions `offset..offset + width`; row r holds `lengths[r]`
+    /// keys (`offset` cached ones, then its real tokens).
     fn run_layers(
         &self,
         input_ids: &Tensor,
-        mask: &Tensor,
+        lengths: &[usize],
         offset: usize,
         pass: Pass,
         mut cache: Option<&mut KvCache>,
@@ -484,7 +350,7 @@ impl LlamaModel {
             width,
             self.config.hidden_size,
         ))?;
-        let (cos, sin) = self.rope_tables(offset, width)?;
+        let context = self.layer_context(lengths, width, offset)?;
         let checkpointed = pass.grad && self.checkpointing && cache.is_none();
         if checkpointed {
             if !self.checkpoint_grads.is_empty() {
@@ -504,79 +370,47 @@ impl LlamaModel {
                     layer.clone(),
                     self.config.clone(),
                     adapter,
-                    [mask.clone(), cos.clone(), sin.clone()],
+                    context.clone(),
                     seed,
                     self.checkpoint_grads.clone(),
                 );
                 op.apply(&x)?
             } else {
                 let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[index]);
-                layer.forward(&self.config, &x, mask, &cos, &sin, pass, layer_cache)?
+                layer.forward(&self.config, &x, &context, pass, layer_cache)?
             };
         }
-        rms_norm(&x, &self.norm, self.config.rms_norm_eps)
-    }
-
-    /// cos and sin [width, head_dim] for positions `offset..offset + width`, in the model dtype.
-    fn rope_tables(&self, offset: usize, width: usize) -> Result<(Tensor, Tensor)> {
-        let positions: Vec<f32> = (offset..offset + width).map(|p| p as f32).collect();
-        let positions = Tensor::new(positions, &self.device)?.unsqueeze(1)?;
-        let freqs = positions.broadcast_mul(&self.inv_freq.unsqueeze(0)?)?;
-        let emb = Tensor::cat(&[&freqs, &freqs], 1)?;
-        Ok((
-            emb.cos()?.to_dtype(self.dtype)?,
-            emb.sin()?.to_dtype(self.dtype)?,
-        ))
-    }
-
-    /// Additive f32 mask [rows, 1, width, offset + width]: 0 where query i may see key j (causal, j a real token,
-    /// inside the sliding window), -inf elsewhere.
-    fn attention_mask(&self, lengths: &[usize], width: usize, offset: usize) -> Result<Tensor> {
-        let keys = offset + width;
-        let window = self.config.sliding_window.unwrap_or(usize::MAX);
-        let mut mask = Vec::with_capacity(lengths.len() * width * keys);
-        for &len in lengths {
-            for i in 0..width {
-                let qpos = offset + i;
-                for j in 0..keys {
-                    let visible = j <= qpos && j < len.max(1) && qpos - j < window;
-                    mask.push(if visible { 0f32 } else { f32::NEG_INFINITY });
-                }
-            }
-        }
-        Ok(Tensor::from_vec(
-            mask,
-            (lengths.len(), 1, width, keys),
-            &self.device,
+        Ok(kto_kernels::rmsnorm::rms_norm(
+            &x,
+            &self.norm,
+            self.config.rms_norm_eps,
         )?)
     }
-}
 
-/// RMSNorm in f32 (as transformers computes it), scaled by `weight` in the input dtype.
-fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let x32 = x.to_dtype(DType::F32)?;
-    let variance = x32.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = x32.broadcast_div(&(variance + eps)?.sqrt()?)?;
-    Ok(normed.to_dtype(dtype)?.broadcast_mul(weight)?)
-}
-
-/// transformers' rotate-half RoPE: `x cos + rotate_half(x) sin`, x [rows, heads, width, head_dim].
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    let cos = cos.unsqueeze(0)?.unsqueeze(0)?;
-    let sin = sin.unsqueeze(0)?.unsqueeze(0)?;
-    Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
-}
-
-/// [rows, kv_heads, n, d] → [rows, kv_heads · n_rep, n, d], each KV head repeated for its group of query heads.
-fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
-    if n_rep == 1 {
-        return Ok(x.clone());
+    /// The mask (causal, real keys only, inside the sliding window) and the rotary positions of a forward over
+    /// `width` tokens at `offset..offset + width`.
+    fn layer_context(
+        &self,
+        lengths: &[usize],
+        width: usize,
+        offset: usize,
+    ) -> Result<LayerContext> {
+        let mask = AttentionMask::causal(
+            lengths,
+            width,
+            offset,
+            self.config.sliding_window,
+            &self.device,
+        )?;
+        let positions: Vec<u32> = lengths
+            .iter()
+            .flat_map(|_| (offset..offset + width).map(|p| p as u32))
+            .collect();
+        let positions = Tensor::from_vec(positions, (lengths.len(), width), &self.device)?;
+        Ok(LayerContext {
+            mask,
+            positions,
+            inv_freq: self.inv_freq.clone(),
+        })
     }
-    let (rows, kv_heads, n, d) = x.dims4()?;
-    Ok(Tensor::cat(&vec![x; n_rep], 2)?.reshape((rows, kv_heads * n_rep, n, d))?)
 }

@@ -1,16 +1,18 @@
-//! Per-sequence completion log-probs, plus the mean-logit and entropy sums TRL logs, from chunked f32 logits.
+//! Per-sequence completion log-probs, plus the mean-logit and entropy sums TRL logs, from the final hidden states.
 //!
-//! Only the positions that predict a completion token go through the LM head, in chunks of tokens, so no
-//! [tokens × vocab] f32 tensor outlives its chunk. The gradient is not taken through the logits at all: for each
-//! chunk the exact gradient of `log p(target)` with respect to the final hidden state, `Wᵀ(onehot − softmax)`, is
-//! computed right away, and the per-token log-prob is returned as `value + (h·J − stop_grad(h·J))` — equal to the
-//! value, with gradient `J` for `h`. Backward then needs neither the logits nor a second LM-head pass, like TRL's
-//! fused LM head (`trl/kernels/chunked_logprob.py`).
+//! Only the positions that predict a completion token go through the LM head, in chunks of tokens, and each chunk's
+//! logits (model dtype) go through `kto-kernels`' fused log-prob op: one pass gives log p(target), the entropy, the
+//! mean logit and the log-sum-exp in f32, with no f32 copy of the logits. The gradient is not taken through the
+//! logits at all: for each chunk the exact gradient of `log p(target)` with respect to the final hidden state,
+//! `Wᵀ(onehot − softmax)`, is computed right away, and the per-token log-prob is returned as
+//! `value + (h·J − stop_grad(h·J))` — equal to the value, with gradient `J` for `h`. Backward then needs neither the
+//! logits nor a second LM-head pass, like TRL's fused LM head (`trl/kernels/chunked_logprob.py`).
 
-use crate::llama::{AdapterChoice, LlamaModel};
+use crate::frozen_linear::FrozenLinear;
 use anyhow::{bail, Result};
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 use kto_data::batch::SequenceBatch;
+use kto_kernels::logprobs::{logprob_backward, logprob_stats, ENTROPY, LOGP, LSE, MEAN_LOGIT};
 
 /// Default f32 budget for one chunk of logits (the chunk's token count is this divided by the vocabulary size):
 /// 64 MiB per [chunk × vocab] tensor.
@@ -79,113 +81,103 @@ fn scored_tokens(batch: &SequenceBatch) -> Result<ScoredTokens> {
     Ok(out)
 }
 
-impl LlamaModel {
-    /// Completion log-probs of every row of `batch` with the weights `choice` selects.
-    pub fn sequence_logps(
-        &self,
-        batch: &SequenceBatch,
-        choice: AdapterChoice,
-    ) -> Result<SequenceLogps> {
-        let scored = scored_tokens(batch)?;
-        let device = self.device().clone();
-        if batch.rows == 0 || batch.width == 0 {
-            let empty = Tensor::zeros(batch.rows, DType::F32, &device)?;
-            let zeros = vec![0.0; batch.rows];
-            return Ok(SequenceLogps {
-                logps: empty,
-                token_counts: vec![0; batch.rows],
-                mean_logit_sums: zeros.clone(),
-                entropy_sums: zeros,
-            });
-        }
-        let input_ids = Tensor::from_slice(&batch.input_ids, (batch.rows, batch.width), &device)?;
-        let hidden = self.forward_hidden(&input_ids, &batch.lengths, choice)?;
-        let grad = choice == AdapterChoice::Policy;
-        let total = scored.targets.len();
-        let hidden_size = self.config().hidden_size;
-        let vocab = self.config().vocab_size;
-
-        let mut token_logps = Vec::new();
-        let mut mean_logits = Vec::with_capacity(total);
-        let mut entropies = Vec::with_capacity(total);
-        if total > 0 {
-            let sources = Tensor::from_slice(&scored.sources, total, &device)?;
-            let targets = Tensor::from_slice(&scored.targets, (total, 1), &device)?;
-            let selected = hidden
-                .reshape((batch.rows * batch.width, hidden_size))?
-                .index_select(&sources, 0)?;
-            let chunk = (self.logits_chunk_elements() / vocab.max(1)).max(1);
-            let vocab_ids = Tensor::arange(0u32, vocab as u32, &device)?.unsqueeze(0)?;
-            let mut start = 0;
-            while start < total {
-                let n = chunk.min(total - start);
-                let h = selected.narrow(0, start, n)?;
-                let target = targets.narrow(0, start, n)?;
-                let logits = self.lm_head().forward(&h.detach())?.to_dtype(DType::F32)?;
-                let max = logits.max_keepdim(D::Minus1)?;
-                let shifted = logits.broadcast_sub(&max)?;
-                let sum_exp = shifted.exp()?.sum_keepdim(D::Minus1)?;
-                let log_z = (max + sum_exp.log()?)?;
-                let log_probs = logits.broadcast_sub(&log_z)?;
-                let probs = log_probs.exp()?;
-                let target_logp = log_probs.gather(&target, 1)?.squeeze(1)?;
-                entropies.extend(
-                    (probs.mul(&logits)?.sum(D::Minus1)? * -1.0)?
-                        .add(&log_z.squeeze(1)?)?
-                        .to_vec1::<f32>()?,
-                );
-                mean_logits.extend(logits.mean(D::Minus1)?.to_vec1::<f32>()?);
-                let logp = if grad {
-                    let onehot = target.broadcast_eq(&vocab_ids)?.to_dtype(DType::F32)?;
-                    let grad_logits = (onehot - probs)?.to_dtype(self.dtype())?;
-                    drop(log_probs);
-                    // d log p(target) / d h = Wᵀ (onehot − softmax), with the GEMM in the model dtype as torch does.
-                    let jacobian = grad_logits
-                        .matmul(self.lm_head().weight())?
-                        .to_dtype(DType::F32)?;
-                    let surrogate = h.to_dtype(DType::F32)?.mul(&jacobian)?.sum(D::Minus1)?;
-                    (target_logp + (&surrogate - surrogate.detach())?)?
-                } else {
-                    target_logp
-                };
-                token_logps.push(logp);
-                start += n;
-            }
-        }
-        let token_logps = if token_logps.is_empty() {
-            Tensor::zeros(0, DType::F32, &device)?
-        } else {
-            Tensor::cat(&token_logps, 0)?
-        };
-
-        let mut row_logps = Vec::with_capacity(batch.rows);
-        let (mut mean_logit_sums, mut entropy_sums) = (Vec::new(), Vec::new());
-        let mut offset = 0;
-        for &count in &scored.counts {
-            row_logps.push(if count == 0 {
-                Tensor::zeros((), DType::F32, &device)?
+/// Completion log-probs of every row of `batch` from the final hidden states [rows, width, hidden] through
+/// `lm_head`, in chunks of at most `chunk_elements / vocab` tokens; with `grad`, `logps` carries the gradient for the
+/// hidden states (and through them the LoRA weights).
+pub(crate) fn completion_logps(
+    hidden: &Tensor,
+    batch: &SequenceBatch,
+    lm_head: &FrozenLinear,
+    chunk_elements: usize,
+    grad: bool,
+) -> Result<SequenceLogps> {
+    let scored = scored_tokens(batch)?;
+    let device = hidden.device().clone();
+    let hidden_size = lm_head.in_features();
+    let vocab = lm_head.out_features();
+    let total = scored.targets.len();
+    let mut token_logps = Vec::new();
+    let mut mean_logits = Vec::with_capacity(total);
+    let mut entropies = Vec::with_capacity(total);
+    if total > 0 {
+        let sources = Tensor::from_slice(&scored.sources, total, &device)?;
+        let targets = Tensor::from_slice(&scored.targets, total, &device)?;
+        let selected = hidden
+            .reshape((batch.rows * batch.width, hidden_size))?
+            .index_select(&sources, 0)?;
+        let chunk = (chunk_elements / vocab.max(1)).max(1);
+        let mut start = 0;
+        while start < total {
+            let n = chunk.min(total - start);
+            let h = selected.narrow(0, start, n)?;
+            let target = targets.narrow(0, start, n)?;
+            let logits = lm_head.forward(&h.detach())?;
+            let stats = logprob_stats(&logits, &target)?;
+            let column = |c: usize| -> Result<Tensor> {
+                Ok(stats.narrow(1, c, 1)?.squeeze(1)?.contiguous()?)
+            };
+            entropies.extend(column(ENTROPY)?.to_vec1::<f32>()?);
+            mean_logits.extend(column(MEAN_LOGIT)?.to_vec1::<f32>()?);
+            let target_logp = column(LOGP)?;
+            let logp = if grad {
+                let ones = Tensor::ones(n, DType::F32, &device)?;
+                let grad_logits = logprob_backward(&logits, &target, &column(LSE)?, &ones)?;
+                drop(logits);
+                // d log p(target) / d h = Wᵀ (onehot − softmax), with the GEMM in the model dtype as torch does.
+                let jacobian = grad_logits.matmul(lm_head.weight())?.to_dtype(DType::F32)?;
+                let surrogate = h.to_dtype(DType::F32)?.mul(&jacobian)?.sum(1)?;
+                (target_logp + (&surrogate - surrogate.detach())?)?
             } else {
-                token_logps.narrow(0, offset, count)?.sum_all()?
-            });
-            mean_logit_sums.push(
-                mean_logits[offset..offset + count]
-                    .iter()
-                    .map(|&v| v as f64)
-                    .sum(),
-            );
-            entropy_sums.push(
-                entropies[offset..offset + count]
-                    .iter()
-                    .map(|&v| v as f64)
-                    .sum(),
-            );
-            offset += count;
+                target_logp
+            };
+            token_logps.push(logp);
+            start += n;
         }
-        Ok(SequenceLogps {
-            logps: Tensor::stack(&row_logps, 0)?,
-            token_counts: scored.counts,
-            mean_logit_sums,
-            entropy_sums,
-        })
     }
+    let token_logps = if token_logps.is_empty() {
+        Tensor::zeros(0, DType::F32, &device)?
+    } else {
+        Tensor::cat(&token_logps, 0)?
+    };
+    let mut row_logps = Vec::with_capacity(batch.rows);
+    let (mut mean_logit_sums, mut entropy_sums) = (Vec::new(), Vec::new());
+    let mut offset = 0;
+    for &count in &scored.counts {
+        row_logps.push(if count == 0 {
+            Tensor::zeros((), DType::F32, &device)?
+        } else {
+            token_logps.narrow(0, offset, count)?.sum_all()?
+        });
+        let sum = |values: &[f32]| {
+            values[offset..offset + count]
+                .iter()
+                .map(|&v| v as f64)
+                .sum()
+        };
+        mean_logit_sums.push(sum(&mean_logits));
+        entropy_sums.push(sum(&entropies));
+        offset += count;
+    }
+    Ok(SequenceLogps {
+        logps: Tensor::stack(&row_logps, 0)?,
+        token_counts: scored.counts,
+        mean_logit_sums,
+        entropy_sums,
+    })
+}
+
+/// Checks that `batch` is consistent (the model calls this before running the decoder).
+pub(crate) fn check_batch(batch: &SequenceBatch) -> Result<()> {
+    scored_tokens(batch).map(|_| ())
+}
+
+/// Per-row results of an empty batch (no rows or no columns).
+pub(crate) fn empty_logps(rows: usize, device: &candle_core::Device) -> Result<SequenceLogps> {
+    let zeros = vec![0.0; rows];
+    Ok(SequenceLogps {
+        logps: Tensor::zeros(rows, DType::F32, device)?,
+        token_counts: vec![0; rows],
+        mean_logit_sums: zeros.clone(),
+        entropy_sums: zeros,
+    })
 }

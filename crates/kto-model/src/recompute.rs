@@ -7,7 +7,7 @@
 //! layer call owns a seed, and the recompute reseeds its dropout source with it.
 
 use crate::config::ModelConfig;
-use crate::llama::{DecoderLayer, Pass};
+use crate::layer::{DecoderLayer, LayerContext, Pass};
 use crate::lora::{DropoutSource, LoraAdapter};
 use candle_core::backend::BackendStorage;
 use candle_core::backprop::GradStore;
@@ -65,8 +65,8 @@ pub struct RecomputedLayer {
     layer: DecoderLayer,
     config: ModelConfig,
     adapter: Option<Arc<LoraAdapter>>,
-    /// Attention mask, rotary cos, rotary sin.
-    context: [Tensor; 3],
+    /// The mask and rotary positions every layer of the forward shares.
+    context: LayerContext,
     dropout_seed: Option<u64>,
     side_grads: SideGrads,
     out: Mutex<Option<Tensor>>,
@@ -77,7 +77,7 @@ impl RecomputedLayer {
         layer: DecoderLayer,
         config: ModelConfig,
         adapter: Option<Arc<LoraAdapter>>,
-        context: [Tensor; 3],
+        context: LayerContext,
         dropout_seed: Option<u64>,
         side_grads: SideGrads,
     ) -> Self {
@@ -111,9 +111,8 @@ impl RecomputedLayer {
             grad,
             dropout: dropout.as_ref(),
         };
-        let [mask, cos, sin] = &self.context;
         self.layer
-            .forward(&self.config, x, mask, cos, sin, pass, None)
+            .forward(&self.config, x, &self.context, pass, None)
             .map_err(candle_core::Error::wrap)
     }
 

@@ -1,0 +1,271 @@
+//! One Llama decoder layer on the fused ops of `kto-kernels`.
+//!
+//! Shaped like candle-transformers' `models/llama.rs`, with these differences, all for training speed and memory:
+//! the linears that read the same input run as one GEMM over weights concatenated at load (`q|k|v`, `gate|up`), each
+//! followed by the LoRA epilogue (`base + scale · h·Bᵀ` in f32, one rounding, PEFT's semantics); RMSNorm, RoPE (which
+//! also moves q and k into the attention layout), SwiGLU and attention are single ops with their own backward, so
+//! autograd keeps their inputs and nothing of their insides. Base weights are frozen ([`FrozenLinear`]: no weight
+//! gradient is computed).
+
+use crate::config::ModelConfig;
+use crate::frozen_linear::FrozenLinear;
+use crate::lora::{DropoutSource, LoraAdapter, LoraTarget};
+use anyhow::{Context, Result};
+use candle_core::{DType, Tensor};
+use candle_nn::VarBuilder;
+use kto_kernels::attention::{attention, AttentionMask};
+
+/// Per-call settings resolved from an `AdapterChoice`.
+#[derive(Clone, Copy)]
+pub(crate) struct Pass<'a> {
+    pub(crate) adapter: Option<&'a LoraAdapter>,
+    pub(crate) grad: bool,
+    pub(crate) dropout: Option<&'a DropoutSource>,
+}
+
+/// What every layer of one forward shares: which keys each query sees, and the rotary positions.
+#[derive(Debug, Clone)]
+pub(crate) struct LayerContext {
+    pub(crate) mask: AttentionMask,
+    /// u32 [rows, tokens].
+    pub(crate) positions: Tensor,
+    /// f32 [head_dim / 2].
+    pub(crate) inv_freq: Tensor,
+}
+
+/// Linears of one layer that read the same input, as one GEMM over their concatenated frozen weights, plus the
+/// LoRA update of whichever of them the pass's adapter targets.
+#[derive(Debug, Clone)]
+pub(crate) struct FusedLinear {
+    layer: usize,
+    base: FrozenLinear,
+    /// The modules in column order: (module, first output column, output columns).
+    modules: Vec<(LoraTarget, usize, usize)>,
+}
+
+impl FusedLinear {
+    fn load(
+        vb: &VarBuilder,
+        config: &ModelConfig,
+        layer: usize,
+        targets: &[LoraTarget],
+        bias: bool,
+    ) -> Result<Self> {
+        let mut weights = Vec::new();
+        let mut biases = Vec::new();
+        let mut modules = Vec::new();
+        let mut column = 0;
+        for &target in targets {
+            let (fan_in, fan_out) = target.shape(config);
+            let module = vb.pp(target.module_name());
+            weights.push(module.get((fan_out, fan_in), "weight")?);
+            if bias {
+                biases.push(module.get(fan_out, "bias")?);
+            }
+            modules.push((target, column, fan_out));
+            column += fan_out;
+        }
+        // One copy of the weights, concatenated (the per-module tensors are dropped: no second copy in memory).
+        let weight = if weights.len() == 1 {
+            weights.remove(0)
+        } else {
+            Tensor::cat(&weights, 0)?
+        };
+        let bias = match biases.len() {
+            0 => None,
+            1 => Some(biases.remove(0)),
+            _ => Some(Tensor::cat(&biases, 0)?),
+        };
+        Ok(Self {
+            layer,
+            base: FrozenLinear::new(weight, bias)?,
+            modules,
+        })
+    }
+
+    /// `x` [..., in] → [..., Σ out]: the base GEMM, then for adapted modules `+ scale · (dropout(x) Aᵀ) Bᵀ` in f32.
+    /// The q|k|v (and gate|up) LoRA inputs share one `x·Aᵀ` GEMM over the stacked `A`s when dropout is off (TRL's
+    /// default); with dropout each module draws its own mask, in module order, as separate linears would.
+    fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
+        let y = self.base.forward(x)?;
+        let Some(adapter) = pass.adapter else {
+            return Ok(y);
+        };
+        let pairs: Vec<_> = self
+            .modules
+            .iter()
+            .map(|&(target, _, _)| adapter.pair((self.layer, target)))
+            .collect();
+        if pairs.iter().all(Option::is_none) {
+            return Ok(y);
+        }
+        let config = adapter.config();
+        let r = config.r;
+        let fan_in = *x
+            .dims()
+            .last()
+            .context("a linear input has no feature dimension")?;
+        let rows = x.elem_count() / fan_in.max(1);
+        let device = x.device();
+        let var = |v: &candle_core::Var| {
+            if pass.grad {
+                v.as_tensor().clone()
+            } else {
+                v.as_tensor().detach()
+            }
+        };
+        // A module without an adapter contributes zero columns of h and zero rows of B.
+        let mut a_rows = Vec::with_capacity(pairs.len());
+        let mut b_rows = Vec::with_capacity(pairs.len());
+        for (pair, &(_, _, fan_out)) in pairs.iter().zip(&self.modules) {
+            match pair {
+                Some(pair) => {
+                    a_rows.push(var(&pair.a));
+                    b_rows.push(var(&pair.b));
+                }
+                None => {
+                    a_rows.push(Tensor::zeros((r, fan_in), DType::F32, device)?);
+                    b_rows.push(Tensor::zeros((fan_out, r), DType::F32, device)?);
+                }
+            }
+        }
+        // PEFT casts the LoRA input to the adapter's dtype (f32).
+        let x32 = x.to_dtype(DType::F32)?.reshape((rows, fan_in))?;
+        let h = match pass.dropout.filter(|_| config.dropout > 0.0) {
+            None => x32.matmul(&cat(&a_rows, 0)?.t()?)?,
+            Some(source) => {
+                let mut parts = Vec::with_capacity(pairs.len());
+                for (pair, a) in pairs.iter().zip(&a_rows) {
+                    parts.push(if pair.is_some() {
+                        let mask = source.keep_mask(&[rows, fan_in], config.dropout, device)?;
+                        (&x32 * mask)?.matmul(&a.t()?)?
+                    } else {
+                        Tensor::zeros((rows, r), DType::F32, device)?
+                    });
+                }
+                cat(&parts, 1)?
+            }
+        };
+        let starts: Vec<usize> = self.modules.iter().map(|&(_, start, _)| start).collect();
+        let out_dims = y.dims().to_vec();
+        let out = kto_kernels::lora::lora_epilogue(
+            &y.reshape((rows, y.dim(candle_core::D::Minus1)?))?,
+            &h,
+            &cat(&b_rows, 0)?,
+            &starts,
+            config.scale(),
+        )?;
+        Ok(out.reshape(out_dims)?)
+    }
+}
+
+fn cat(parts: &[Tensor], dim: usize) -> Result<Tensor> {
+    Ok(if parts.len() == 1 {
+        parts[0].clone()
+    } else {
+        Tensor::cat(parts, dim)?
+    })
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    qkv: FusedLinear,
+    o: FusedLinear,
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_up: FusedLinear,
+    down: FusedLinear,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct DecoderLayer {
+    input_layernorm: Tensor,
+    attn: Attention,
+    post_attention_layernorm: Tensor,
+    mlp: Mlp,
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        c: &ModelConfig,
+        x: &Tensor,
+        context: &LayerContext,
+        pass: Pass,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let (rows, width, _) = x.dims3()?;
+        let (heads, kv_heads, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let qkv = self
+            .qkv
+            .forward(x, pass)?
+            .reshape((rows, width, heads + 2 * kv_heads, d))?;
+        // RoPE reads q and k straight from the fused output and writes them in [rows, heads, tokens, d].
+        let rope = |first: usize, n: usize| {
+            kto_kernels::rope::rope(
+                &qkv.narrow(2, first, n)?,
+                &context.positions,
+                &context.inv_freq,
+            )
+        };
+        let q = rope(0, heads)?;
+        let mut k = rope(heads, kv_heads)?;
+        let mut v = qkv
+            .narrow(2, heads + kv_heads, kv_heads)?
+            .transpose(1, 2)?
+            .contiguous()?;
+        if let Some(slot) = cache {
+            if let Some((k_old, v_old)) = slot.as_ref() {
+                k = Tensor::cat(&[k_old, &k], 2)?;
+                v = Tensor::cat(&[v_old, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let scale = 1.0 / (d as f64).sqrt();
+        let out = attention(&q, &k, &v, &context.mask, scale)?
+            .transpose(1, 2)?
+            .reshape((rows, width, heads * d))?;
+        self.o.forward(&out, pass)
+    }
+}
+
+impl DecoderLayer {
+    pub(crate) fn load(vb: &VarBuilder, config: &ModelConfig, index: usize) -> Result<Self> {
+        let h = config.hidden_size;
+        let attn = vb.pp("self_attn");
+        let mlp = vb.pp("mlp");
+        use LoraTarget::*;
+        Ok(Self {
+            input_layernorm: vb.pp("input_layernorm").get(h, "weight")?,
+            attn: Attention {
+                qkv: FusedLinear::load(&attn, config, index, &[Q, K, V], config.qkv_bias)?,
+                o: FusedLinear::load(&attn, config, index, &[O], config.o_bias)?,
+            },
+            post_attention_layernorm: vb.pp("post_attention_layernorm").get(h, "weight")?,
+            mlp: Mlp {
+                gate_up: FusedLinear::load(&mlp, config, index, &[Gate, Up], config.mlp_bias)?,
+                down: FusedLinear::load(&mlp, config, index, &[Down], config.mlp_bias)?,
+            },
+        })
+    }
+
+    /// Pre-norm attention and MLP, each added to the residual stream.
+    pub(crate) fn forward(
+        &self,
+        config: &ModelConfig,
+        x: &Tensor,
+        context: &LayerContext,
+        pass: Pass,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let eps = config.rms_norm_eps;
+        let normed = kto_kernels::rmsnorm::rms_norm(x, &self.input_layernorm, eps)?;
+        let x = (x + self.attn.forward(config, &normed, context, pass, cache)?)?;
+        let normed = kto_kernels::rmsnorm::rms_norm(&x, &self.post_attention_layernorm, eps)?;
+        let gate_up = self.mlp.gate_up.forward(&normed, pass)?;
+        let hidden = kto_kernels::swiglu::swiglu(&gate_up)?;
+        Ok((&x + self.mlp.down.forward(&hidden, pass)?)?)
+    }
+}
