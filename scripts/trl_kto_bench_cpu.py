@@ -1,0 +1,198 @@
+"""Helper of scripts/bench-cpu.sh: TRL 1.16's KTOTrainer on CPU beside `kto train`, same data and settings.
+
+usage:
+  trl_kto_bench_cpu.py data PREPARED_TRAIN_JSONL OUT_JSONL          (standard library only)
+  trl_kto_bench_cpu.py make-smollm2 TOKENIZER_DIR OUT_DIR            (torch + transformers)
+  trl_kto_bench_cpu.py trl MODEL_DIR DATA_JSONL OUT_DIR STEPS THREADS gc|nogc
+  trl_kto_bench_cpu.py table WORK STEPS WARMUP THREADS MODEL... -- RUN...   (standard library only)
+
+RUN: a folder name under WORK/MODEL: trl-gc, trl-nogc (TRL) or any other (kto; its metrics.jsonl).
+
+`trl` prints nothing useful itself: it writes OUT_DIR/trl.json (per step: the time at on_step_end and TRL's
+running `num_tokens`). `table` reads every run's files and prints the markdown table.
+"""
+import json, os, shutil, sys
+
+BATCH, MAX_LENGTH = 8, 256
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def cmd_data(prepared, out):
+    """The unpaired samples in `kto prepare`'s (seeded, shuffled) order, reduced to TRL's three fields, so that
+    both trainers read the very same file (TRL would carry an extra `pair` column into its batches)."""
+    n = 0
+    with open(prepared) as src, open(out + ".tmp", "w") as dst:
+        for line in src:
+            if line.strip():
+                r = json.loads(line)
+                dst.write(json.dumps({"prompt": r["prompt"], "completion": r["completion"],
+                                      "label": r["label"]}) + "\n")
+                n += 1
+    os.replace(out + ".tmp", out)
+    print(f"{n} unpaired samples -> {out}")
+
+
+def cmd_make_smollm2(tokenizer_dir, out):
+    """A SmolLM2-135M-shaped Llama with random N(0, 0.02) weights (transformers' init, seed 0), f32 safetensors,
+    with the tokenizer of `tokenizer_dir` (its ids must stay below the vocabulary of 49152)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tok_cfg = json.load(open(os.path.join(tokenizer_dir, "tokenizer_config.json")))
+    vocab = json.load(open(os.path.join(tokenizer_dir, "tokenizer.json")))["model"]["vocab"]
+    assert max(vocab.values()) < 49152, "the tokenizer's ids must fit the 49152-token vocabulary"
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
+                      rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=1,
+                      eos_token_id=2, pad_token_id=2, attention_bias=False, mlp_bias=False)
+    model = LlamaForCausalLM(cfg).to(torch.float32)
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"SmolLM2-135M-shaped checkpoint ({params / 1e6:.1f} M parameters, tokenizer "
+          f"{tok_cfg.get('tokenizer_class')}, {len(vocab)} tokens) -> {out}")
+
+
+def cmd_trl(model_dir, data, out, steps, threads, gc):
+    """TRL's KTOTrainer with its defaults but for the bench's settings; `gc`: gradient checkpointing, which
+    KTOConfig turns on by default (kto has none in training, hence the `nogc` variant beside it)."""
+    import time
+    import torch
+    torch.set_num_threads(threads)
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import KTOConfig, KTOTrainer
+
+    class StepTimes(TrainerCallback):
+        def __init__(self):
+            self.ends = []
+
+        def on_step_end(self, args, state, control, **kw):
+            self.ends.append(time.perf_counter())  # CPU: the step's work is done when it returns
+
+    ds = load_dataset("json", data_files=data, split="train")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    args = KTOConfig(output_dir=os.path.join(out, "trl_out"), per_device_train_batch_size=BATCH,
+                     gradient_accumulation_steps=1, max_length=MAX_LENGTH, beta=0.1,
+                     precompute_ref_log_probs=False, max_steps=steps, logging_steps=1, save_strategy="no",
+                     report_to="none", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
+                     gradient_checkpointing=gc)
+    peft = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
+    timer = StepTimes()
+    trainer = KTOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft,
+                         callbacks=[timer])
+    trainer.train()
+    logs = [r for r in trainer.state.log_history if "loss" in r and "num_tokens" in r]
+    result = {
+        "steps": len(timer.ends), "step_ends": timer.ends, "num_tokens": [r["num_tokens"] for r in logs],
+        "loss": [r["loss"] for r in logs], "threads": torch.get_num_threads(),
+        "gradient_checkpointing": bool(args.gradient_checkpointing),
+        "versions": {m.__name__: m.__version__ for m in map(__import__, ("torch", "transformers", "peft", "trl"))},
+        "samples": len(trainer.train_dataset), "device": str(trainer.args.device),
+    }
+    with open(os.path.join(out, "trl.json"), "w") as f:
+        json.dump(result, f)
+
+
+# ---- table ----
+
+def peak_rss_gib(path):
+    """`/usr/bin/time -v`'s "Maximum resident set size (kbytes)"."""
+    try:
+        for line in open(path):
+            if "Maximum resident set size" in line:
+                return int(line.rsplit(":", 1)[1]) / 2**20
+    except (OSError, ValueError):
+        pass
+    return float("nan")
+
+
+def trl_row(run_dir, steps, warmup):
+    r = json.load(open(os.path.join(run_dir, "trl.json")))
+    ends, toks = r["step_ends"], r["num_tokens"]
+    if len(ends) != steps or len(toks) != steps:
+        raise SystemExit(f"{run_dir}: TRL ran {len(ends)} steps / logged {len(toks)}, expected {steps}")
+    step_s = (ends[-1] - ends[warmup - 1]) / (steps - warmup)
+    return {"step_s": step_s, "tokens": toks, "rss": peak_rss_gib(os.path.join(run_dir, "trl.time")), "meta": r}
+
+
+def kto_row(run_dir, steps, warmup):
+    rows = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl")) if l.strip()]
+    train = [r for r in rows if "loss" in r and "samples_per_second" in r]
+    if [r["step"] for r in train] != list(range(1, steps + 1)):
+        raise SystemExit(f"{run_dir}: kto logged steps {[r['step'] for r in train]}, expected 1..{steps}")
+    timed = train[warmup:]
+    step_s = sum(BATCH / r["samples_per_second"] for r in timed) / len(timed)
+    return {"step_s": step_s, "tokens": [r["num_tokens"] for r in train],
+            "rss": peak_rss_gib(os.path.join(run_dir, "kto.time"))}
+
+
+TRL_LABELS = {"trl-gc": "TRL (gc: its default)", "trl-nogc": "TRL (no gc)"}
+TRL_SHORT = {"trl-gc": "gc", "trl-nogc": "no gc"}
+
+
+def cmd_table(work, steps, warmup, threads, models, runs):
+    """One markdown table; each kto row carries its ratios to every TRL row of the same model."""
+    trl_runs = [r for r in runs if r in TRL_LABELS]
+    kto_runs = [r for r in runs if r not in TRL_LABELS]
+    vs = " / ".join(TRL_SHORT[r] for r in trl_runs)
+    print(f"| model | trainer | s/step | samples/s | tokens/s | peak RSS GiB | samples/s ÷ TRL ({vs}) | "
+          f"RSS ÷ TRL ({vs}) |")
+    print("|---|---|---|---|---|---|---|---|")
+    notes, meta = [], None
+    for model in models:
+        trl = {r: trl_row(os.path.join(work, model, r), steps, warmup) for r in trl_runs}
+        kto = {r: kto_row(os.path.join(work, model, r), steps, warmup) for r in kto_runs}
+        rows = list(trl.items()) + list(kto.items())
+        meta = rows[0][1].get("meta", meta) if trl else meta
+        # Real (unpadded) prompt + completion tokens per timed step: the growth of the running `num_tokens`
+        # (TRL: the batch's attention-mask sum; kto counts the same), from the first run (all must agree).
+        ref_name, ref = rows[0]
+        per_step = (ref["tokens"][-1] - ref["tokens"][warmup - 1]) / (steps - warmup)
+        for name, r in rows:
+            if r["tokens"] != ref["tokens"]:
+                notes.append(f"{model}: {name}'s running num_tokens {r['tokens'][:3]}… differ from {ref_name}'s "
+                             f"{ref['tokens'][:3]}…: not the same samples or tokenization")
+            speed = " / ".join(f"{t['step_s'] / r['step_s']:.2f}×" for t in trl.values()) if name in kto else ""
+            mem = " / ".join(f"{r['rss'] / t['rss']:.2f}×" for t in trl.values()) if name in kto else ""
+            print(f"| {model} | {TRL_LABELS.get(name, name)} | {r['step_s']:.3f} | {BATCH / r['step_s']:.2f} | "
+                  f"{per_step / r['step_s']:.0f} | {r['rss']:.2f} | {speed} | {mem} |")
+    print()
+    print(f"{steps} steps of batch {BATCH} on every side ({steps * BATCH} samples; running num_tokens "
+          f"{'DIFFER, see below' if notes else 'identical on every side, step by step'}), the first {warmup} not "
+          f"timed; max_length {MAX_LENGTH}, f32, LoRA r 8 / alpha 16 / dropout 0.05 (zeroed by disable_dropout) on "
+          f"q,k,v,o,gate,up,down, beta 0.1, KL pairs and reference log-probs every step, TRL defaults otherwise; "
+          f"{threads} threads on every side (RAYON_NUM_THREADS={threads}"
+          + (f", torch.get_num_threads()={meta['threads']}; TRL on {meta['device']}; torch {meta['versions']['torch']}, "
+             f"transformers {meta['versions']['transformers']}, peft {meta['versions']['peft']}, "
+             f"trl {meta['versions']['trl']}" if meta else "") + ").")
+    for n in notes:
+        print(f"WARNING: {n}")
+
+
+def main(argv):
+    cmd = argv[0]
+    if cmd == "data":
+        cmd_data(argv[1], argv[2])
+    elif cmd == "make-smollm2":
+        cmd_make_smollm2(argv[1], argv[2])
+    elif cmd == "trl":
+        if argv[6] not in ("gc", "nogc"):
+            raise SystemExit(__doc__)
+        cmd_trl(argv[1], argv[2], argv[3], int(argv[4]), int(argv[5]), argv[6] == "gc")
+    elif cmd == "table":
+        sep = argv.index("--")
+        cmd_table(argv[1], int(argv[2]), int(argv[3]), int(argv[4]), argv[5:sep], argv[sep + 1:])
+    else:
+        raise SystemExit(__doc__)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
