@@ -74,7 +74,9 @@ fn build_ptx(root: &Path, out: &Path, sources: &[PathBuf]) {
              (or set NVCC)"
         )
     });
-    let mut table = String::from("/// (module, PTX) for every `kernels/*.cu`.\npub(crate) const PTX: &[(&str, &str)] = &[\n");
+    let mut table = String::from(
+        "/// (module, PTX) for every `kernels/*.cu`.\npub(crate) const PTX: &[(&str, &str)] = &[\n",
+    );
     for file in sources {
         let stem = file.file_stem().unwrap().to_string_lossy().to_string();
         let ptx = out.join(format!("{stem}.ptx"));
@@ -90,7 +92,10 @@ fn build_ptx(root: &Path, out: &Path, sources: &[PathBuf]) {
         if !status.success() {
             panic!("nvcc failed on {}", file.display());
         }
-        table.push_str(&format!("    ({stem:?}, include_str!({:?})),\n", ptx.display().to_string()));
+        table.push_str(&format!(
+            "    ({stem:?}, include_str!({:?})),\n",
+            ptx.display().to_string()
+        ));
     }
     table.push_str("];\n");
     std::fs::write(out.join("ptx.rs"), table).unwrap();

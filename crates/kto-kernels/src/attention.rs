@@ -8,6 +8,7 @@
 //! recomputes the probabilities.
 
 use crate::float::{u32_slice, Float};
+use crate::handover::HandOver;
 use crate::kernel::{Arg, Launch};
 use crate::{kernels, with_float};
 use candle_core::backend::BackendStorage;
@@ -16,7 +17,6 @@ use candle_core::{
     Storage, Tensor, D,
 };
 use rayon::prelude::*;
-use crate::handover::HandOver;
 use std::sync::Arc;
 
 kernels! {

@@ -5,11 +5,11 @@
 //! pushes its arguments in declaration order.
 
 use crate::kernel::{Arg, Launch};
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg, SyncOnDrop,
 };
 use candle_core::cuda_backend::WrapErr;
-use candle_core::backend::BackendStorage;
 use candle_core::{bail, CudaDevice, CudaStorage, Layout, Result};
 
 include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
@@ -67,9 +67,17 @@ impl DeviceAddress<'_> {
 pub type Stream = std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>;
 
 /// The address of the first element of `layout` in `storage` (any dtype).
-pub fn address<'a>(storage: &'a CudaStorage, layout: &Layout, stream: &'a Stream) -> Result<DeviceAddress<'a>> {
+pub fn address<'a>(
+    storage: &'a CudaStorage,
+    layout: &Layout,
+    stream: &'a Stream,
+) -> Result<DeviceAddress<'a>> {
     use candle_core::cuda_backend::CudaStorageSlice as S;
-    fn at<'a, T: DeviceRepr>(slice: &'a CudaSlice<T>, stream: &'a Stream, offset: usize) -> DeviceAddress<'a> {
+    fn at<'a, T: DeviceRepr>(
+        slice: &'a CudaSlice<T>,
+        stream: &'a Stream,
+        offset: usize,
+    ) -> DeviceAddress<'a> {
         let (ptr, guard) = slice.device_ptr(stream);
         DeviceAddress {
             address: ptr + (offset * std::mem::size_of::<T>()) as u64,
@@ -91,7 +99,10 @@ pub fn address<'a>(storage: &'a CudaStorage, layout: &Layout, stream: &'a Stream
 }
 
 /// The address of a slice a kernel writes (typically freshly allocated).
-pub fn address_mut<'a, T: DeviceRepr>(slice: &'a mut CudaSlice<T>, stream: &'a Stream) -> DeviceAddress<'a> {
+pub fn address_mut<'a, T: DeviceRepr>(
+    slice: &'a mut CudaSlice<T>,
+    stream: &'a Stream,
+) -> DeviceAddress<'a> {
     let (ptr, guard) = slice.device_ptr_mut(stream);
     DeviceAddress {
         address: ptr,

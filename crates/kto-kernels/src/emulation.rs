@@ -38,13 +38,18 @@ impl Order {
 pub fn run(launch: &Launch, order: Order) -> Result<()> {
     let kernel = launch.kernel;
     let name = launch.entry_name();
-    let Some(&(_, entry, signature)) = kernel.emulated.iter().find(|(d, _, _)| *d == launch.dtype) else {
+    let Some(&(_, entry, signature)) = kernel.emulated.iter().find(|(d, _, _)| *d == launch.dtype)
+    else {
         bail!("{name}: no emulated variant");
     };
     // The C++ signature must be the declared one, parameter for parameter.
     let mut kinds = [0i32; 64];
     let count = unsafe { signature(kinds.as_mut_ptr(), kinds.len() as i32) } as usize;
-    let declared: Vec<i32> = kernel.params.iter().map(|p| p.kind.emulation_code()).collect();
+    let declared: Vec<i32> = kernel
+        .params
+        .iter()
+        .map(|p| p.kind.emulation_code())
+        .collect();
     if kinds[..count.min(64)] != declared[..] {
         bail!(
             "{name}: the C++ kernel takes parameters of kinds {:?}, the Rust declaration {:?} (0 pointer, 1 int, \
@@ -53,7 +58,11 @@ pub fn run(launch: &Launch, order: Order) -> Result<()> {
             declared
         );
     }
-    let args: Vec<*mut c_void> = launch.args.iter().map(|a| a.as_ptr() as *mut c_void).collect();
+    let args: Vec<*mut c_void> = launch
+        .args
+        .iter()
+        .map(|a| a.as_ptr() as *mut c_void)
+        .collect();
     let mut error = vec![0u8; 1024];
     let rc = unsafe {
         kto_simt_launch(
@@ -69,7 +78,10 @@ pub fn run(launch: &Launch, order: Order) -> Result<()> {
     };
     if rc != 0 {
         let end = error.iter().position(|&b| b == 0).unwrap_or(error.len());
-        bail!("{name} ({order:?}): {}", String::from_utf8_lossy(&error[..end]));
+        bail!(
+            "{name} ({order:?}): {}",
+            String::from_utf8_lossy(&error[..end])
+        );
     }
     Ok(())
 }
@@ -90,7 +102,8 @@ pub struct GuardedBuffer<T: Copy> {
 unsafe impl<T: Copy + Send> Send for GuardedBuffer<T> {}
 
 extern "C" {
-    fn mmap(addr: *mut c_void, len: usize, prot: i32, flags: i32, fd: i32, off: i64) -> *mut c_void;
+    fn mmap(addr: *mut c_void, len: usize, prot: i32, flags: i32, fd: i32, off: i64)
+        -> *mut c_void;
     fn munmap(addr: *mut c_void, len: usize) -> i32;
     fn mprotect(addr: *mut c_void, len: usize, prot: i32) -> i32;
 }

@@ -38,7 +38,11 @@ macro_rules! float_impl {
             fn from_f32(v: f32) -> Self {
                 $from(v)
             }
-            fn slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [Self]> {
+            fn slice<'a>(
+                storage: &'a CpuStorage,
+                layout: &Layout,
+                what: &str,
+            ) -> Result<&'a [Self]> {
                 match storage {
                     CpuStorage::$dtype(values) => contiguous(values, layout, what),
                     other => bail!(
@@ -85,7 +89,9 @@ macro_rules! with_float {
                 type $T = half::f16;
                 $body
             }
-            other => candle_core::bail!("{}: unsupported dtype {other:?} (f32, bf16 or f16)", $what),
+            other => {
+                candle_core::bail!("{}: unsupported dtype {other:?} (f32, bf16 or f16)", $what)
+            }
         }
     };
 }

@@ -155,7 +155,11 @@ impl Launch {
         args: Vec<Arg>,
     ) -> Result<Self> {
         if !kernel.supports(dtype) {
-            bail!("{}: no {dtype:?} variant (has {:?})", kernel.name, kernel.dtypes);
+            bail!(
+                "{}: no {dtype:?} variant (has {:?})",
+                kernel.name,
+                kernel.dtypes
+            );
         }
         if args.len() != kernel.params.len() {
             bail!(

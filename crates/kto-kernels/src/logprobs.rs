@@ -7,6 +7,7 @@
 //! autograd node of [`token_logprobs`] keeps only the logits it already has, the targets and lse [n].
 
 use crate::float::{u32_slice, Float};
+use crate::handover::HandOver;
 use crate::kernel::{Arg, Launch};
 use crate::{kernels, with_float};
 use candle_core::backend::BackendStorage;
@@ -15,7 +16,6 @@ use candle_core::{
     Tensor,
 };
 use rayon::prelude::*;
-use crate::handover::HandOver;
 use std::sync::Arc;
 
 kernels! {

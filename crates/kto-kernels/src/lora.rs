@@ -415,7 +415,8 @@ impl CustomOp3 for LoraEpilogue {
         // Detached: the gradients must not carry a graph back into the forward (a leaf's gradient is kept as it is
         // returned, and an optimizer state built from it would hold every step's graph alive).
         let h2 = h.detach().reshape((rows, h.dim(D::Minus1)?))?;
-        let (dh, db) = lora_epilogue_backward(&g, &h2, &b.detach(), &self.segment_starts, self.scale)?;
+        let (dh, db) =
+            lora_epilogue_backward(&g, &h2, &b.detach(), &self.segment_starts, self.scale)?;
         Ok((Some(grad.clone()), Some(dh.reshape(h.shape())?), Some(db)))
     }
 }

@@ -1,11 +1,13 @@
 //! RMSNorm with a frozen weight, as transformers' `LlamaRMSNorm`: `w · round(x · rsqrt(mean(x²) + eps))`, the
 //! statistics in f32 and one rounding to the input dtype before the weight. Backward gives the input gradient only.
 
-use crate::float::{Float, round_to};
+use crate::float::{round_to, Float};
 use crate::kernel::{Arg, Launch};
 use crate::{kernels, with_float};
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor,
+};
 use rayon::prelude::*;
 
 kernels! {
@@ -31,10 +33,32 @@ fn check_rows(rows: usize, dim: usize) -> Result<()> {
 }
 
 /// The forward launch over `rows` rows of `dim` elements.
-pub fn forward_launch(dtype: DType, rows: usize, dim: usize, eps: f32, x: Arg, weight: Arg, y: Arg) -> Result<Launch> {
+pub fn forward_launch(
+    dtype: DType,
+    rows: usize,
+    dim: usize,
+    eps: f32,
+    x: Arg,
+    weight: Arg,
+    y: Arg,
+) -> Result<Launch> {
     check_rows(rows, dim)?;
-    let args = vec![x, weight, y, Arg::I32(rows as i32), Arg::I32(dim as i32), Arg::F32(eps)];
-    Launch::new(&RMSNORM_FWD, dtype, [rows as u32, 1, 1], [block_threads(dim), 1, 1], 0, args)
+    let args = vec![
+        x,
+        weight,
+        y,
+        Arg::I32(rows as i32),
+        Arg::I32(dim as i32),
+        Arg::F32(eps),
+    ];
+    Launch::new(
+        &RMSNORM_FWD,
+        dtype,
+        [rows as u32, 1, 1],
+        [block_threads(dim), 1, 1],
+        0,
+        args,
+    )
 }
 
 /// The backward launch: `dx` from `x` and the output gradient `grad`.
@@ -50,20 +74,37 @@ pub fn backward_launch(
     dx: Arg,
 ) -> Result<Launch> {
     check_rows(rows, dim)?;
-    let args = vec![x, weight, grad, dx, Arg::I32(rows as i32), Arg::I32(dim as i32), Arg::F32(eps)];
-    Launch::new(&RMSNORM_BWD, dtype, [rows as u32, 1, 1], [block_threads(dim), 1, 1], 0, args)
+    let args = vec![
+        x,
+        weight,
+        grad,
+        dx,
+        Arg::I32(rows as i32),
+        Arg::I32(dim as i32),
+        Arg::F32(eps),
+    ];
+    Launch::new(
+        &RMSNORM_BWD,
+        dtype,
+        [rows as u32, 1, 1],
+        [block_threads(dim), 1, 1],
+        0,
+        args,
+    )
 }
 
 /// CPU twin of the forward: rows of `weight.len()` elements.
 pub fn forward_twin<T: Float>(x: &[T], weight: &[T], y: &mut [T], eps: f32) {
     let dim = weight.len();
-    y.par_chunks_mut(dim).zip(x.par_chunks(dim)).for_each(|(yr, xr)| {
-        let squares: f32 = xr.iter().map(|v| v.to_f32() * v.to_f32()).sum();
-        let rstd = 1.0 / (squares / dim as f32 + eps).sqrt();
-        for ((y, x), w) in yr.iter_mut().zip(xr).zip(weight) {
-            *y = T::from_f32(w.to_f32() * round_to::<T>(x.to_f32() * rstd));
-        }
-    });
+    y.par_chunks_mut(dim)
+        .zip(x.par_chunks(dim))
+        .for_each(|(yr, xr)| {
+            let squares: f32 = xr.iter().map(|v| v.to_f32() * v.to_f32()).sum();
+            let rstd = 1.0 / (squares / dim as f32 + eps).sqrt();
+            for ((y, x), w) in yr.iter_mut().zip(xr).zip(weight) {
+                *y = T::from_f32(w.to_f32() * round_to::<T>(x.to_f32() * rstd));
+            }
+        });
 }
 
 /// CPU twin of the backward.
@@ -92,10 +133,17 @@ pub fn backward_twin<T: Float>(x: &[T], weight: &[T], grad: &[T], dx: &mut [T], 
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dim = x.dim(candle_core::D::Minus1)?;
     if weight.dims() != [dim] {
-        bail!("rms-norm: weight {:?} for an input of {dim} features", weight.shape());
+        bail!(
+            "rms-norm: weight {:?} for an input of {dim} features",
+            weight.shape()
+        );
     }
     if weight.dtype() != x.dtype() {
-        bail!("rms-norm: weight is {:?}, input {:?}", weight.dtype(), x.dtype());
+        bail!(
+            "rms-norm: weight is {:?}, input {:?}",
+            weight.dtype(),
+            x.dtype()
+        );
     }
     x.contiguous()?.apply_op1(RmsNorm {
         weight: weight.detach().contiguous()?,
@@ -138,7 +186,9 @@ impl CustomOp1 for RmsNorm {
 
     fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (w, w_layout) = self.weight.storage_and_layout();
-        let Storage::Cpu(w) = &*w else { bail!("rms-norm: weight not on the CPU") };
+        let Storage::Cpu(w) = &*w else {
+            bail!("rms-norm: weight not on the CPU")
+        };
         with_float!(x.dtype(), "rms-norm", |T| {
             let xs = T::slice(x, layout, "rms-norm input")?;
             let ws = T::slice(w, w_layout, "rms-norm weight")?;
@@ -155,19 +205,31 @@ impl CustomOp1 for RmsNorm {
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (w, w_layout) = self.weight.storage_and_layout();
-        let Storage::Cuda(w) = &*w else { bail!("rms-norm: weight not on the GPU") };
+        let Storage::Cuda(w) = &*w else {
+            bail!("rms-norm: weight not on the GPU")
+        };
         let (rows, dim) = rows_of(layout, &self.weight);
-        let out = crate::cuda::output(&x.device, x.dtype(), layout.shape().elem_count(), |stream, y| {
-            let xa = crate::cuda::address(x, layout, stream)?;
-            let wa = crate::cuda::address(w, w_layout, stream)?;
-            let launch = forward_launch(x.dtype(), rows, dim, self.eps, xa.arg(), wa.arg(), y)?;
-            crate::cuda::run(&x.device, &launch)
-        })?;
+        let out = crate::cuda::output(
+            &x.device,
+            x.dtype(),
+            layout.shape().elem_count(),
+            |stream, y| {
+                let xa = crate::cuda::address(x, layout, stream)?;
+                let wa = crate::cuda::address(w, w_layout, stream)?;
+                let launch = forward_launch(x.dtype(), rows, dim, self.eps, xa.arg(), wa.arg(), y)?;
+                crate::cuda::run(&x.device, &launch)
+            },
+        )?;
         Ok((out, layout.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(rms_norm_backward(x, &self.weight, grad, self.eps as f64)?))
+        Ok(Some(rms_norm_backward(
+            x,
+            &self.weight,
+            grad,
+            self.eps as f64,
+        )?))
     }
 }
 
@@ -184,7 +246,9 @@ impl CustomOp2 for RmsNormBackward {
         g_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (w, w_layout) = self.weight.storage_and_layout();
-        let Storage::Cpu(w) = &*w else { bail!("rms-norm: weight not on the CPU") };
+        let Storage::Cpu(w) = &*w else {
+            bail!("rms-norm: weight not on the CPU")
+        };
         with_float!(x.dtype(), "rms-norm backward", |T| {
             let xs = T::slice(x, x_layout, "rms-norm input")?;
             let ws = T::slice(w, w_layout, "rms-norm weight")?;
@@ -204,15 +268,31 @@ impl CustomOp2 for RmsNormBackward {
         g_layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (w, w_layout) = self.weight.storage_and_layout();
-        let Storage::Cuda(w) = &*w else { bail!("rms-norm: weight not on the GPU") };
+        let Storage::Cuda(w) = &*w else {
+            bail!("rms-norm: weight not on the GPU")
+        };
         let (rows, dim) = rows_of(x_layout, &self.weight);
-        let out = crate::cuda::output(&x.device, x.dtype(), x_layout.shape().elem_count(), |stream, dx| {
-            let xa = crate::cuda::address(x, x_layout, stream)?;
-            let wa = crate::cuda::address(w, w_layout, stream)?;
-            let ga = crate::cuda::address(g, g_layout, stream)?;
-            let launch = backward_launch(x.dtype(), rows, dim, self.eps, xa.arg(), wa.arg(), ga.arg(), dx)?;
-            crate::cuda::run(&x.device, &launch)
-        })?;
+        let out = crate::cuda::output(
+            &x.device,
+            x.dtype(),
+            x_layout.shape().elem_count(),
+            |stream, dx| {
+                let xa = crate::cuda::address(x, x_layout, stream)?;
+                let wa = crate::cuda::address(w, w_layout, stream)?;
+                let ga = crate::cuda::address(g, g_layout, stream)?;
+                let launch = backward_launch(
+                    x.dtype(),
+                    rows,
+                    dim,
+                    self.eps,
+                    xa.arg(),
+                    wa.arg(),
+                    ga.arg(),
+                    dx,
+                )?;
+                crate::cuda::run(&x.device, &launch)
+            },
+        )?;
         Ok((out, x_layout.shape().clone()))
     }
 }

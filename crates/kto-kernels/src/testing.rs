@@ -61,9 +61,18 @@ impl Tolerance {
     /// Two f32 computations that differ only in the order of their sums; in bf16/f16 one rounding step apart.
     pub fn for_dtype(dtype: DType) -> Self {
         match dtype {
-            DType::BF16 => Tolerance { rel: 1.0 / 64.0, abs: 1e-3 },
-            DType::F16 => Tolerance { rel: 1.0 / 512.0, abs: 1e-4 },
-            _ => Tolerance { rel: 2e-5, abs: 2e-6 },
+            DType::BF16 => Tolerance {
+                rel: 1.0 / 64.0,
+                abs: 1e-3,
+            },
+            DType::F16 => Tolerance {
+                rel: 1.0 / 512.0,
+                abs: 1e-4,
+            },
+            _ => Tolerance {
+                rel: 2e-5,
+                abs: 2e-6,
+            },
         }
     }
 }
@@ -76,7 +85,11 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: Tolerance) -> Re
     let mut worst: Option<(usize, f32)> = None;
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let excess = if g.is_nan() || w.is_nan() {
-            if g.is_nan() && w.is_nan() { 0.0 } else { f32::INFINITY }
+            if g.is_nan() && w.is_nan() {
+                0.0
+            } else {
+                f32::INFINITY
+            }
         } else if g == w {
             0.0
         } else {
@@ -110,7 +123,11 @@ pub fn check_gradient(
     samples: usize,
 ) -> Result<()> {
     if x.len() != analytic.len() {
-        bail!("{what}: gradient has {} values for {} inputs", analytic.len(), x.len());
+        bail!(
+            "{what}: gradient has {} values for {} inputs",
+            analytic.len(),
+            x.len()
+        );
     }
     let scale = analytic.iter().fold(1f64, |m, &g| m.max(g.abs() as f64));
     let stride = (x.len() / samples.max(1)).max(1);

@@ -38,4 +38,3 @@ pub fn nvcc_flags(root: &std::path::Path) -> Vec<String> {
         .map(String::from)
         .collect()
 }
-

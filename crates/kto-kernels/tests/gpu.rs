@@ -293,20 +293,29 @@ fn completion_logprobs() -> Result<()> {
             let n = 13;
             // log p and the stats are sums over the vocabulary: compare to f32 rounding of |lse| ~ 10
             let tol = match dtype {
-                DType::F32 => Tolerance { rel: 1e-4, abs: 1e-4 },
+                DType::F32 => Tolerance {
+                    rel: 1e-4,
+                    abs: 1e-4,
+                },
                 other => Tolerance::for_dtype(other),
             };
-            compare(&gpu, &format!("token_logprobs {dtype:?} V {vocab}"), tol, |dev| {
-                let logits = input(30, &[n, vocab], 3.0, dev, dtype)?;
-                let targets: Vec<u32> = (0..n as u32).map(|i| (i * 7919) % vocab as u32).collect();
-                let targets = Tensor::from_vec(targets, n, dev)?;
-                let var = Var::from_tensor(&logits)?;
-                let (logp, stats) = token_logprobs(var.as_tensor(), &targets)?;
-                let probe = input(31, &[n], 1.0, dev, DType::F32)?;
-                let grads = (&logp * &probe)?.sum_all()?.backward()?;
-                let grad = grads.get(var.as_tensor()).expect("a gradient").clone();
-                Ok(vec![logp, stats, grad])
-            })?;
+            compare(
+                &gpu,
+                &format!("token_logprobs {dtype:?} V {vocab}"),
+                tol,
+                |dev| {
+                    let logits = input(30, &[n, vocab], 3.0, dev, dtype)?;
+                    let targets: Vec<u32> =
+                        (0..n as u32).map(|i| (i * 7919) % vocab as u32).collect();
+                    let targets = Tensor::from_vec(targets, n, dev)?;
+                    let var = Var::from_tensor(&logits)?;
+                    let (logp, stats) = token_logprobs(var.as_tensor(), &targets)?;
+                    let probe = input(31, &[n], 1.0, dev, DType::F32)?;
+                    let grads = (&logp * &probe)?.sum_all()?.backward()?;
+                    let grad = grads.get(var.as_tensor()).expect("a gradient").clone();
+                    Ok(vec![logp, stats, grad])
+                },
+            )?;
         }
     }
     Ok(())

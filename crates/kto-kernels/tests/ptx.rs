@@ -65,7 +65,11 @@ fn ptxas(nvcc: &Path, ptx_path: &Path) -> BTreeMap<String, EntryReport> {
         .output()
         .expect("running ptxas");
     let text = String::from_utf8_lossy(&output.stderr).to_string();
-    assert!(output.status.success(), "ptxas failed on {}:\n{text}", ptx_path.display());
+    assert!(
+        output.status.success(),
+        "ptxas failed on {}:\n{text}",
+        ptx_path.display()
+    );
     let number_before = |line: &str, unit: &str| -> Option<u64> {
         let at = line.find(unit)?;
         line[..at].split_whitespace().last()?.parse().ok()
@@ -99,7 +103,9 @@ fn entry_params(ptx: &str) -> BTreeMap<String, Vec<(usize, bool)>> {
     let mut entries = BTreeMap::new();
     let mut lines = ptx.lines();
     while let Some(line) = lines.next() {
-        let Some(rest) = line.trim().strip_prefix(".visible .entry ") else { continue };
+        let Some(rest) = line.trim().strip_prefix(".visible .entry ") else {
+            continue;
+        };
         let name = rest.split('(').next().unwrap().trim().to_string();
         let mut params = Vec::new();
         if !rest.contains("()") {
@@ -135,7 +141,9 @@ fn ptx_compiles_fits_sm90_and_matches_the_rust_declarations() {
             std::env::var_os("KTO_REQUIRE_NVCC").is_none(),
             "KTO_REQUIRE_NVCC is set but no nvcc was found"
         );
-        println!("SKIPPED ptx checks: no nvcc found (bash scripts/cuda-toolchain.sh installs nvcc 13.0)");
+        println!(
+            "SKIPPED ptx checks: no nvcc found (bash scripts/cuda-toolchain.sh installs nvcc 13.0)"
+        );
         return;
     };
     let out = std::env::temp_dir().join(format!("kto-ptx-check-{}", std::process::id()));
@@ -162,10 +170,13 @@ fn ptx_compiles_fits_sm90_and_matches_the_rust_declarations() {
         }
         for (name, kernel) in &declared {
             let Some(params) = entries.get(name) else {
-                problems.push(format!("{module}.cu: declared entry {name} is not in the PTX"));
+                problems.push(format!(
+                    "{module}.cu: declared entry {name} is not in the PTX"
+                ));
                 continue;
             };
-            let want: Vec<(usize, bool)> = kernel.params.iter().map(|p| p.kind.ptx_width()).collect();
+            let want: Vec<(usize, bool)> =
+                kernel.params.iter().map(|p| p.kind.ptx_width()).collect();
             if *params != want {
                 let kinds: Vec<ArgKind> = kernel.params.iter().map(|p| p.kind).collect();
                 problems.push(format!(
@@ -189,7 +200,10 @@ fn ptx_compiles_fits_sm90_and_matches_the_rust_declarations() {
                 ));
             }
             if report.shared > STATIC_SHARED_LIMIT {
-                problems.push(format!("{name}: {} bytes of static shared memory", report.shared));
+                problems.push(format!(
+                    "{name}: {} bytes of static shared memory",
+                    report.shared
+                ));
             }
             if report.shared + kernel.max_dynamic_shared as u64 > STATIC_SHARED_LIMIT {
                 problems.push(format!(
@@ -207,7 +221,11 @@ fn ptx_compiles_fits_sm90_and_matches_the_rust_declarations() {
         }
     }
     std::fs::remove_dir_all(&out).ok();
-    assert!(problems.is_empty(), "PTX problems:\n{}", problems.join("\n"));
+    assert!(
+        problems.is_empty(),
+        "PTX problems:\n{}",
+        problems.join("\n")
+    );
     assert!(checked > 0, "no kernel entries were checked");
     println!("checked {checked} kernel entries with {}", nvcc.display());
 }
@@ -217,13 +235,18 @@ fn every_kernel_declaration_is_consistent() {
     for kernel in kto_kernels::all_kernels() {
         assert!(!kernel.dtypes.is_empty(), "{} has no dtype", kernel.name);
         assert!(
-            kernel.max_block_threads >= 32 && kernel.max_block_threads <= 1024 && kernel.max_block_threads % 32 == 0,
+            kernel.max_block_threads >= 32
+                && kernel.max_block_threads <= 1024
+                && kernel.max_block_threads % 32 == 0,
             "{}: max_block_threads {}",
             kernel.name,
             kernel.max_block_threads
         );
         assert!(
-            root().join("kernels").join(format!("{}.cu", kernel.module)).exists(),
+            root()
+                .join("kernels")
+                .join(format!("{}.cu", kernel.module))
+                .exists(),
             "{}: no kernels/{}.cu",
             kernel.name,
             kernel.module

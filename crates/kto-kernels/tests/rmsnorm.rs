@@ -5,7 +5,9 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use half::{bf16, f16};
 use kto_kernels::emulation::{run, GuardedBuffer, Order};
 use kto_kernels::float::Float;
-use kto_kernels::rmsnorm::{backward_launch, backward_twin, forward_launch, forward_twin, rms_norm};
+use kto_kernels::rmsnorm::{
+    backward_launch, backward_twin, forward_launch, forward_twin, rms_norm,
+};
 use kto_kernels::testing::{assert_close, cast, check_gradient, widen, Normal, Tolerance};
 
 const EPS: f32 = 1e-5;
@@ -30,14 +32,36 @@ fn emulated_matches_twin<T: Float>() -> candle_core::Result<()> {
             );
             for order in Order::BOTH {
                 let y = GuardedBuffer::filled(rows * dim, T::from_f32(f32::NAN));
-                run(&forward_launch(T::DTYPE, rows, dim, EPS, xb.arg(), wb.arg(), y.arg())?, order)?;
+                run(
+                    &forward_launch(T::DTYPE, rows, dim, EPS, xb.arg(), wb.arg(), y.arg())?,
+                    order,
+                )?;
                 let what = format!("rms-norm forward {:?} {rows}×{dim} {order:?}", T::DTYPE);
-                assert_close(&what, &widen(y.as_slice()), &widen(&y_twin), Tolerance::for_dtype(T::DTYPE))?;
+                assert_close(
+                    &what,
+                    &widen(y.as_slice()),
+                    &widen(&y_twin),
+                    Tolerance::for_dtype(T::DTYPE),
+                )?;
                 let dx = GuardedBuffer::filled(rows * dim, T::from_f32(f32::NAN));
-                let launch = backward_launch(T::DTYPE, rows, dim, EPS, xb.arg(), wb.arg(), gb.arg(), dx.arg())?;
+                let launch = backward_launch(
+                    T::DTYPE,
+                    rows,
+                    dim,
+                    EPS,
+                    xb.arg(),
+                    wb.arg(),
+                    gb.arg(),
+                    dx.arg(),
+                )?;
                 run(&launch, order)?;
                 let what = format!("rms-norm backward {:?} {rows}×{dim} {order:?}", T::DTYPE);
-                assert_close(&what, &widen(dx.as_slice()), &widen(&dx_twin), Tolerance::for_dtype(T::DTYPE))?;
+                assert_close(
+                    &what,
+                    &widen(dx.as_slice()),
+                    &widen(&dx_twin),
+                    Tolerance::for_dtype(T::DTYPE),
+                )?;
                 y.check()?;
                 dx.check()?;
             }
@@ -74,9 +98,20 @@ fn twin_backward_matches_finite_differences() -> candle_core::Result<()> {
         let loss = |x: &[f32]| {
             let mut y = vec![0f32; x.len()];
             forward_twin(x, &w, &mut y, EPS);
-            y.iter().zip(&probe).map(|(&y, &p)| y as f64 * p as f64).sum()
+            y.iter()
+                .zip(&probe)
+                .map(|(&y, &p)| y as f64 * p as f64)
+                .sum()
         };
-        check_gradient(&format!("rms-norm dim {dim}"), &x, &dx, loss, 1e-2, 2e-3, 64)?;
+        check_gradient(
+            &format!("rms-norm dim {dim}"),
+            &x,
+            &dx,
+            loss,
+            1e-2,
+            2e-3,
+            64,
+        )?;
     }
     Ok(())
 }
@@ -100,11 +135,27 @@ fn op_matches_the_stock_formula_in_value_and_gradient() -> candle_core::Result<(
     let fused = rms_norm(x.as_tensor(), &w, 1e-5)?;
     let stock = stock_rms_norm(x.as_tensor(), &w, 1e-5)?;
     let flat = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>();
-    assert_close("rms-norm op forward", &flat(&fused)?, &flat(&stock)?, Tolerance::for_dtype(DType::F32))?;
+    assert_close(
+        "rms-norm op forward",
+        &flat(&fused)?,
+        &flat(&stock)?,
+        Tolerance::for_dtype(DType::F32),
+    )?;
     let g_fused = (&fused * &probe)?.sum_all()?.backward()?;
     let g_stock = (&stock * &probe)?.sum_all()?.backward()?;
-    let (a, b) = (g_fused.get(x.as_tensor()).unwrap(), g_stock.get(x.as_tensor()).unwrap());
-    assert_close("rms-norm op gradient", &flat(a)?, &flat(b)?, Tolerance { rel: 1e-4, abs: 1e-5 })?;
+    let (a, b) = (
+        g_fused.get(x.as_tensor()).unwrap(),
+        g_stock.get(x.as_tensor()).unwrap(),
+    );
+    assert_close(
+        "rms-norm op gradient",
+        &flat(a)?,
+        &flat(b)?,
+        Tolerance {
+            rel: 1e-4,
+            abs: 1e-5,
+        },
+    )?;
     // the op is one node over x: no [rows, tokens, dim] f32 intermediates in the graph
     assert_eq!(fused.sorted_nodes().len(), 2);
     Ok(())
@@ -119,5 +170,13 @@ fn op_in_bf16_stays_close_to_f32() -> candle_core::Result<()> {
     let f32_out = rms_norm(&x, &w, 1e-6)?;
     let bf16_out = rms_norm(&x.to_dtype(DType::BF16)?, &w.to_dtype(DType::BF16)?, 1e-6)?;
     let flat = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>();
-    assert_close("rms-norm bf16 vs f32", &flat(&bf16_out)?, &flat(&f32_out)?, Tolerance { rel: 0.02, abs: 0.02 })
+    assert_close(
+        "rms-norm bf16 vs f32",
+        &flat(&bf16_out)?,
+        &flat(&f32_out)?,
+        Tolerance {
+            rel: 0.02,
+            abs: 0.02,
+        },
+    )
 }
