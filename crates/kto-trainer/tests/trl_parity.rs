@@ -15,7 +15,11 @@ use kto_trainer::config::Config;
 use kto_trainer::run::run_training;
 use serde_json::Value;
 
+/// The fixture folder: `KTO_FIXTURE_DIR` when set (a test binary carried to another machine), else the checkout's.
 fn fixture() -> PathBuf {
+    if let Some(dir) = std::env::var_os("KTO_FIXTURE_DIR") {
+        return PathBuf::from(dir);
+    }
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/trl-kto-parity")
 }
 
