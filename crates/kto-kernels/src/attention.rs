@@ -7,6 +7,7 @@
 //! query heads of one KV head are stacked as rows of one GEMM. Its graph node keeps only q, k and v; the backward
 //! recomputes the probabilities.
 
+use crate::attention_cpu::{AttentionDims, CpuAttention};
 use crate::float::{u32_slice, Float};
 use crate::handover::HandOver;
 use crate::kernel::{Arg, Launch};
@@ -593,8 +594,9 @@ impl Heads {
 
 /// `softmax(scale · q kᵀ) v` over the keys `mask` lets each query see: q [rows, heads, queries, d], k and v
 /// [rows, kv_heads, keys, d] with query head h reading KV head `h / (heads / kv_heads)`; output
-/// [rows, heads, queries, d] in q's dtype. The scores are one GEMM per KV head (no repeated K/V), the softmax is
-/// [`masked_softmax`]. With any input tracked it is one graph node that keeps only q, k and v.
+/// [rows, heads, queries, d] in q's dtype. On the GPU the scores are one GEMM per KV head (no repeated K/V) and the
+/// softmax is [`masked_softmax`]; on the CPU only the visible scores are computed ([`crate::attention_cpu`]). With any
+/// input tracked it is one graph node that keeps only q, k and v.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -604,8 +606,55 @@ pub fn attention(
 ) -> Result<Tensor> {
     let heads = Heads::of(q, k, v, mask)?;
     let (k, v) = (k.contiguous()?, v.contiguous()?);
+    if q.device().is_cpu() {
+        // The CPU computes only the visible scores (crate::attention_cpu); the GEMM path below is the GPU's.
+        let dims = AttentionDims {
+            rows: heads.rows,
+            heads: heads.heads,
+            kv_heads: heads.kv_heads,
+            queries: heads.queries,
+            keys: k.dim(2)?,
+            d: k.dim(3)?,
+        };
+        let op = CpuAttention {
+            dims,
+            ranges: Arc::new(mask.ranges()?),
+            scale: scale as f32,
+        };
+        let q = q.contiguous()?;
+        return if q.track_op() || k.track_op() || v.track_op() {
+            q.apply_op3_arc(&k, &v, Arc::new(Box::new(op)))
+        } else {
+            q.apply_op3_no_bwd(&k, &v, &op)
+        };
+    }
+    attention_via_gemms(heads, q, &k, &v, mask, scale)
+}
+
+/// The GPU's formulation on any device: the score and output GEMMs around [`masked_softmax`], the probabilities
+/// recomputed in backward ([`attention`] takes it on the GPU; tests compare it with the CPU twin).
+#[doc(hidden)]
+pub fn attention_by_gemms(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttentionMask,
+    scale: f64,
+) -> Result<Tensor> {
+    let heads = Heads::of(q, k, v, mask)?;
+    attention_via_gemms(heads, q, &k.contiguous()?, &v.contiguous()?, mask, scale)
+}
+
+fn attention_via_gemms(
+    heads: Heads,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttentionMask,
+    scale: f64,
+) -> Result<Tensor> {
     if !(q.track_op() || k.track_op() || v.track_op()) {
-        return plain_attention(&heads, q, &k, &v, mask, scale);
+        return plain_attention(&heads, q, k, v, mask, scale);
     }
     let q = q.contiguous()?;
     let out = plain_attention(&heads, &q.detach(), &k.detach(), &v.detach(), mask, scale)?;
@@ -615,7 +664,7 @@ pub fn attention(
         scale,
         out: HandOver::new("attention", out),
     };
-    q.apply_op3_arc(&k, &v, Arc::new(Box::new(op)))
+    q.apply_op3_arc(k, v, Arc::new(Box::new(op)))
 }
 
 /// The probabilities [rows, kv_heads, n_rep · queries, keys] of grouped queries.

@@ -12,6 +12,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod attention_cpu;
 pub mod float;
 mod handover;
 pub mod kernel;

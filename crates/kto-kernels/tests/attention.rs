@@ -593,3 +593,122 @@ fn bf16_attention_stays_close_to_f32() -> candle_core::Result<()> {
     }
     Ok(())
 }
+
+/// The GPU's formulation (score and output GEMMs around the masked softmax), run on the CPU, against the CPU twin that
+/// computes only the visible scores: values and q, k, v gradients, f32 and bf16, GQA, padding, a cache offset,
+/// windows, packed rows.
+#[test]
+fn gemm_formulation_matches_the_cpu_twin() -> candle_core::Result<()> {
+    use kto_kernels::attention::attention_by_gemms;
+    let dev = Device::Cpu;
+    let masks = [
+        (AttentionMask::causal(&[7, 4], 7, 0, Some(3), &dev)?, 7),
+        (AttentionMask::causal(&[9, 8], 3, 6, None, &dev)?, 9),
+        (
+            AttentionMask::packed(&[vec![0, 3, 4, 8], vec![0, 5, 7]], 9, None, &dev)?,
+            9,
+        ),
+    ];
+    let mut rng = Normal::new(23);
+    for dtype in [DType::F32, DType::BF16] {
+        for (mask, keys) in &masks {
+            let (rows, heads, kv_heads, d, queries) = (2, 6, 2, 40, mask.queries());
+            let make = |n: usize, rng: &mut Normal| rng.vec(n, 1.0);
+            let q0 = Tensor::from_vec(
+                make(rows * heads * queries * d, &mut rng),
+                (rows, heads, queries, d),
+                &dev,
+            )?;
+            let k0 = Tensor::from_vec(
+                make(rows * kv_heads * keys * d, &mut rng),
+                (rows, kv_heads, *keys, d),
+                &dev,
+            )?;
+            let v0 = Tensor::from_vec(
+                make(rows * kv_heads * keys * d, &mut rng),
+                (rows, kv_heads, *keys, d),
+                &dev,
+            )?;
+            let probe = Tensor::from_vec(
+                make(rows * heads * queries * d, &mut rng),
+                (rows, heads, queries, d),
+                &dev,
+            )?;
+            let run = |f: &dyn Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>| {
+                let vars =
+                    [&q0, &k0, &v0].map(|t| Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap());
+                let y = f(
+                    vars[0].as_tensor(),
+                    vars[1].as_tensor(),
+                    vars[2].as_tensor(),
+                )?;
+                let grads = (y.to_dtype(DType::F32)? * &probe)?.sum_all()?.backward()?;
+                let mut out = vec![flat(&y)?];
+                for v in &vars {
+                    out.push(flat(grads.get(v.as_tensor()).unwrap())?);
+                }
+                Ok::<_, candle_core::Error>(out)
+            };
+            let twin = run(&|q, k, v| attention(q, k, v, mask, 0.2))?;
+            let gemms = run(&|q, k, v| attention_by_gemms(q, k, v, mask, 0.2))?;
+            let tol = match dtype {
+                DType::F32 => Tolerance {
+                    rel: 1e-4,
+                    abs: 1e-5,
+                },
+                _ => Tolerance {
+                    rel: 0.02,
+                    abs: 0.02,
+                },
+            };
+            for (i, (a, b)) in twin.iter().zip(&gemms).enumerate() {
+                assert_close(
+                    &format!("{dtype:?} output {i} (value, dq, dk, dv)"),
+                    a,
+                    b,
+                    tol,
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn cpu_twin_backward_matches_finite_differences() -> candle_core::Result<()> {
+    use kto_kernels::attention_cpu::{backward_twin, forward_twin, AttentionDims};
+    let dims = AttentionDims {
+        rows: 2,
+        heads: 4,
+        kv_heads: 2,
+        queries: 5,
+        keys: 7,
+        d: 6,
+    };
+    let mask = AttentionMask::causal(&[7, 5], 5, 2, Some(4), &Device::Cpu)?;
+    let ranges = mask.ranges()?;
+    let mut rng = Normal::new(29);
+    let nq = dims.rows * dims.heads * dims.queries * dims.d;
+    let nk = dims.rows * dims.kv_heads * dims.keys * dims.d;
+    let (q, k, v, probe) = (
+        rng.vec(nq, 1.0),
+        rng.vec(nk, 1.0),
+        rng.vec(nk, 1.0),
+        rng.vec(nq, 1.0),
+    );
+    let (mut dq, mut dk, mut dv) = (vec![0f32; nq], vec![0f32; nk], vec![0f32; nk]);
+    backward_twin(
+        &q, &k, &v, &probe, &ranges, dims, 0.4, &mut dq, &mut dk, &mut dv,
+    );
+    let loss = |q: &[f32], k: &[f32], v: &[f32]| -> f64 {
+        let mut out = vec![0f32; nq];
+        forward_twin(q, k, v, &ranges, dims, 0.4, &mut out);
+        out.iter()
+            .zip(&probe)
+            .map(|(&o, &p)| o as f64 * p as f64)
+            .sum()
+    };
+    check_gradient("attention dq", &q, &dq, |x| loss(x, &k, &v), 1e-2, 2e-3, 60)?;
+    check_gradient("attention dk", &k, &dk, |x| loss(&q, x, &v), 1e-2, 2e-3, 60)?;
+    check_gradient("attention dv", &v, &dv, |x| loss(&q, &k, x), 1e-2, 2e-3, 60)
+}
