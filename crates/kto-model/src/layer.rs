@@ -33,6 +33,35 @@ pub(crate) struct LayerContext {
     pub(crate) inv_freq: Tensor,
 }
 
+/// What a layer's attention does with keys and values besides using them.
+pub(crate) enum LayerKv<'a> {
+    /// Nothing: the pass's own keys are all there is.
+    Own,
+    /// Generation: earlier positions' keys and values come first, and the slot is extended with this call's.
+    Cache(&'a mut Option<(Tensor, Tensor)>),
+    /// Keep this pass's keys and values, detached and flattened to one row [1, kv_heads, rows · tokens, d], for a
+    /// continuation ([`crate::kl_continuation`]).
+    Capture(&'a mut Option<(Tensor, Tensor)>),
+    /// A continuation: attention reads `index_select(cat(prefix, own), gather)` along the token axis.
+    Continue {
+        prefix: &'a (Tensor, Tensor),
+        gather: &'a Tensor,
+    },
+}
+
+/// `[rows, kv_heads, tokens, d]` → `[1, kv_heads, rows · tokens, d]`, detached.
+fn one_row(t: &Tensor) -> Result<Tensor> {
+    let (rows, heads, tokens, d) = t.dims4()?;
+    let t = t.detach();
+    Ok(if rows == 1 {
+        t
+    } else {
+        t.transpose(0, 1)?
+            .contiguous()?
+            .reshape((1, heads, rows * tokens, d))?
+    })
+}
+
 /// Linears of one layer that read the same input, as one GEMM over their concatenated frozen weights, plus the
 /// LoRA update of whichever of them the pass's adapter targets.
 #[derive(Debug, Clone)]
@@ -194,7 +223,7 @@ impl Attention {
         x: &Tensor,
         context: &LayerContext,
         pass: Pass,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        kv: LayerKv,
     ) -> Result<Tensor> {
         let (rows, width, _) = x.dims3()?;
         let (heads, kv_heads, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
@@ -216,12 +245,20 @@ impl Attention {
             .narrow(2, heads + kv_heads, kv_heads)?
             .transpose(1, 2)?
             .contiguous()?;
-        if let Some(slot) = cache {
-            if let Some((k_old, v_old)) = slot.as_ref() {
-                k = Tensor::cat(&[k_old, &k], 2)?;
-                v = Tensor::cat(&[v_old, &v], 2)?;
+        match kv {
+            LayerKv::Own => {}
+            LayerKv::Cache(slot) => {
+                if let Some((k_old, v_old)) = slot.as_ref() {
+                    k = Tensor::cat(&[k_old, &k], 2)?;
+                    v = Tensor::cat(&[v_old, &v], 2)?;
+                }
+                *slot = Some((k.clone(), v.clone()));
             }
-            *slot = Some((k.clone(), v.clone()));
+            LayerKv::Capture(slot) => *slot = Some((one_row(&k)?, one_row(&v)?)),
+            LayerKv::Continue { prefix, gather } => {
+                k = Tensor::cat(&[&prefix.0, &k], 2)?.index_select(gather, 2)?;
+                v = Tensor::cat(&[&prefix.1, &v], 2)?.index_select(gather, 2)?;
+            }
         }
         let scale = 1.0 / (d as f64).sqrt();
         let out = attention(&q, &k, &v, &context.mask, scale)?
@@ -258,11 +295,11 @@ impl DecoderLayer {
         x: &Tensor,
         context: &LayerContext,
         pass: Pass,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        kv: LayerKv,
     ) -> Result<Tensor> {
         let eps = config.rms_norm_eps;
         let normed = kto_kernels::rmsnorm::rms_norm(x, &self.input_layernorm, eps)?;
-        let x = (x + self.attn.forward(config, &normed, context, pass, cache)?)?;
+        let x = (x + self.attn.forward(config, &normed, context, pass, kv)?)?;
         let normed = kto_kernels::rmsnorm::rms_norm(&x, &self.post_attention_layernorm, eps)?;
         let gate_up = self.mlp.gate_up.forward(&normed, pass)?;
         let hidden = kto_kernels::swiglu::swiglu(&gate_up)?;

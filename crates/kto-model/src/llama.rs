@@ -1,12 +1,15 @@
 //! The Llama-family causal LM (also Mistral and Qwen2) with optional LoRA adapters, built for training: embeddings,
 //! the decoder layers of [`crate::layer`] (fused ops of `kto-kernels`), the final norm and the LM head, forward passes
-//! over right-padded batches, and KV-cache steps for generation.
+//! over batches packed without padding ([`crate::layout`]) or right-padded, KL sequences run as continuations of
+//! their targets' prompts ([`crate::kl_continuation`]), and KV-cache steps for generation.
 
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::frozen_linear::FrozenLinear;
-use crate::layer::{DecoderLayer, LayerContext, Pass};
-use crate::logprobs::{self, SequenceLogps};
+use crate::kl_continuation::KlContinuation;
+use crate::layer::{DecoderLayer, LayerContext, LayerKv, Pass};
+use crate::layout::TokenLayout;
+use crate::logprobs::{self, ScoredTokens, SequenceLogps};
 use crate::lora::{DropoutSource, LoraAdapter};
 use crate::recompute::SideGrads;
 use anyhow::{bail, Context, Result};
@@ -65,6 +68,35 @@ pub struct LlamaModel {
     checkpoint_grads: SideGrads,
     dropout: DropoutSource,
     logits_chunk_elements: usize,
+    padding_free: bool,
+    kl_prefix_sharing: bool,
+}
+
+/// What the decoder does with keys and values in one forward (per layer: [`LayerKv`]).
+enum ModelKv<'a> {
+    Own,
+    Cache(&'a mut KvCache),
+    Capture(&'a mut Vec<Option<(Tensor, Tensor)>>),
+    Continue {
+        prefix: &'a [Option<(Tensor, Tensor)>],
+        gather: &'a Tensor,
+    },
+}
+
+impl ModelKv<'_> {
+    fn layer(&mut self, index: usize) -> Result<LayerKv<'_>> {
+        Ok(match self {
+            ModelKv::Own => LayerKv::Own,
+            ModelKv::Cache(cache) => LayerKv::Cache(&mut cache.layers[index]),
+            ModelKv::Capture(slots) => LayerKv::Capture(&mut slots[index]),
+            ModelKv::Continue { prefix, gather } => LayerKv::Continue {
+                prefix: prefix[index]
+                    .as_ref()
+                    .context("a continuation without the keys of its prefix")?,
+                gather,
+            },
+        })
+    }
 }
 
 impl LlamaModel {
@@ -116,6 +148,8 @@ impl LlamaModel {
             checkpoint_grads: SideGrads::default(),
             dropout,
             logits_chunk_elements: crate::logprobs::DEFAULT_LOGITS_CHUNK_ELEMENTS,
+            padding_free: true,
+            kl_prefix_sharing: true,
         })
     }
 
@@ -252,6 +286,19 @@ impl LlamaModel {
         self.logits_chunk_elements = elements.max(1);
     }
 
+    /// Packs each batch's sequences end to end instead of right-padding them (on by default): the same numbers
+    /// for less work. Off, every pass runs the batch as it is.
+    pub fn set_padding_free(&mut self, on: bool) {
+        self.padding_free = on;
+    }
+
+    /// Runs KL sequences as continuations of their targets' prompts in [`LlamaModel::sequence_logps_with_kl`] (on
+    /// by default). Off, or where it cannot apply (LoRA dropout drawing masks, gradient checkpointing, a KL prompt
+    /// that differs from its target's), they get a full pass of their own.
+    pub fn set_kl_prefix_sharing(&mut self, on: bool) {
+        self.kl_prefix_sharing = on;
+    }
+
     /// Completion log-probs of every row of `batch` with the weights `choice` selects.
     pub fn sequence_logps(
         &self,
@@ -262,15 +309,102 @@ impl LlamaModel {
         if batch.rows == 0 || batch.width == 0 {
             return logprobs::empty_logps(batch.rows, &self.device);
         }
-        let input_ids =
-            Tensor::from_slice(&batch.input_ids, (batch.rows, batch.width), &self.device)?;
-        let hidden = self.forward_hidden(&input_ids, &batch.lengths, choice)?;
-        logprobs::completion_logps(
+        let pass = self.pass(choice)?;
+        let layout = TokenLayout::of(batch, self.padding_free, self.config.sliding_window)?;
+        let hidden = self.run_layers(&layout, pass, ModelKv::Own)?;
+        self.scored_logps(
             &hidden,
-            batch,
+            &ScoredTokens::of_layout(batch, &layout)?,
+            pass,
+            &layout,
+        )
+    }
+
+    /// The log-probs of a micro-batch's targets with `choice`, and of its KL sequences (row i: prompt i with another
+    /// completion) with the same weights and no graph. With KL prefix sharing the KL sequences continue the target
+    /// pass's prompt keys and values, so only their completions run through the model; otherwise (and in TRL's
+    /// order, KL first) each gets a full pass.
+    pub fn sequence_logps_with_kl(
+        &self,
+        target: &SequenceBatch,
+        kl: &SequenceBatch,
+        choice: AdapterChoice,
+    ) -> Result<(SequenceLogps, SequenceLogps)> {
+        let kl_choice = match choice {
+            AdapterChoice::Policy => AdapterChoice::PolicyNoGrad,
+            other => other,
+        };
+        let pass = self.pass(choice)?;
+        let kl_pass = self.pass(kl_choice)?;
+        logprobs::check_batch(target)?;
+        let window = self.config.sliding_window;
+        let layout = TokenLayout::of(target, self.padding_free, window)?;
+        let shareable = self.kl_prefix_sharing
+            && target.rows > 0
+            && target.width > 0
+            && pass.dropout.is_none()
+            && !(pass.grad && self.checkpointing);
+        let plan = if shareable {
+            KlContinuation::plan(target, &layout, kl, window)?
+        } else {
+            None
+        };
+        let Some(plan) = plan else {
+            let kl_out = self.sequence_logps(kl, kl_choice)?;
+            return Ok((self.sequence_logps(target, choice)?, kl_out));
+        };
+        let mut prefix = vec![None; self.layers.len()];
+        let hidden = self.run_layers(&layout, pass, ModelKv::Capture(&mut prefix))?;
+        let target_out = self.scored_logps(
+            &hidden,
+            &ScoredTokens::of_layout(target, &layout)?,
+            pass,
+            &layout,
+        )?;
+        if plan.layout.width == 0 {
+            return Ok((target_out, logprobs::empty_logps(kl.rows, &self.device)?));
+        }
+        let gather = Tensor::from_slice(&plan.key_gather, plan.key_gather.len(), &self.device)?;
+        let continued = self.run_layers(
+            &plan.layout,
+            kl_pass,
+            ModelKv::Continue {
+                prefix: &prefix,
+                gather: &gather,
+            },
+        )?;
+        drop(prefix);
+        let hidden_size = self.config.hidden_size;
+        let prompt_ends =
+            Tensor::from_slice(&plan.prompt_ends, plan.prompt_ends.len(), &self.device)?;
+        let sources = Tensor::cat(
+            &[
+                hidden
+                    .detach()
+                    .reshape((layout.forward_tokens(), hidden_size))?
+                    .index_select(&prompt_ends, 0)?,
+                continued.reshape((plan.layout.width, hidden_size))?,
+            ],
+            0,
+        )?;
+        let kl_out = self.scored_logps(&sources, &plan.scored, kl_pass, &plan.layout)?;
+        Ok((target_out, kl_out))
+    }
+
+    fn scored_logps(
+        &self,
+        hidden: &Tensor,
+        scored: &ScoredTokens,
+        pass: Pass,
+        layout: &TokenLayout,
+    ) -> Result<SequenceLogps> {
+        logprobs::completion_logps(
+            hidden,
+            scored,
             &self.lm_head,
             self.logits_chunk_elements,
-            choice == AdapterChoice::Policy,
+            pass.grad,
+            layout.forward_tokens(),
         )
     }
 
@@ -283,11 +417,24 @@ impl LlamaModel {
         choice: AdapterChoice,
     ) -> Result<Tensor> {
         let pass = self.pass(choice)?;
-        let (rows, _) = input_ids.dims2()?;
+        let (rows, width) = input_ids.dims2()?;
         if lengths.len() != rows {
             bail!("{} lengths for {rows} rows", lengths.len());
         }
-        self.run_layers(input_ids, lengths, 0, pass, None)
+        let layout = TokenLayout {
+            ids: input_ids.flatten_all()?.to_vec1()?,
+            positions: (0..rows).flat_map(|_| 0..width as u32).collect(),
+            tensor_rows: rows,
+            width,
+            key_ranges: AttentionMask::causal_ranges(
+                lengths,
+                width,
+                0,
+                self.config.sliding_window,
+            )?,
+            sequence_starts: (0..rows).map(|r| r * width).collect(),
+        };
+        self.run_layers(&layout, pass, ModelKv::Own)
     }
 
     /// Logits [rows, width, vocab] in the model dtype (tests and tools; training uses `sequence_logps`).
@@ -324,7 +471,20 @@ impl LlamaModel {
             cache.layers = vec![None; self.layers.len()];
         }
         let offset = cache.len();
-        let hidden = self.run_layers(input_ids, &[offset + n], offset, pass, Some(cache))?;
+        let layout = TokenLayout {
+            ids: input_ids.flatten_all()?.to_vec1()?,
+            positions: (offset..offset + n).map(|p| p as u32).collect(),
+            tensor_rows: 1,
+            width: n,
+            key_ranges: AttentionMask::causal_ranges(
+                &[offset + n],
+                n,
+                offset,
+                self.config.sliding_window,
+            )?,
+            sequence_starts: vec![0],
+        };
+        let hidden = self.run_layers(&layout, pass, ModelKv::Cache(cache))?;
         let last = hidden.narrow(1, n - 1, 1)?.flatten_all()?;
         Ok(self
             .lm_head
@@ -333,25 +493,21 @@ impl LlamaModel {
             .to_dtype(DType::F32)?)
     }
 
-    /// The decoder over `input_ids` [rows, width] at positions `offset..offset + width`; row r holds `lengths[r]`
-    /// keys (`offset` cached ones, then its real tokens).
-    fn run_layers(
-        &self,
-        input_ids: &Tensor,
-        lengths: &[usize],
-        offset: usize,
-        pass: Pass,
-        mut cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
-        let (rows, width) = input_ids.dims2()?;
-        let ids = input_ids.to_device(&self.device)?.flatten_all()?;
+    /// The decoder over the tokens of `layout`: final hidden states [tensor rows, width, hidden].
+    fn run_layers(&self, layout: &TokenLayout, pass: Pass, mut kv: ModelKv) -> Result<Tensor> {
+        let (rows, width) = (layout.tensor_rows, layout.width);
+        let ids = Tensor::from_slice(&layout.ids, rows * width, &self.device)?;
         let mut x = self.embed_tokens.index_select(&ids, 0)?.reshape((
             rows,
             width,
             self.config.hidden_size,
         ))?;
-        let context = self.layer_context(lengths, width, offset)?;
-        let checkpointed = pass.grad && self.checkpointing && cache.is_none();
+        let context = LayerContext {
+            mask: AttentionMask::from_ranges(layout.key_ranges.clone(), rows, width, &self.device)?,
+            positions: Tensor::from_slice(&layout.positions, (rows, width), &self.device)?,
+            inv_freq: self.inv_freq.clone(),
+        };
+        let checkpointed = pass.grad && self.checkpointing && matches!(kv, ModelKv::Own);
         if checkpointed {
             if !self.checkpoint_grads.is_empty() {
                 bail!(
@@ -376,8 +532,7 @@ impl LlamaModel {
                 );
                 op.apply(&x)?
             } else {
-                let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[index]);
-                layer.forward(&self.config, &x, &context, pass, layer_cache)?
+                layer.forward(&self.config, &x, &context, pass, kv.layer(index)?)?
             };
         }
         Ok(kto_kernels::rmsnorm::rms_norm(
@@ -385,32 +540,5 @@ impl LlamaModel {
             &self.norm,
             self.config.rms_norm_eps,
         )?)
-    }
-
-    /// The mask (causal, real keys only, inside the sliding window) and the rotary positions of a forward over
-    /// `width` tokens at `offset..offset + width`.
-    fn layer_context(
-        &self,
-        lengths: &[usize],
-        width: usize,
-        offset: usize,
-    ) -> Result<LayerContext> {
-        let mask = AttentionMask::causal(
-            lengths,
-            width,
-            offset,
-            self.config.sliding_window,
-            &self.device,
-        )?;
-        let positions: Vec<u32> = lengths
-            .iter()
-            .flat_map(|_| (offset..offset + width).map(|p| p as u32))
-            .collect();
-        let positions = Tensor::from_vec(positions, (lengths.len(), width), &self.device)?;
-        Ok(LayerContext {
-            mask,
-            positions,
-            inv_freq: self.inv_freq.clone(),
-        })
     }
 }

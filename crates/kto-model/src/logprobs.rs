@@ -9,6 +9,7 @@
 //! logits nor a second LM-head pass, like TRL's fused LM head (`trl/kernels/chunked_logprob.py`).
 
 use crate::frozen_linear::FrozenLinear;
+use crate::layout::TokenLayout;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use kto_data::batch::SequenceBatch;
@@ -29,6 +30,8 @@ pub struct SequenceLogps {
     pub mean_logit_sums: Vec<f64>,
     /// Σ over the completion positions of the softmax entropy (TRL's `entropy` numerator).
     pub entropy_sums: Vec<f64>,
+    /// Tokens the pass pushed through the decoder (padding included; a KL continuation counts only its own).
+    pub forward_tokens: usize,
 }
 
 impl SequenceLogps {
@@ -38,60 +41,47 @@ impl SequenceLogps {
     }
 }
 
-/// Flattened source positions (the logits one position earlier) and target ids of every scored token, row by row.
-struct ScoredTokens {
-    sources: Vec<u32>,
-    targets: Vec<u32>,
-    counts: Vec<usize>,
+/// Which hidden states predict which tokens: for every scored token, the flat index of the hidden state one
+/// position earlier and the token id, row by row.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ScoredTokens {
+    pub(crate) sources: Vec<u32>,
+    pub(crate) targets: Vec<u32>,
+    /// Scored tokens per row.
+    pub(crate) counts: Vec<usize>,
 }
 
-fn scored_tokens(batch: &SequenceBatch) -> Result<ScoredTokens> {
-    let (rows, width) = (batch.rows, batch.width);
-    if batch.input_ids.len() != rows * width
-        || batch.lengths.len() != rows
-        || batch.completion_starts.len() != rows
-    {
-        bail!(
-            "inconsistent SequenceBatch: {} ids, {} lengths and {} completion starts for {rows} × {width}",
-            batch.input_ids.len(),
-            batch.lengths.len(),
-            batch.completion_starts.len()
-        );
-    }
-    let mut out = ScoredTokens {
-        sources: vec![],
-        targets: vec![],
-        counts: vec![],
-    };
-    for r in 0..rows {
-        let (start, len) = (batch.completion_starts[r], batch.lengths[r]);
-        if len > width || start > len {
-            bail!(
-                "SequenceBatch row {r}: completion {start}..{len} does not fit a width of {width}"
-            );
+impl ScoredTokens {
+    /// The completion tokens of `batch` laid out as `layout` (flat hidden index = sequence start + position).
+    pub(crate) fn of_layout(batch: &SequenceBatch, layout: &TokenLayout) -> Result<Self> {
+        check_batch(batch)?;
+        let mut out = Self::default();
+        for r in 0..batch.rows {
+            let row = batch.row(r);
+            // Position 0 has no earlier logits to be predicted from (TRL's shifted labels drop it too).
+            let start = batch.completion_starts[r].max(1);
+            for p in start..row.len() {
+                out.sources.push((layout.sequence_starts[r] + p - 1) as u32);
+                out.targets.push(row[p]);
+            }
+            out.counts.push(row.len().saturating_sub(start));
         }
-        // Position 0 has no earlier logits to be predicted from (TRL's shifted labels drop it too).
-        let start = start.max(1);
-        for p in start..len {
-            out.sources.push((r * width + p - 1) as u32);
-            out.targets.push(batch.input_ids[r * width + p]);
-        }
-        out.counts.push(len.saturating_sub(start));
+        Ok(out)
     }
-    Ok(out)
 }
 
-/// Completion log-probs of every row of `batch` from the final hidden states [rows, width, hidden] through
-/// `lm_head`, in chunks of at most `chunk_elements / vocab` tokens; with `grad`, `logps` carries the gradient for the
-/// hidden states (and through them the LoRA weights).
+/// Log-probs of the `scored` tokens, summed per row, from final hidden states (any shape whose last dimension is
+/// the hidden size; `scored.sources` index them flattened) through `lm_head`, in chunks of at most
+/// `chunk_elements / vocab` tokens; with `grad`, `logps` carries the gradient for the hidden states (and through
+/// them the LoRA weights). `forward_tokens` is passed through to the result.
 pub(crate) fn completion_logps(
     hidden: &Tensor,
-    batch: &SequenceBatch,
+    scored: &ScoredTokens,
     lm_head: &FrozenLinear,
     chunk_elements: usize,
     grad: bool,
+    forward_tokens: usize,
 ) -> Result<SequenceLogps> {
-    let scored = scored_tokens(batch)?;
     let device = hidden.device().clone();
     let hidden_size = lm_head.in_features();
     let vocab = lm_head.out_features();
@@ -103,7 +93,7 @@ pub(crate) fn completion_logps(
         let sources = Tensor::from_slice(&scored.sources, total, &device)?;
         let targets = Tensor::from_slice(&scored.targets, total, &device)?;
         let selected = hidden
-            .reshape((batch.rows * batch.width, hidden_size))?
+            .reshape((hidden.elem_count() / hidden_size, hidden_size))?
             .index_select(&sources, 0)?;
         let chunk = (chunk_elements / vocab.max(1)).max(1);
         let mut start = 0;
@@ -139,7 +129,7 @@ pub(crate) fn completion_logps(
     } else {
         Tensor::cat(&token_logps, 0)?
     };
-    let mut row_logps = Vec::with_capacity(batch.rows);
+    let mut row_logps = Vec::with_capacity(scored.counts.len());
     let (mut mean_logit_sums, mut entropy_sums) = (Vec::new(), Vec::new());
     let mut offset = 0;
     for &count in &scored.counts {
@@ -158,17 +148,43 @@ pub(crate) fn completion_logps(
         entropy_sums.push(sum(&entropies));
         offset += count;
     }
+    let logps = if row_logps.is_empty() {
+        Tensor::zeros(0, DType::F32, &device)?
+    } else {
+        Tensor::stack(&row_logps, 0)?
+    };
     Ok(SequenceLogps {
-        logps: Tensor::stack(&row_logps, 0)?,
-        token_counts: scored.counts,
+        logps,
+        token_counts: scored.counts.clone(),
         mean_logit_sums,
         entropy_sums,
+        forward_tokens,
     })
 }
 
 /// Checks that `batch` is consistent (the model calls this before running the decoder).
 pub(crate) fn check_batch(batch: &SequenceBatch) -> Result<()> {
-    scored_tokens(batch).map(|_| ())
+    let (rows, width) = (batch.rows, batch.width);
+    if batch.input_ids.len() != rows * width
+        || batch.lengths.len() != rows
+        || batch.completion_starts.len() != rows
+    {
+        bail!(
+            "inconsistent SequenceBatch: {} ids, {} lengths and {} completion starts for {rows} × {width}",
+            batch.input_ids.len(),
+            batch.lengths.len(),
+            batch.completion_starts.len()
+        );
+    }
+    for r in 0..rows {
+        let (start, len) = (batch.completion_starts[r], batch.lengths[r]);
+        if len > width || start > len {
+            bail!(
+                "SequenceBatch row {r}: completion {start}..{len} does not fit a width of {width}"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Per-row results of an empty batch (no rows or no columns).
@@ -179,5 +195,6 @@ pub(crate) fn empty_logps(rows: usize, device: &candle_core::Device) -> Result<S
         token_counts: vec![0; rows],
         mean_logit_sums: zeros.clone(),
         entropy_sums: zeros,
+        forward_tokens: 0,
     })
 }

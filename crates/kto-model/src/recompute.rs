@@ -7,7 +7,7 @@
 //! layer call owns a seed, and the recompute reseeds its dropout source with it.
 
 use crate::config::ModelConfig;
-use crate::layer::{DecoderLayer, LayerContext, Pass};
+use crate::layer::{DecoderLayer, LayerContext, LayerKv, Pass};
 use crate::lora::{DropoutSource, LoraAdapter};
 use candle_core::backend::BackendStorage;
 use candle_core::backprop::GradStore;
@@ -112,7 +112,7 @@ impl RecomputedLayer {
             dropout: dropout.as_ref(),
         };
         self.layer
-            .forward(&self.config, x, &self.context, pass, None)
+            .forward(&self.config, x, &self.context, pass, LayerKv::Own)
             .map_err(candle_core::Error::wrap)
     }
 
