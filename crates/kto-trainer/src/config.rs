@@ -52,6 +52,8 @@ pub const SECTIONS: &[(&str, &[&str])] = &[
             "precompute_ref_log_probs",
             "precompute_ref_batch_size",
             "disable_dropout",
+            "padding_free",
+            "kl_prefix_sharing",
         ],
     ),
     (
@@ -281,6 +283,12 @@ pub struct KtoSection {
     pub precompute_ref_batch_size: Option<usize>,
     /// Zero every dropout probability, LoRA's included (TRL's default).
     pub disable_dropout: bool,
+    /// Pack each micro-batch's sequences end to end instead of right-padding them (TRL's `padding_free`); the
+    /// numbers are the same, the padded positions' work goes.
+    pub padding_free: bool,
+    /// Run each KL sequence as a continuation of its target's prompt (the target pass's keys and values), so only
+    /// the KL completions go through the model; the numbers are the same.
+    pub kl_prefix_sharing: bool,
 }
 
 impl Default for KtoSection {
@@ -293,6 +301,8 @@ impl Default for KtoSection {
             precompute_ref_log_probs: false,
             precompute_ref_batch_size: None,
             disable_dropout: true,
+            padding_free: true,
+            kl_prefix_sharing: true,
         }
     }
 }

@@ -32,11 +32,29 @@ pub struct RowLogps {
     pub token_counts: Vec<usize>,
     pub mean_logit_sums: Vec<f64>,
     pub entropy_sums: Vec<f64>,
+    /// Tokens the pass pushed through the model (padding included).
+    pub forward_tokens: usize,
 }
 
 /// What the training loop needs from a model with a trainable adapter.
 pub trait PolicyModel {
     fn sequence_logps(&self, batch: &SequenceBatch, weights: Weights) -> Result<RowLogps>;
+    /// The targets' log-probs with `weights`, and the KL sequences' with the same weights and no graph. A model may
+    /// share work between the two (the KL sequences repeat the targets' prompts); by default they are two passes,
+    /// in TRL's order (KL first).
+    fn sequence_logps_with_kl(
+        &self,
+        target: &SequenceBatch,
+        kl: &SequenceBatch,
+        weights: Weights,
+    ) -> Result<(RowLogps, RowLogps)> {
+        let kl_weights = match weights {
+            Weights::Policy => Weights::PolicyNoGrad,
+            other => other,
+        };
+        let kl = self.sequence_logps(kl, kl_weights)?;
+        Ok((self.sequence_logps(target, weights)?, kl))
+    }
     /// The trainable tensors with stable (PEFT) names; the optimizer updates them in place.
     fn trainable_parameters(&self) -> Vec<(String, Var)>;
     /// Writes the trained adapter in PEFT format into `dir`.
@@ -76,37 +94,24 @@ pub fn score_micro_batch<M: PolicyModel>(
     settings: &LossSettings,
     with_grad: bool,
 ) -> Result<ScoredBatch> {
-    let device_of = |t: &Tensor| t.device().clone();
-    // TRL's order: the policy's KL pass, the policy's target pass, then the reference passes.
-    let policy_kl = match &batch.kl {
-        Some(kl) if settings.loss_type.uses_kl() => {
-            Some(model.sequence_logps(kl, Weights::PolicyNoGrad)?.logps)
-        }
-        _ => None,
+    // TRL's order: the policy's passes, then the reference's (each model runs its KL sequences as it sees fit).
+    let kl_batch = batch.kl.as_ref().filter(|_| settings.loss_type.uses_kl());
+    let policy_weights = if with_grad {
+        Weights::Policy
+    } else {
+        Weights::PolicyNoGrad
     };
-    let policy = model.sequence_logps(
-        &batch.target,
-        if with_grad {
-            Weights::Policy
-        } else {
-            Weights::PolicyNoGrad
-        },
-    )?;
-    let device = device_of(&policy.logps);
+    let (policy, policy_kl) = target_and_kl(model, &batch.target, kl_batch, policy_weights)?;
+    let mut forward_tokens =
+        policy.forward_tokens + policy_kl.as_ref().map_or(0, |kl| kl.forward_tokens);
+    let policy_kl = policy_kl.map(|kl| kl.logps);
+    let device = policy.logps.device().clone();
     let (reference_targets, reference_kl) = match reference {
         Reference::Online => {
-            let kl = match &batch.kl {
-                Some(kl) if settings.loss_type.uses_kl() => {
-                    Some(model.sequence_logps(kl, Weights::Reference)?.logps)
-                }
-                _ => None,
-            };
-            (
-                model
-                    .sequence_logps(&batch.target, Weights::Reference)?
-                    .logps,
-                kl,
-            )
+            let (targets, kl) = target_and_kl(model, &batch.target, kl_batch, Weights::Reference)?;
+            forward_tokens +=
+                targets.forward_tokens + kl.as_ref().map_or(0, |kl| kl.forward_tokens);
+            (targets.logps, kl.map(|kl| kl.logps))
         }
         Reference::Precomputed(cache) => {
             let pick = |values: &[f32]| -> Result<Tensor> {
@@ -148,8 +153,25 @@ pub fn score_micro_batch<M: PolicyModel>(
         entropy_sums: policy.entropy_sums.clone(),
         sequence_tokens: batch.target.lengths.clone(),
     };
-    let metrics = batch_metrics(&batch.labels, &loss, &rows);
+    let mut metrics = batch_metrics(&batch.labels, &loss, &rows);
+    metrics.forward_tokens = forward_tokens as u64;
     Ok(ScoredBatch { loss, metrics })
+}
+
+/// The targets' log-probs with `weights`, and the KL sequences' when there are any.
+fn target_and_kl<M: PolicyModel>(
+    model: &M,
+    target: &SequenceBatch,
+    kl: Option<&SequenceBatch>,
+    weights: Weights,
+) -> Result<(RowLogps, Option<RowLogps>)> {
+    Ok(match kl {
+        Some(kl) => {
+            let (target, kl) = model.sequence_logps_with_kl(target, kl, weights)?;
+            (target, Some(kl))
+        }
+        None => (model.sequence_logps(target, weights)?, None),
+    })
 }
 
 /// One pass over `batches` computing the reference log-probs of every sample (targets, and KL pairs when
@@ -170,19 +192,18 @@ pub fn precompute_reference<M: PolicyModel>(
         num_samples,
     );
     for batch in batches {
-        let values = model
-            .sequence_logps(&batch.target, Weights::Reference)?
-            .logps
-            .to_vec1::<f32>()?;
-        for (&i, v) in batch.indices.iter().zip(values) {
+        let kl_batch = batch.kl.as_ref().filter(|_| kl.is_some());
+        let (target_logps, kl_logps) =
+            target_and_kl(model, &batch.target, kl_batch, Weights::Reference)?;
+        for (&i, v) in batch
+            .indices
+            .iter()
+            .zip(target_logps.logps.to_vec1::<f32>()?)
+        {
             targets[i] = v;
         }
-        if let (Some(kl_out), Some(kl_batch)) = (kl.as_mut(), &batch.kl) {
-            let values = model
-                .sequence_logps(kl_batch, Weights::Reference)?
-                .logps
-                .to_vec1::<f32>()?;
-            for (&i, v) in batch.indices.iter().zip(values) {
+        if let (Some(kl_out), Some(kl_logps)) = (kl.as_mut(), kl_logps) {
+            for (&i, v) in batch.indices.iter().zip(kl_logps.logps.to_vec1::<f32>()?) {
                 kl_out[i] = v;
             }
         }

@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use candle_core::Var;
 use kto_data::batch::SequenceBatch;
-use kto_model::{AdapterChoice, LlamaModel};
+use kto_model::{AdapterChoice, LlamaModel, SequenceLogps};
 
 use crate::forward::{PolicyModel, RowLogps, Weights};
 
@@ -18,20 +18,41 @@ pub struct LoraPolicy {
     pub dropout_active: bool,
 }
 
+fn adapter_choice(weights: Weights) -> AdapterChoice {
+    match weights {
+        Weights::Policy => AdapterChoice::Policy,
+        Weights::PolicyNoGrad => AdapterChoice::PolicyNoGrad,
+        Weights::Reference => AdapterChoice::Reference,
+    }
+}
+
+fn row_logps(out: SequenceLogps) -> RowLogps {
+    RowLogps {
+        logps: out.logps,
+        token_counts: out.token_counts,
+        mean_logit_sums: out.mean_logit_sums,
+        entropy_sums: out.entropy_sums,
+        forward_tokens: out.forward_tokens,
+    }
+}
+
 impl PolicyModel for LoraPolicy {
     fn sequence_logps(&self, batch: &SequenceBatch, weights: Weights) -> Result<RowLogps> {
-        let choice = match weights {
-            Weights::Policy => AdapterChoice::Policy,
-            Weights::PolicyNoGrad => AdapterChoice::PolicyNoGrad,
-            Weights::Reference => AdapterChoice::Reference,
-        };
-        let out = self.model.sequence_logps(batch, choice)?;
-        Ok(RowLogps {
-            logps: out.logps,
-            token_counts: out.token_counts,
-            mean_logit_sums: out.mean_logit_sums,
-            entropy_sums: out.entropy_sums,
-        })
+        Ok(row_logps(
+            self.model.sequence_logps(batch, adapter_choice(weights))?,
+        ))
+    }
+
+    fn sequence_logps_with_kl(
+        &self,
+        target: &SequenceBatch,
+        kl: &SequenceBatch,
+        weights: Weights,
+    ) -> Result<(RowLogps, RowLogps)> {
+        let (target, kl) =
+            self.model
+                .sequence_logps_with_kl(target, kl, adapter_choice(weights))?;
+        Ok((row_logps(target), row_logps(kl)))
     }
 
     fn trainable_parameters(&self) -> Vec<(String, Var)> {

@@ -163,6 +163,9 @@ pub struct MicroBatchMetrics {
     pub entropy: f64,
     /// Tokens of this micro-batch's target sequences (TRL logs the running total).
     pub num_tokens: u64,
+    /// Tokens every forward pass of this micro-batch pushed through the model (policy and reference, targets and
+    /// KL sequences, padding included).
+    pub forward_tokens: u64,
     pub logits_chosen: Option<f64>,
     pub logits_rejected: Option<f64>,
     pub rewards_chosen: Option<f64>,
@@ -215,6 +218,7 @@ pub fn batch_metrics(labels: &[bool], out: &LossOutput, rows: &RowStats) -> Micr
         kl: out.kl as f64,
         entropy,
         num_tokens: rows.sequence_tokens.iter().sum::<usize>() as u64,
+        forward_tokens: 0,
         logits_chosen: logits_mean(true),
         logits_rejected: logits_mean(false),
         rewards_chosen,

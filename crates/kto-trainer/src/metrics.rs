@@ -32,6 +32,9 @@ pub struct MetricsAccumulator {
     rewards_margins: Vec<f64>,
     /// TRL's `_total_train_tokens`.
     pub total_tokens: u64,
+    /// Tokens pushed through the model since the last log, all passes (`num_forward_tokens`; not a TRL metric).
+    #[serde(default)]
+    forward_tokens: u64,
     /// transformers' `tr_loss` (an f32 tensor there).
     loss_sum: f32,
     steps_since_log: usize,
@@ -63,6 +66,7 @@ impl MetricsAccumulator {
     }
 
     fn push(&mut self, m: &MicroBatchMetrics) {
+        self.forward_tokens += m.forward_tokens;
         self.kl.push(m.kl);
         self.entropy.push(m.entropy);
         let optional = [
@@ -114,6 +118,10 @@ impl MetricsAccumulator {
         row.insert(
             format!("{prefix}num_tokens"),
             json_f64(self.total_tokens as f64),
+        );
+        row.insert(
+            format!("{prefix}num_forward_tokens"),
+            Value::from(self.forward_tokens),
         );
         row
     }
@@ -211,6 +219,7 @@ mod tests {
             kl,
             entropy: 1.0,
             num_tokens: tokens,
+            forward_tokens: 3 * tokens,
             rewards_chosen: rc,
             rewards_rejected: rr,
             rewards_margins: rc.zip(rr).map(|(c, r)| c - r),
@@ -246,6 +255,11 @@ mod tests {
             "margins average only micro-batches with both"
         );
         assert_eq!(get("num_tokens"), 40.0);
+        assert_eq!(
+            get("num_forward_tokens"),
+            120.0,
+            "forward tokens since the last log"
+        );
         assert_eq!(get("samples_per_second"), 8.0);
         assert_eq!(row["step"], Value::from(2));
         assert!(!row.contains_key("logits/chosen"));
@@ -258,6 +272,7 @@ mod tests {
             Some(41.0),
             "the token count is cumulative"
         );
+        assert_eq!(row["num_forward_tokens"].as_f64(), Some(3.0));
         assert!((row["loss"].as_f64().unwrap() - 0.1).abs() < 1e-7);
     }
 

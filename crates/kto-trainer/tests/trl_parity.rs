@@ -154,10 +154,27 @@ fn check_run(name: &str, kto_section: &str) -> Result<()> {
     }
     assert!(
         failures.is_empty(),
-        "{name}: {} mismatches:\n{}",
+        "{name} ([kto] {kto_section:?}): {} mismatches:\n{}",
         failures.len(),
         failures.join("\n")
     );
+    Ok(())
+}
+
+/// Each run with padding-free batches and prefix-shared KL on (the defaults), each off, and both off: the switches
+/// change the work, never TRL's numbers.
+const SWITCHES: [&str; 4] = [
+    "",
+    "padding_free = false",
+    "kl_prefix_sharing = false",
+    "padding_free = false\nkl_prefix_sharing = false",
+];
+
+fn check_run_every_switch(name: &str, kto_section: &str) -> Result<()> {
+    for switches in SWITCHES {
+        check_run(name, &format!("{kto_section}\n{switches}"))
+            .with_context(|| format!("{name} with [kto] {switches:?}"))?;
+    }
     Ok(())
 }
 
@@ -167,7 +184,7 @@ fn want_step(row: &serde_json::Map<String, Value>) -> i64 {
 
 #[test]
 fn trl_kto() -> Result<()> {
-    check_run(
+    check_run_every_switch(
         "kto",
         "loss_type = \"kto\"\nbeta = 0.1\ndesirable_weight = 1.0\nundesirable_weight = 1.0",
     )
@@ -175,7 +192,7 @@ fn trl_kto() -> Result<()> {
 
 #[test]
 fn trl_kto_weighted() -> Result<()> {
-    check_run(
+    check_run_every_switch(
         "kto_weighted",
         "loss_type = \"kto\"\nbeta = 0.5\ndesirable_weight = 1.0\nundesirable_weight = 1.5",
     )
@@ -183,7 +200,7 @@ fn trl_kto_weighted() -> Result<()> {
 
 #[test]
 fn trl_apo_zero_unpaired() -> Result<()> {
-    check_run(
+    check_run_every_switch(
         "apo_zero_unpaired",
         "loss_type = \"apo_zero_unpaired\"\nbeta = 0.1",
     )
