@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Side-by-side CPU benchmark: TRL 1.16's KTOTrainer (+ PEFT 0.21, transformers 5.17, torch 2.11) and `kto train`, in
-# ONE invocation, on the same unpaired HH sample (same samples, same order) and settings, for the embedded tiny model
-# and a SmolLM2-135M-shaped random checkpoint; then one markdown table with the kto/TRL ratios.
+# ONE invocation, on the same data (same samples, same order) and settings, for the embedded tiny model and a
+# SmolLM2-135M-shaped random checkpoint, on two data sets (the unpaired HH sample, and long prompts with short
+# completions as in the GPU benchmark); kto twice, as configured (padding-free batches, prefix-shared KL) and with
+# both switched off; then one markdown table with the kto/TRL ratios and the forward tokens per step.
 #
 #   bash scripts/bench-cpu.sh [TIMED_STEPS]          # default 20 timed steps after WARMUP (3) untimed ones
 #
@@ -14,6 +16,9 @@
 #   KTO_BIN_BASELINE=PATH  a second kto binary (e.g. an older commit's), timed in the same run: one more row
 #   WARMUP=3               untimed first steps, on both sides
 #   BENCH_MODELS="tiny smollm2"
+#   BENCH_DATA="hh long"
+#   KTO_VARIANTS="kto kto-plain"  kto-plain: [kto] padding_free = false, kl_prefix_sharing = false (the work before
+#                                 issue 14), with the same binary
 #   TRL_VARIANTS="gc nogc"  TRL with gradient checkpointing (KTOConfig's default) and without (kto has none):
 #                           the kto rows carry their ratios to each
 #   BENCH_THREADS=$(nproc) torch.set_num_threads / RAYON_NUM_THREADS
@@ -33,6 +38,7 @@ warm=${WARMUP:-3}
 steps=$((warm + timed))
 threads=${BENCH_THREADS:-$(nproc)}
 models=${BENCH_MODELS:-tiny smollm2}
+datasets=${BENCH_DATA:-hh long}
 trl_variants=${TRL_VARIANTS:-gc nogc}
 work=${BENCH_WORK:-/tmp/kto-bench-cpu}
 venv=${BENCH_VENV:-$root/.bench-venv}
@@ -61,8 +67,10 @@ if [ -z "${KTO_BIN:-}" ]; then
   cargo build --release -q -p kto-cli
   KTO_BIN=${CARGO_TARGET_DIR:-$root/target}/release/kto
 fi
-runs=(kto)
-bins=("$KTO_BIN")
+runs=() bins=()
+for v in ${KTO_VARIANTS:-kto kto-plain}; do
+  case $v in kto|kto-plain) runs+=("$v"); bins+=("$KTO_BIN") ;; *) echo "unknown KTO_VARIANTS entry $v" >&2; exit 2 ;; esac
+done
 if [ -n "${KTO_BIN_BASELINE:-}" ]; then runs+=(kto-baseline); bins+=("$KTO_BIN_BASELINE"); fi
 for b in "${bins[@]}"; do [ -x "$b" ] || { echo "not an executable: $b" >&2; exit 2; }; done
 
@@ -91,10 +99,20 @@ rm -rf "$work/prepared"
 "$KTO_BIN" prepare --input data/hh-sample/train.jsonl data/hh-sample/test.jsonl --out "$work/prepared" \
   > "$work/prepare.out"
 "$py" "$helper" data "$work/prepared/train.jsonl" "$work/unpaired.jsonl" >&2
-samples=$(wc -l < "$work/unpaired.jsonl")
-if [ $((steps * 8)) -gt "$samples" ]; then
-  log "note: $steps steps × 8 > $samples samples: the run goes into a second epoch (same order on both sides)"
-fi
+"$py" "$helper" data-long "$work/unpaired.jsonl" "$work/long.jsonl" >&2
+data_file() {
+  case $1 in
+    hh) echo "$work/unpaired.jsonl" ;;
+    long) echo "$work/long.jsonl" ;;
+    *) echo "unknown data set $1 (hh | long)" >&2; return 2 ;;
+  esac
+}
+for data in $datasets; do
+  samples=$(wc -l < "$(data_file "$data")")
+  if [ $((steps * 8)) -gt "$samples" ]; then
+    log "note: $data: $steps steps × 8 > $samples samples: the run goes into a second epoch (same order on both sides)"
+  fi
+done
 
 model_dir() {
   case $1 in
@@ -113,35 +131,39 @@ model_dir() {
 # `kto train` arguments of run $1 on model folder $2 (into the array kto_args).
 set_kto_args() {
   kto_args=(train --config "$root/configs/bench-cpu.toml" --set model.path="$2"
-    --set data.train_file="$work/unpaired.jsonl" --set train.output_dir="$work/$model/$1/out"
+    --set data.train_file="$(data_file "$data")" --set train.output_dir="$work/$data/$model/$1/out"
     --set train.max_steps="$steps")
+  if [ "$1" = kto-plain ]; then kto_args+=(--set kto.padding_free=false --set kto.kl_prefix_sharing=false); fi
 }
 
-# 4. Each model: TRL, then every kto binary, each in a fresh process.
+# 4. Each data set and model: TRL, then every kto run, each in a fresh process.
+for data in $datasets; do
 for model in $models; do
   dir=$(model_dir "$model")
-  mkdir -p "$work/$model"
+  at=$work/$data/$model
+  mkdir -p "$at"
   for i in "${!runs[@]}"; do
     run=${runs[$i]}
-    rm -rf "${work:?}/$model/$run"; mkdir -p "$work/$model/$run"
+    rm -rf "${at:?}/$run"; mkdir -p "$at/$run"
     set_kto_args "$run" "$dir"
     # The config must be accepted by this binary before anything is timed.
-    "${bins[$i]}" "${kto_args[@]}" --print-config > "$work/$model/$run/config.txt" 2> "$work/$model/$run/config.err" \
-      || { echo "${bins[$i]} rejects the config:" >&2; cat "$work/$model/$run/config.err" >&2; exit 1; }
+    "${bins[$i]}" "${kto_args[@]}" --print-config > "$at/$run/config.txt" 2> "$at/$run/config.err" \
+      || { echo "${bins[$i]} rejects the config:" >&2; cat "$at/$run/config.err" >&2; exit 1; }
   done
   for variant in $trl_variants; do
-    log "$model: TRL ($variant), $steps steps"
-    rm -rf "${work:?}/$model/trl-$variant"; mkdir -p "$work/$model/trl-$variant"
-    measured "$work/$model/trl-$variant/trl" "$py" "$helper" trl "$dir" "$work/unpaired.jsonl" \
-      "$work/$model/trl-$variant" "$steps" "$threads" "$variant"
+    log "$data $model: TRL ($variant), $steps steps"
+    rm -rf "${at:?}/trl-$variant"; mkdir -p "$at/trl-$variant"
+    measured "$at/trl-$variant/trl" "$py" "$helper" trl "$dir" "$(data_file "$data")" \
+      "$at/trl-$variant" "$steps" "$threads" "$variant"
   done
   for i in "${!runs[@]}"; do
     run=${runs[$i]}
-    log "$model: $run (${bins[$i]}), $steps steps"
+    log "$data $model: $run (${bins[$i]}), $steps steps"
     set_kto_args "$run" "$dir"
-    measured "$work/$model/$run/kto" "${bins[$i]}" "${kto_args[@]}" --quiet
-    ln -sf out/metrics.jsonl "$work/$model/$run/metrics.jsonl"
+    measured "$at/$run/kto" "${bins[$i]}" "${kto_args[@]}" --quiet
+    ln -sf out/metrics.jsonl "$at/$run/metrics.jsonl"
   done
+done
 done
 
 # 5. The table, with what it was measured on.
@@ -152,5 +174,6 @@ done
     "$(nproc) cores, load average at the start $load_start, at the end $(cut -d' ' -f1-3 /proc/loadavg)"
   for i in "${!runs[@]}"; do echo "${runs[$i]}: ${bins[$i]} ($("${bins[$i]}" --version 2>/dev/null || echo '?'))"; done
   echo
-  "$py" "$helper" table "$work" "$steps" "$warm" "$threads" $models -- $(printf 'trl-%s ' $trl_variants) "${runs[@]}"
+  "$py" "$helper" table "$work" "$steps" "$warm" "$threads" $datasets -- $models -- \
+    $(printf 'trl-%s ' $trl_variants) "${runs[@]}"
 } | tee "$work/table.md"

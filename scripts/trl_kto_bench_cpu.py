@@ -2,14 +2,16 @@
 
 usage:
   trl_kto_bench_cpu.py data PREPARED_TRAIN_JSONL OUT_JSONL          (standard library only)
+  trl_kto_bench_cpu.py data-long UNPAIRED_JSONL OUT_JSONL            (standard library only)
   trl_kto_bench_cpu.py make-smollm2 TOKENIZER_DIR OUT_DIR            (torch + transformers)
   trl_kto_bench_cpu.py trl MODEL_DIR DATA_JSONL OUT_DIR STEPS THREADS gc|nogc
-  trl_kto_bench_cpu.py table WORK STEPS WARMUP THREADS MODEL... -- RUN...   (standard library only)
+  trl_kto_bench_cpu.py table WORK STEPS WARMUP THREADS DATA... -- MODEL... -- RUN...   (standard library only)
 
-RUN: a folder name under WORK/MODEL: trl-gc, trl-nogc (TRL) or any other (kto; its metrics.jsonl).
+RUN: a folder name under WORK/DATA/MODEL: trl-gc, trl-nogc (TRL) or any other (kto; its metrics.jsonl).
 
-`trl` prints nothing useful itself: it writes OUT_DIR/trl.json (per step: the time at on_step_end and TRL's
-running `num_tokens`). `table` reads every run's files and prints the markdown table.
+`trl` prints nothing useful itself: it writes OUT_DIR/trl.json (per step: the time at on_step_end, TRL's running
+`num_tokens` and the tokens its forward passes embedded). `table` reads every run's files and prints the markdown
+table.
 """
 import json, os, shutil, sys
 
@@ -30,6 +32,28 @@ def cmd_data(prepared, out):
                 n += 1
     os.replace(out + ".tmp", out)
     print(f"{n} unpaired samples -> {out}")
+
+
+def cmd_data_long(unpaired, out, n=480, seed=0):
+    """A data set shaped like the GPU benchmark's: long prompts (32 to 120 words, several earlier turns' worth)
+    and short completions (8 to 32 words), the words drawn (seeded) from the HH sample's own text so that the
+    tokenizer sees the same vocabulary; labels alternate."""
+    import random
+    rng = random.Random(seed)
+    words = []
+    with open(unpaired) as src:
+        for line in src:
+            if line.strip():
+                r = json.loads(line)
+                words += (r["prompt"] + " " + r["completion"]).replace("\n", " ").split()
+    with open(out + ".tmp", "w") as dst:
+        for i in range(n):
+            prompt = " ".join(rng.choice(words) for _ in range(rng.randint(32, 120)))
+            completion = " ".join(rng.choice(words) for _ in range(rng.randint(8, 32)))
+            dst.write(json.dumps({"prompt": f"Human:\n{prompt}\nAssistant:\n", "completion": completion,
+                                  "label": i % 2 == 0}) + "\n")
+    os.replace(out + ".tmp", out)
+    print(f"{n} long-prompt samples -> {out}")
 
 
 def cmd_make_smollm2(tokenizer_dir, out):
@@ -69,16 +93,22 @@ def cmd_trl(model_dir, data, out, steps, threads, gc):
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import KTOConfig, KTOTrainer
 
+    embedded = [0]  # tokens through the input embedding: every forward pass, padding included
+
     class StepTimes(TrainerCallback):
         def __init__(self):
-            self.ends = []
+            self.ends, self.forward_tokens = [], []
 
         def on_step_end(self, args, state, control, **kw):
             self.ends.append(time.perf_counter())  # CPU: the step's work is done when it returns
+            self.forward_tokens.append(embedded[0])
 
     ds = load_dataset("json", data_files=data, split="train")
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    # Gradient checkpointing recomputes decoder layers, not the embedding: this counts each pass once.
+    model.get_input_embeddings().register_forward_hook(
+        lambda module, inputs, output: embedded.__setitem__(0, embedded[0] + inputs[0].numel()))
     args = KTOConfig(output_dir=os.path.join(out, "trl_out"), per_device_train_batch_size=BATCH,
                      gradient_accumulation_steps=1, max_length=MAX_LENGTH, beta=0.1,
                      precompute_ref_log_probs=False, max_steps=steps, logging_steps=1, save_strategy="no",
@@ -92,6 +122,7 @@ def cmd_trl(model_dir, data, out, steps, threads, gc):
     logs = [r for r in trainer.state.log_history if "loss" in r and "num_tokens" in r]
     result = {
         "steps": len(timer.ends), "step_ends": timer.ends, "num_tokens": [r["num_tokens"] for r in logs],
+        "forward_tokens": timer.forward_tokens,
         "loss": [r["loss"] for r in logs], "threads": torch.get_num_threads(),
         "gradient_checkpointing": bool(args.gradient_checkpointing),
         "versions": {m.__name__: m.__version__ for m in map(__import__, ("torch", "transformers", "peft", "trl"))},
@@ -120,7 +151,9 @@ def trl_row(run_dir, steps, warmup):
     if len(ends) != steps or len(toks) != steps:
         raise SystemExit(f"{run_dir}: TRL ran {len(ends)} steps / logged {len(toks)}, expected {steps}")
     step_s = (ends[-1] - ends[warmup - 1]) / (steps - warmup)
-    return {"step_s": step_s, "tokens": toks, "rss": peak_rss_gib(os.path.join(run_dir, "trl.time")), "meta": r}
+    fwd = r["forward_tokens"]
+    return {"step_s": step_s, "tokens": toks, "rss": peak_rss_gib(os.path.join(run_dir, "trl.time")), "meta": r,
+            "forward_per_step": (fwd[-1] - fwd[warmup - 1]) / (steps - warmup)}
 
 
 def kto_row(run_dir, steps, warmup):
@@ -130,26 +163,31 @@ def kto_row(run_dir, steps, warmup):
         raise SystemExit(f"{run_dir}: kto logged steps {[r['step'] for r in train]}, expected 1..{steps}")
     timed = train[warmup:]
     step_s = sum(BATCH / r["samples_per_second"] for r in timed) / len(timed)
+    forward = [r.get("num_forward_tokens", float("nan")) for r in timed]
     return {"step_s": step_s, "tokens": [r["num_tokens"] for r in train],
-            "rss": peak_rss_gib(os.path.join(run_dir, "kto.time"))}
+            "rss": peak_rss_gib(os.path.join(run_dir, "kto.time")), "forward_per_step": sum(forward) / len(forward)}
 
 
 TRL_LABELS = {"trl-gc": "TRL (gc: its default)", "trl-nogc": "TRL (no gc)"}
 TRL_SHORT = {"trl-gc": "gc", "trl-nogc": "no gc"}
 
 
-def cmd_table(work, steps, warmup, threads, models, runs):
-    """One markdown table; each kto row carries its ratios to every TRL row of the same model."""
+KTO_LABELS = {"kto": "kto", "kto-plain": "kto, padding_free and kl_prefix_sharing off"}
+
+
+def cmd_table(work, steps, warmup, threads, datasets, models, runs):
+    """One markdown table; each kto row carries its ratios to every TRL row of the same data and model."""
     trl_runs = [r for r in runs if r in TRL_LABELS]
     kto_runs = [r for r in runs if r not in TRL_LABELS]
     vs = " / ".join(TRL_SHORT[r] for r in trl_runs)
-    print(f"| model | trainer | s/step | samples/s | tokens/s | peak RSS GiB | samples/s ÷ TRL ({vs}) | "
-          f"RSS ÷ TRL ({vs}) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"| data | model | trainer | s/step | samples/s | tokens/s | forward tokens/step | peak RSS GiB | "
+          f"samples/s ÷ TRL ({vs}) | RSS ÷ TRL ({vs}) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     notes, meta = [], None
-    for model in models:
-        trl = {r: trl_row(os.path.join(work, model, r), steps, warmup) for r in trl_runs}
-        kto = {r: kto_row(os.path.join(work, model, r), steps, warmup) for r in kto_runs}
+    for data, model in [(d, m) for d in datasets for m in models]:
+        where = os.path.join(work, data, model)
+        trl = {r: trl_row(os.path.join(where, r), steps, warmup) for r in trl_runs}
+        kto = {r: kto_row(os.path.join(where, r), steps, warmup) for r in kto_runs}
         rows = list(trl.items()) + list(kto.items())
         meta = rows[0][1].get("meta", meta) if trl else meta
         # Real (unpadded) prompt + completion tokens per timed step: the growth of the running `num_tokens`
@@ -158,12 +196,13 @@ def cmd_table(work, steps, warmup, threads, models, runs):
         per_step = (ref["tokens"][-1] - ref["tokens"][warmup - 1]) / (steps - warmup)
         for name, r in rows:
             if r["tokens"] != ref["tokens"]:
-                notes.append(f"{model}: {name}'s running num_tokens {r['tokens'][:3]}… differ from {ref_name}'s "
+                notes.append(f"{data} {model}: {name}'s running num_tokens {r['tokens'][:3]}… differ from {ref_name}'s "
                              f"{ref['tokens'][:3]}…: not the same samples or tokenization")
             speed = " / ".join(f"{t['step_s'] / r['step_s']:.2f}×" for t in trl.values()) if name in kto else ""
             mem = " / ".join(f"{r['rss'] / t['rss']:.2f}×" for t in trl.values()) if name in kto else ""
-            print(f"| {model} | {TRL_LABELS.get(name, name)} | {r['step_s']:.3f} | {BATCH / r['step_s']:.2f} | "
-                  f"{per_step / r['step_s']:.0f} | {r['rss']:.2f} | {speed} | {mem} |")
+            label = TRL_LABELS.get(name) or KTO_LABELS.get(name, name)
+            print(f"| {data} | {model} | {label} | {r['step_s']:.3f} | {BATCH / r['step_s']:.2f} | "
+                  f"{per_step / r['step_s']:.0f} | {r['forward_per_step']:.0f} | {r['rss']:.2f} | {speed} | {mem} |")
     print()
     print(f"{steps} steps of batch {BATCH} on every side ({steps * BATCH} samples; running num_tokens "
           f"{'DIFFER, see below' if notes else 'identical on every side, step by step'}), the first {warmup} not "
@@ -173,6 +212,12 @@ def cmd_table(work, steps, warmup, threads, models, runs):
           + (f", torch.get_num_threads()={meta['threads']}; TRL on {meta['device']}; torch {meta['versions']['torch']}, "
              f"transformers {meta['versions']['transformers']}, peft {meta['versions']['peft']}, "
              f"trl {meta['versions']['trl']}" if meta else "") + ").")
+    print()
+    print("Data: `hh` is the HH sample made unpaired (prompts of earlier turns, completions of one answer); `long` is "
+          "shaped like the GPU benchmark's (prompts of 32-120 words, completions of 8-32, cut at max_length). "
+          "Forward tokens/step: the tokens every forward pass of a step pushed through the model, padding included "
+          "(TRL: counted at its input embedding; kto: its `num_forward_tokens`); tokens/s counts real prompt + "
+          "completion tokens.")
     for n in notes:
         print(f"WARNING: {n}")
 
@@ -181,6 +226,8 @@ def main(argv):
     cmd = argv[0]
     if cmd == "data":
         cmd_data(argv[1], argv[2])
+    elif cmd == "data-long":
+        cmd_data_long(argv[1], argv[2])
     elif cmd == "make-smollm2":
         cmd_make_smollm2(argv[1], argv[2])
     elif cmd == "trl":
@@ -188,8 +235,11 @@ def main(argv):
             raise SystemExit(__doc__)
         cmd_trl(argv[1], argv[2], argv[3], int(argv[4]), int(argv[5]), argv[6] == "gc")
     elif cmd == "table":
-        sep = argv.index("--")
-        cmd_table(argv[1], int(argv[2]), int(argv[3]), int(argv[4]), argv[5:sep], argv[sep + 1:])
+        # table WORK STEPS WARMUP THREADS DATA... -- MODEL... -- RUN...
+        first = argv.index("--")
+        second = argv.index("--", first + 1)
+        cmd_table(argv[1], int(argv[2]), int(argv[3]), int(argv[4]), argv[5:first], argv[first + 1:second],
+                  argv[second + 1:])
     else:
         raise SystemExit(__doc__)
 
