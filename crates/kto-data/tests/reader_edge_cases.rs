@@ -82,7 +82,9 @@ fn malformed_rows_name_the_line_and_column() {
 
 #[test]
 fn rows_of_every_json_type_are_refused_not_panicked() {
-    for row in ["1", "\"x\"", "null", "true", "[]", "[1, [2]]", "-0", "1e999"] {
+    for row in [
+        "1", "\"x\"", "null", "true", "[]", "[1, [2]]", "-0", "1e999",
+    ] {
         let message = error(&format!("{ROW}\n{row}\n"));
         assert!(message.starts_with("data.jsonl:2: "), "{row}: {message}");
     }
@@ -105,7 +107,9 @@ fn hh_conversation_boundaries() {
         Err(HhDropReason::EmptyResponse)
     );
     assert_eq!(
-        split_conversation("\n\nHuman:\n\nAssistant: x").unwrap().prompt,
+        split_conversation("\n\nHuman:\n\nAssistant: x")
+            .unwrap()
+            .prompt,
         "Human:\n\nAssistant:\n"
     );
     assert!(parse_turns("").is_err());
@@ -120,7 +124,10 @@ fn hh_conversation_boundaries() {
     );
     assert_eq!(pair.unwrap().chosen, "ü\u{1F600}");
     assert_eq!(
-        convert_pair("\n\nHuman: a\n\nAssistant: b", "\n\nHuman: c\n\nAssistant: d"),
+        convert_pair(
+            "\n\nHuman: a\n\nAssistant: b",
+            "\n\nHuman: c\n\nAssistant: d"
+        ),
         Err(HhDropReason::PromptsDiffer)
     );
 }

@@ -1,5 +1,5 @@
-//! Llama-family models with LoRA adapters on candle: checkpoints, forward and backward over right-padded batches,
-//! per-sequence log-probs, PEFT adapter files, merging and generation.
+//! Llama-family models with LoRA adapters on candle: checkpoints, forward and backward over packed or right-padded
+//! batches, KL sequences as continuations of their targets' prompts, per-sequence log-probs, PEFT adapter files, merging and generation.
 //!
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {

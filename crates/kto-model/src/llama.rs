@@ -287,9 +287,15 @@ impl LlamaModel {
     }
 
     /// Packs each batch's sequences end to end instead of right-padding them (on by default): the same numbers
-    /// for less work. Off, every pass runs the batch as it is.
+    /// for less work. Off, every pass runs the batch as it is. Only on the CPU, whose attention computes just the
+    /// scores each query sees: the GPU's attention is dense GEMMs, for which one packed row of T tokens would cost
+    /// T² scores instead of rows · width²; it keeps padded rows until it has a variable-length attention kernel.
     pub fn set_padding_free(&mut self, on: bool) {
         self.padding_free = on;
+    }
+
+    fn packs(&self) -> bool {
+        self.padding_free && self.device.is_cpu()
     }
 
     /// Runs KL sequences as continuations of their targets' prompts in [`LlamaModel::sequence_logps_with_kl`] (on
@@ -310,7 +316,7 @@ impl LlamaModel {
             return logprobs::empty_logps(batch.rows, &self.device);
         }
         let pass = self.pass(choice)?;
-        let layout = TokenLayout::of(batch, self.padding_free, self.config.sliding_window)?;
+        let layout = TokenLayout::of(batch, self.packs(), self.config.sliding_window)?;
         let hidden = self.run_layers(&layout, pass, ModelKv::Own)?;
         self.scored_logps(
             &hidden,
@@ -338,7 +344,7 @@ impl LlamaModel {
         let kl_pass = self.pass(kl_choice)?;
         logprobs::check_batch(target)?;
         let window = self.config.sliding_window;
-        let layout = TokenLayout::of(target, self.padding_free, window)?;
+        let layout = TokenLayout::of(target, self.packs(), window)?;
         let shareable = self.kl_prefix_sharing
             && target.rows > 0
             && target.width > 0

@@ -60,9 +60,9 @@ impl ScoredTokens {
             let row = batch.row(r);
             // Position 0 has no earlier logits to be predicted from (TRL's shifted labels drop it too).
             let start = batch.completion_starts[r].max(1);
-            for p in start..row.len() {
+            for (p, &token) in row.iter().enumerate().skip(start) {
                 out.sources.push((layout.sequence_starts[r] + p - 1) as u32);
-                out.targets.push(row[p]);
+                out.targets.push(token);
             }
             out.counts.push(row.len().saturating_sub(start));
         }

@@ -69,7 +69,10 @@ fn rows(out: &Path) -> Result<Vec<Map<String, Value>>> {
         .collect())
 }
 
-fn adapter_bits(out: &Path) -> Result<Vec<(String, Vec<u32>)>> {
+type Rows = Vec<Map<String, Value>>;
+type AdapterBits = Vec<(String, Vec<u32>)>;
+
+fn adapter_bits(out: &Path) -> Result<AdapterBits> {
     let tensors = candle_core::safetensors::load(
         out.join("adapter/adapter_model.safetensors"),
         &Device::Cpu,
@@ -194,14 +197,13 @@ fn precomputed_reference_matches_online_and_is_cached() -> Result<()> {
 #[test]
 fn padding_free_and_kl_prefix_sharing_change_only_the_work() -> Result<()> {
     // Without dropout (TRL's default): with LoRA dropout drawing masks, the KL sequences get a pass of their own.
-    let run_with =
-        |switches: &[&str]| -> Result<(Vec<Map<String, Value>>, Vec<(String, Vec<u32>)>)> {
-            let out = tempfile::tempdir()?;
-            let mut extra = vec!["kto.disable_dropout=true", "train.save_steps=0"];
-            extra.extend_from_slice(switches);
-            run(&config(out.path(), &extra)?, None, None)?;
-            Ok((rows(out.path())?, adapter_bits(out.path())?))
-        };
+    let run_with = |switches: &[&str]| -> Result<(Rows, AdapterBits)> {
+        let out = tempfile::tempdir()?;
+        let mut extra = vec!["kto.disable_dropout=true", "train.save_steps=0"];
+        extra.extend_from_slice(switches);
+        run(&config(out.path(), &extra)?, None, None)?;
+        Ok((rows(out.path())?, adapter_bits(out.path())?))
+    };
     let (on_rows, on_adapter) = run_with(&[])?;
     assert!(
         on_rows.iter().any(|r| r.contains_key("eval_loss")),
