@@ -191,3 +191,21 @@ impl TinyModel {
 fn scale_of(fan_in: usize) -> f32 {
     1.0 / (fan_in as f32).sqrt()
 }
+
+/// The TRL parity fixture of this checkout (`tests/fixtures/trl-kto-parity`: a tiny Llama, its initial adapter, the
+/// data and TRL's numbers).
+pub fn trl_fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/trl-kto-parity")
+}
+
+/// `checkpoint` in f32 on the CPU with the fixture's initial (non-zero) adapter as the policy.
+pub fn with_fixture_adapter(checkpoint: &crate::Checkpoint) -> Result<crate::LlamaModel> {
+    let mut model = crate::LlamaModel::load(checkpoint, candle_core::DType::F32, &Device::Cpu)?;
+    let adapter = crate::peft::load_adapter(
+        &trl_fixture().join("adapter_init"),
+        model.config(),
+        &Device::Cpu,
+    )?;
+    model.set_policy_adapter(Some(adapter))?;
+    Ok(model)
+}

@@ -17,15 +17,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
 }
 
 fn fixture_with_adapter() -> Result<LlamaModel> {
-    let ckpt = Checkpoint::from_dir(&fixture().join("model"))?;
-    let mut model = LlamaModel::load(&ckpt, DType::F32, &Device::Cpu)?;
-    let adapter = load_adapter(
-        &fixture().join("adapter_init"),
-        model.config(),
-        &Device::Cpu,
-    )?;
-    model.set_policy_adapter(Some(adapter))?;
-    Ok(model)
+    kto_model::testing::with_fixture_adapter(&Checkpoint::from_dir(&fixture().join("model"))?)
 }
 
 #[test]

@@ -18,14 +18,7 @@ fn fixture_model() -> Result<LlamaModel> {
 }
 
 fn fixture_model_with_adapter() -> Result<LlamaModel> {
-    let mut model = fixture_model()?;
-    let adapter = load_adapter(
-        &fixture().join("adapter_init"),
-        model.config(),
-        &Device::Cpu,
-    )?;
-    model.set_policy_adapter(Some(adapter))?;
-    Ok(model)
+    kto_model::testing::with_fixture_adapter(&Checkpoint::from_dir(&fixture().join("model"))?)
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {

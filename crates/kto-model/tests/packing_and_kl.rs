@@ -4,15 +4,15 @@
 //! packed policy pass equal the padded one's.
 
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor};
-use kto_model::peft::load_adapter;
+use candle_core::{Device, Tensor};
+use kto_model::testing::{trl_fixture, with_fixture_adapter};
 use kto_model::{AdapterChoice, Checkpoint, LlamaModel, SequenceBatch, SequenceLogps};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/trl-kto-parity")
+    trl_fixture()
 }
 
 /// The fixture's tiny Llama with its (non-zero) initial adapter as the policy; `sliding_window` makes it a Mistral.
@@ -34,14 +34,7 @@ fn model(sliding_window: Option<usize>) -> Result<(LlamaModel, tempfile::TempDir
         config["sliding_window"] = window.into();
     }
     std::fs::write(dir.path().join("config.json"), config.to_string())?;
-    let checkpoint = Checkpoint::from_dir(dir.path())?;
-    let mut model = LlamaModel::load(&checkpoint, DType::F32, &Device::Cpu)?;
-    let adapter = load_adapter(
-        &fixture().join("adapter_init"),
-        model.config(),
-        &Device::Cpu,
-    )?;
-    model.set_policy_adapter(Some(adapter))?;
+    let model = with_fixture_adapter(&Checkpoint::from_dir(dir.path())?)?;
     Ok((model, dir))
 }
 
