@@ -7,7 +7,7 @@
 //! target pass's hidden state at the prompt's last position. The numbers equal a full pass over the KL sequences up
 //! to floating-point summation order.
 
-use crate::layout::TokenLayout;
+use crate::layout::{Segment, TokenLayout};
 use crate::logprobs::ScoredTokens;
 use anyhow::Result;
 use kto_data::batch::SequenceBatch;
@@ -55,6 +55,7 @@ impl KlContinuation {
         let mut key_ranges = Vec::new();
         let mut key_gather = Vec::new();
         let mut sequence_starts = Vec::with_capacity(kl.rows);
+        let mut segments = Vec::with_capacity(kl.rows);
         let mut prompt_ends = Vec::new();
         let mut scored = ScoredTokens::default();
         for r in 0..kl.rows {
@@ -68,6 +69,11 @@ impl KlContinuation {
             key_gather.extend(
                 (own_start..own_start + completion.len()).map(|i| (target_keys + i) as u32),
             );
+            segments.push(Segment {
+                queries: own_start..own_start + completion.len(),
+                keys: key_start..key_start + prompt + completion.len(),
+                offset: prompt,
+            });
             for (j, &id) in completion.iter().enumerate() {
                 let position = prompt + j;
                 ids.push(id);
@@ -103,6 +109,7 @@ impl KlContinuation {
                 width,
                 key_ranges,
                 sequence_starts,
+                segments,
             },
             key_gather,
             prompt_ends,

@@ -14,6 +14,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use kto_kernels::attention::{attention, AttentionMask};
+use std::sync::Arc;
 
 /// Per-call settings resolved from an `AdapterChoice`.
 #[derive(Clone, Copy)]
@@ -31,6 +32,17 @@ pub(crate) struct LayerContext {
     pub(crate) positions: Tensor,
     /// f32 [head_dim / 2].
     pub(crate) inv_freq: Tensor,
+    /// Attention block by block (a one-row layout on a dense attention): the query and key ranges of each block
+    /// and its own mask; `None` runs the whole row under `mask`.
+    pub(crate) segments: Option<Arc<Vec<AttentionSegment>>>,
+}
+
+/// One block of [`LayerContext::segments`].
+#[derive(Debug)]
+pub(crate) struct AttentionSegment {
+    pub(crate) queries: std::ops::Range<usize>,
+    pub(crate) keys: std::ops::Range<usize>,
+    pub(crate) mask: AttentionMask,
 }
 
 /// What a layer's attention does with keys and values besides using them.
@@ -261,9 +273,26 @@ impl Attention {
             }
         }
         let scale = 1.0 / (d as f64).sqrt();
-        let out = attention(&q, &k, &v, &context.mask, scale)?
-            .transpose(1, 2)?
-            .reshape((rows, width, heads * d))?;
+        let out = match context.segments.as_deref() {
+            None => attention(&q, &k, &v, &context.mask, scale)?,
+            Some(segments) => {
+                let part = |t: &Tensor, range: &std::ops::Range<usize>| {
+                    t.narrow(2, range.start, range.len())?.contiguous()
+                };
+                let mut parts = Vec::with_capacity(segments.len());
+                for s in segments.iter().filter(|s| !s.queries.is_empty()) {
+                    parts.push(attention(
+                        &part(&q, &s.queries)?,
+                        &part(&k, &s.keys)?,
+                        &part(&v, &s.keys)?,
+                        &s.mask,
+                        scale,
+                    )?);
+                }
+                Tensor::cat(&parts, 2)?
+            }
+        };
+        let out = out.transpose(1, 2)?.reshape((rows, width, heads * d))?;
         self.o.forward(&out, pass)
     }
 }

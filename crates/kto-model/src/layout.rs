@@ -20,6 +20,18 @@ pub(crate) struct TokenLayout {
     pub(crate) key_ranges: Vec<[u32; 2]>,
     /// Flat index (`row · width + column`) of each sequence's position 0.
     pub(crate) sequence_starts: Vec<usize>,
+    /// The independent blocks of a one-row layout (empty when the rows are the blocks): attention can run block by
+    /// block, which a dense (GEMM) attention needs to avoid scoring every query against every key of the row.
+    pub(crate) segments: Vec<Segment>,
+}
+
+/// One block of a one-row layout: queries `queries` see only keys in `keys`, causally, the first query sitting at
+/// key `offset` of the block (0 for a packed sequence; a continuation's prompt length).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Segment {
+    pub(crate) queries: std::ops::Range<usize>,
+    pub(crate) keys: std::ops::Range<usize>,
+    pub(crate) offset: usize,
 }
 
 impl TokenLayout {
@@ -33,6 +45,7 @@ impl TokenLayout {
             width,
             key_ranges: AttentionMask::causal_ranges(&batch.lengths, width, 0, window)?,
             sequence_starts: (0..rows).map(|r| r * width).collect(),
+            segments: Vec::new(),
         })
     }
 
@@ -49,7 +62,16 @@ impl TokenLayout {
             boundaries.push(ids.len());
         }
         let sequence_starts = boundaries[..batch.rows].to_vec();
+        let segments = boundaries
+            .windows(2)
+            .map(|b| Segment {
+                queries: b[0]..b[1],
+                keys: b[0]..b[1],
+                offset: 0,
+            })
+            .collect();
         Ok(Self {
+            segments,
             key_ranges: AttentionMask::packed_ranges(&[boundaries], total, window)?,
             ids,
             positions,

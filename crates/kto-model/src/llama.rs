@@ -7,7 +7,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::frozen_linear::FrozenLinear;
 use crate::kl_continuation::KlContinuation;
-use crate::layer::{DecoderLayer, LayerContext, LayerKv, Pass};
+use crate::layer::{AttentionSegment, DecoderLayer, LayerContext, LayerKv, Pass};
 use crate::layout::TokenLayout;
 use crate::logprobs::{self, ScoredTokens, SequenceLogps};
 use crate::lora::{DropoutSource, LoraAdapter};
@@ -70,6 +70,7 @@ pub struct LlamaModel {
     logits_chunk_elements: usize,
     padding_free: bool,
     kl_prefix_sharing: bool,
+    segmented_attention: bool,
 }
 
 /// What the decoder does with keys and values in one forward (per layer: [`LayerKv`]).
@@ -150,6 +151,7 @@ impl LlamaModel {
             logits_chunk_elements: crate::logprobs::DEFAULT_LOGITS_CHUNK_ELEMENTS,
             padding_free: true,
             kl_prefix_sharing: true,
+            segmented_attention: false,
         })
     }
 
@@ -287,15 +289,16 @@ impl LlamaModel {
     }
 
     /// Packs each batch's sequences end to end instead of right-padding them (on by default): the same numbers
-    /// for less work. Off, every pass runs the batch as it is. Only on the CPU, whose attention computes just the
-    /// scores each query sees: the GPU's attention is dense GEMMs, for which one packed row of T tokens would cost
-    /// T² scores instead of rows · width²; it keeps padded rows until it has a variable-length attention kernel.
+    /// for less work. Off, every pass runs the batch as it is. (Where attention is dense GEMMs, on the GPU, a packed
+    /// row runs its attention sequence by sequence, so no query is scored against another sequence's keys.)
     pub fn set_padding_free(&mut self, on: bool) {
         self.padding_free = on;
     }
 
-    fn packs(&self) -> bool {
-        self.padding_free && self.device.is_cpu()
+    /// Runs attention block by block on the CPU too, as the GPU does for packed rows and KL continuations (tests).
+    #[doc(hidden)]
+    pub fn set_segmented_attention(&mut self, on: bool) {
+        self.segmented_attention = on;
     }
 
     /// Runs KL sequences as continuations of their targets' prompts in [`LlamaModel::sequence_logps_with_kl`] (on
@@ -316,7 +319,7 @@ impl LlamaModel {
             return logprobs::empty_logps(batch.rows, &self.device);
         }
         let pass = self.pass(choice)?;
-        let layout = TokenLayout::of(batch, self.packs(), self.config.sliding_window)?;
+        let layout = TokenLayout::of(batch, self.padding_free, self.config.sliding_window)?;
         let hidden = self.run_layers(&layout, pass, ModelKv::Own)?;
         self.scored_logps(
             &hidden,
@@ -344,7 +347,7 @@ impl LlamaModel {
         let kl_pass = self.pass(kl_choice)?;
         logprobs::check_batch(target)?;
         let window = self.config.sliding_window;
-        let layout = TokenLayout::of(target, self.packs(), window)?;
+        let layout = TokenLayout::of(target, self.padding_free, window)?;
         let shareable = self.kl_prefix_sharing
             && target.rows > 0
             && target.width > 0
@@ -439,6 +442,7 @@ impl LlamaModel {
                 self.config.sliding_window,
             )?,
             sequence_starts: (0..rows).map(|r| r * width).collect(),
+            segments: Vec::new(),
         };
         self.run_layers(&layout, pass, ModelKv::Own)
     }
@@ -489,6 +493,7 @@ impl LlamaModel {
                 self.config.sliding_window,
             )?,
             sequence_starts: vec![0],
+            segments: Vec::new(),
         };
         let hidden = self.run_layers(&layout, pass, ModelKv::Cache(cache))?;
         let last = hidden.narrow(1, n - 1, 1)?.flatten_all()?;
@@ -497,6 +502,37 @@ impl LlamaModel {
             .forward(&last.unsqueeze(0)?)?
             .squeeze(0)?
             .to_dtype(DType::F32)?)
+    }
+
+    /// Block-by-block attention for one-row layouts where the attention is dense GEMMs (not on the CPU, whose
+    /// attention computes only the visible scores; there only when forced for tests).
+    fn attention_segments(
+        &self,
+        layout: &TokenLayout,
+    ) -> Result<Option<Arc<Vec<AttentionSegment>>>> {
+        let dense = !self.device.is_cpu() || self.segmented_attention;
+        if !dense || layout.segments.is_empty() {
+            return Ok(None);
+        }
+        let window = self.config.sliding_window;
+        let segments = layout
+            .segments
+            .iter()
+            .map(|s| {
+                Ok(AttentionSegment {
+                    queries: s.queries.clone(),
+                    keys: s.keys.clone(),
+                    mask: AttentionMask::causal(
+                        &[s.keys.len()],
+                        s.queries.len(),
+                        s.offset,
+                        window,
+                        &self.device,
+                    )?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(Arc::new(segments)))
     }
 
     /// The decoder over the tokens of `layout`: final hidden states [tensor rows, width, hidden].
@@ -512,6 +548,7 @@ impl LlamaModel {
             mask: AttentionMask::from_ranges(layout.key_ranges.clone(), rows, width, &self.device)?,
             positions: Tensor::from_slice(&layout.positions, (rows, width), &self.device)?,
             inv_freq: self.inv_freq.clone(),
+            segments: self.attention_segments(layout)?,
         };
         let checkpointed = pass.grad && self.checkpointing && matches!(kv, ModelKv::Own);
         if checkpointed {

@@ -90,6 +90,16 @@ fn assert_rows_match(what: &str, got: &SequenceLogps, want: &SequenceLogps) -> R
     Ok(())
 }
 
+/// (padding_free, kl_prefix_sharing, segmented attention).
+const SWITCHES: [(bool, bool, bool); 6] = [
+    (false, false, false),
+    (false, true, false),
+    (true, false, false),
+    (true, true, false),
+    (false, true, true),
+    (true, true, true),
+];
+
 fn check_every_switch(sliding_window: Option<usize>) -> Result<()> {
     let (mut model, _dir) = model(sliding_window)?;
     let (target, kl) = batches(model.config().vocab_size);
@@ -99,11 +109,13 @@ fn check_every_switch(sliding_window: Option<usize>) -> Result<()> {
         let plain_target = model.sequence_logps(&target, choice)?;
         let plain_kl = model.sequence_logps(&kl, kl_choice(choice))?;
         assert_eq!(plain_target.forward_tokens, target.rows * target.width);
-        for padding_free in [false, true] {
-            for sharing in [false, true] {
+        // Segmented: attention block by block, as the GPU's dense attention runs packed rows and continuations.
+        for (padding_free, sharing, segmented) in SWITCHES {
+            {
                 model.set_padding_free(padding_free);
                 model.set_kl_prefix_sharing(sharing);
-                let what = format!("{choice:?} window {sliding_window:?} padding_free {padding_free} sharing {sharing}");
+                model.set_segmented_attention(segmented);
+                let what = format!("{choice:?} window {sliding_window:?} padding_free {padding_free} sharing {sharing} segmented {segmented}");
                 let (t, k) = model.sequence_logps_with_kl(&target, &kl, choice)?;
                 assert_rows_match(&format!("{what}: targets"), &t, &plain_target)?;
                 assert_rows_match(&format!("{what}: KL"), &k, &plain_kl)?;
@@ -152,8 +164,9 @@ fn packed_policy_gradients_equal_padded_ones() -> Result<()> {
     let (mut model, _dir) = model(None)?;
     let (target, kl) = batches(model.config().vocab_size);
     let mut gradients = Vec::new();
-    for padding_free in [false, true] {
+    for (padding_free, segmented) in [(false, false), (true, false), (true, true)] {
         model.set_padding_free(padding_free);
+        model.set_segmented_attention(segmented);
         let (t, _) = model.sequence_logps_with_kl(&target, &kl, AdapterChoice::Policy)?;
         // Weigh rows differently so that a row mix-up shows.
         let weights = Tensor::new(&[1.0f32, -2.0, 0.5, 3.0, -1.0, 0.25], &Device::Cpu)?;
@@ -174,14 +187,18 @@ fn packed_policy_gradients_equal_padded_ones() -> Result<()> {
         gradients.push(per_var);
     }
     let mut nonzero = 0;
-    for ((name, padded), (_, packed)) in gradients[0].iter().zip(&gradients[1]) {
-        let scale = padded.abs()?.max_all()?.to_scalar::<f32>()?;
-        let diff = (padded - packed)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(
-            diff <= 1e-5 * scale.max(1.0),
-            "{name}: max diff {diff} (max |g| {scale})"
-        );
-        nonzero += usize::from(scale > 0.0);
+    for packed_gradients in &gradients[1..] {
+        for ((name, padded), (_, packed)) in gradients[0].iter().zip(packed_gradients) {
+            let scale = padded.abs()?.max_all()?.to_scalar::<f32>()?;
+            let diff = (padded - packed)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(
+                diff <= 1e-5 * scale.max(1.0),
+                "{name}: max diff {diff} (max |g| {scale})"
+            );
+        }
+    }
+    for (_, padded) in &gradients[0] {
+        nonzero += usize::from(padded.abs()?.max_all()?.to_scalar::<f32>()? > 0.0);
     }
     assert_eq!(
         nonzero,

@@ -284,7 +284,7 @@ pub struct KtoSection {
     /// Zero every dropout probability, LoRA's included (TRL's default).
     pub disable_dropout: bool,
     /// Pack each micro-batch's sequences end to end instead of right-padding them (TRL's `padding_free`); the
-    /// numbers are the same, the padded positions' work goes. CPU only for now (the GPU's attention is dense).
+    /// numbers are the same, the padded positions' work goes.
     pub padding_free: bool,
     /// Run each KL sequence as a continuation of its target's prompt (the target pass's keys and values), so only
     /// the KL completions go through the model; the numbers are the same.
