@@ -1,5 +1,6 @@
 //! `kto`: KTO training with LoRA, the way TRL's KTOTrainer does it, on candle.
 mod commands;
+mod cpu_threads;
 mod plot;
 mod progress;
 
@@ -43,6 +44,7 @@ Examples:
 Each command has its own examples: kto help train, kto train --help.";
 
 fn main() -> std::process::ExitCode {
+    cpu_threads::share_cores();
     let cli = Cli::parse();
     progress::init(cli.quiet);
     let result = match cli.command {
