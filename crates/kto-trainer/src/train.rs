@@ -308,7 +308,11 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
     let finished = state.global_step >= plan.max_steps;
     let final_adapter = if finished {
         let dir = output_dir.join(FINAL_ADAPTER_DIR);
-        write_dir_atomic(&dir, |tmp| model.save_adapter(tmp))?;
+        kto_data::atomic::write_dir(&dir, |tmp| {
+            model.save_adapter(tmp)?;
+            checkpoint::fault_pause();
+            Ok(())
+        })?;
         Some(dir)
     } else {
         None
@@ -423,12 +427,11 @@ fn save_checkpoint<M: PolicyModel>(
 
 /// The trainable tensors bit for bit (the PEFT adapter may be written in another dtype).
 fn save_trainable(params: &[(String, Var)], path: &Path) -> Result<()> {
-    let tensors: HashMap<String, Tensor> = params
+    let tensors: Vec<(String, Tensor)> = params
         .iter()
-        .map(|(n, v)| Ok((n.clone(), v.as_tensor().to_device(&Device::Cpu)?)))
-        .collect::<Result<_>>()?;
-    candle_core::safetensors::save(&tensors, path)
-        .with_context(|| format!("writing {}", path.display()))
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    kto_model::files::write_safetensors(path, &tensors, None)
 }
 
 fn load_trainable(params: &[(String, Var)], path: &Path) -> Result<()> {
@@ -451,19 +454,3 @@ fn load_trainable(params: &[(String, Var)], path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Fills a temporary sibling folder, then renames it over `dir`.
-pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let tmp = checkpoint::temp_path(dir);
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    fill(&tmp)?;
-    checkpoint::fault_pause();
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).with_context(|| format!("replacing {}", dir.display()))?;
-    }
-    std::fs::rename(&tmp, dir)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
-    Ok(())
-}
