@@ -166,7 +166,10 @@ fn injected_fault(path: &Path) -> Result<()> {
     }
     static WRITES: Mutex<Option<HashMap<String, usize>>> = Mutex::new(None);
     let mut writes = WRITES.lock().unwrap_or_else(|e| e.into_inner());
-    let count = writes.get_or_insert_with(HashMap::new).entry(name).or_default();
+    let count = writes
+        .get_or_insert_with(HashMap::new)
+        .entry(name)
+        .or_default();
     *count += 1;
     if *count == nth {
         // ENOSPC: what a full disk reports.
@@ -212,7 +215,10 @@ mod tests {
         .unwrap_err();
         let text = format!("{err:#}");
         assert_eq!(text.matches("os error 28").count(), 1, "{text}");
-        assert!(text.starts_with("cannot write ") && text.contains("w.safetensors"), "{text}");
+        assert!(
+            text.starts_with("cannot write ") && text.contains("w.safetensors"),
+            "{text}"
+        );
         assert_eq!(names(dir.path()), vec!["w.safetensors"]);
         assert_eq!(std::fs::read(&path)?, b"old");
         Ok(())
@@ -250,7 +256,9 @@ mod tests {
     #[test]
     fn temporary_names_are_recognised() {
         let tmp = temp_sibling(Path::new("out/checkpoint-3"));
-        assert!(is_temporary_name(&tmp.file_name().unwrap().to_string_lossy()));
+        assert!(is_temporary_name(
+            &tmp.file_name().unwrap().to_string_lossy()
+        ));
         assert!(!is_temporary_name("checkpoint-3") && !is_temporary_name(".kto-run.lock"));
     }
 }

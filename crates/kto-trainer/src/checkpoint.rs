@@ -34,6 +34,9 @@ pub struct TrainerState {
     pub metrics_pending: MetricsAccumulator,
     /// Every `metrics.jsonl` row written so far.
     pub metrics_rows: Vec<Map<String, Value>>,
+    /// A stop came during the evaluation of `global_step`: the resumed run evaluates that step first.
+    #[serde(default)]
+    pub evaluation_pending: bool,
     /// The kto version that wrote the state: resuming needs the same arithmetic.
     pub kto_version: String,
 }
@@ -396,6 +399,7 @@ mod tests {
             seed: 42,
             metrics_pending: MetricsAccumulator::default(),
             metrics_rows: vec![Map::new()],
+            evaluation_pending: true,
             kto_version: env!("CARGO_PKG_VERSION").into(),
         };
         state.save(dir.path())?;
