@@ -271,3 +271,59 @@ fn failed_write_leaves_no_temporary_and_a_resumable_folder() {
     run_to_end(dir.path(), true);
     assert_same_run(dir.path(), reference.path());
 }
+
+/// `eval`, `plot`, `generate` and `export` only read a run folder: they work while a training process holds it.
+#[test]
+fn readers_work_while_the_folder_is_locked() {
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path());
+    run_to_end(dir.path(), false);
+    let out_dir = dir.path().join("out");
+    let lock = kto_trainer::output_dir::RunLock::acquire(&out_dir).unwrap();
+    let eval_file = format!("data.eval_file={}", fixture().join("data.jsonl").display());
+    let commands: [&[&str]; 4] = [
+        &[
+            "eval",
+            "--config",
+            "kto.toml",
+            "--set",
+            &eval_file,
+            "--out",
+            "eval.json",
+        ],
+        &["plot", "out", "--out", "curves.svg"],
+        &[
+            "generate",
+            "--config",
+            "kto.toml",
+            "--prompt",
+            "Hello",
+            "--max-new-tokens",
+            "4",
+        ],
+        &[
+            "export",
+            "--config",
+            "kto.toml",
+            "--adapter",
+            "out/adapter",
+            "--out",
+            "merged",
+        ],
+    ];
+    for args in commands {
+        let out = Command::new(env!("CARGO_BIN_EXE_kto"))
+            .args(args)
+            .current_dir(dir.path())
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "kto {args:?}: {}", stderr(&out));
+    }
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join(".kto-run.lock")).unwrap(),
+        format!("{}\n", std::process::id()),
+        "the lock is untouched"
+    );
+    drop(lock);
+}
