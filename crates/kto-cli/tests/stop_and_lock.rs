@@ -42,27 +42,38 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// Every file under `dir` (relative path, bytes), the lock file aside.
-fn files_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut files = Vec::new();
+/// Every file and folder under `dir`, recursively.
+fn entries_under(dir: &Path) -> Vec<PathBuf> {
+    let mut entries = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
             let path = entry.path();
             if path.is_dir() {
-                stack.push(path);
-            } else {
-                let rel = path.strip_prefix(dir).unwrap().to_path_buf();
-                files.push((rel, std::fs::read(&path).unwrap()));
+                stack.push(path.clone());
             }
+            entries.push(path);
         }
     }
-    files.sort();
-    files
+    entries.sort();
+    entries
 }
 
-/// The files two runs must agree on byte for byte: everything but metrics.jsonl, curves and trainer_state.json,
-/// which hold wall-clock figures (runtime, samples per second; compared without them through `metrics_rows`).
+/// Every file under `dir` with its bytes, by path relative to `dir`.
+fn files_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    entries_under(dir)
+        .into_iter()
+        .filter(|path| path.is_file())
+        .map(|path| {
+            let bytes = std::fs::read(&path).unwrap();
+            (path.strip_prefix(dir).unwrap().to_path_buf(), bytes)
+        })
+        .collect()
+}
+
+/// The files two runs must agree on byte for byte: all but metrics.jsonl, curves and trainer_state.json, which hold
+/// wall-clock figures (runtime, samples per second; compared without them through `metrics_rows`), and the
+/// manifests that hold their checksums.
 fn deterministic_files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     files_under(dir)
         .into_iter()
@@ -74,20 +85,17 @@ fn deterministic_files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
         .collect()
 }
 
+/// The `.NAME.tmp-PID` files and folders of atomic writes under `dir`.
 fn temporaries(dir: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.contains(".tmp-") {
-                found.push(entry.path());
-            } else if entry.path().is_dir() {
-                stack.push(entry.path());
-            }
-        }
-    }
-    found
+    entries_under(dir)
+        .into_iter()
+        .filter(|path| {
+            path.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .contains(".tmp-")
+        })
+        .collect()
 }
 
 fn assert_same_run(dir: &Path, reference: &Path) {
