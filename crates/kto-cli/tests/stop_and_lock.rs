@@ -335,3 +335,56 @@ fn readers_work_while_the_folder_is_locked() {
     );
     drop(lock);
 }
+
+/// `--overwrite` (and `[train] overwrite_output_dir`) replace an earlier run: its files go before the new run writes,
+/// other files stay, and the new run equals a run in an empty folder.
+#[test]
+fn overwrite_replaces_an_earlier_run() {
+    let alone = tempfile::tempdir().unwrap();
+    write_config(alone.path());
+    run_to_end(alone.path(), false);
+
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path());
+    let out_dir = dir.path().join("out");
+    // An earlier, different run (2 steps) and a file of the user's.
+    let earlier = train_command(dir.path(), false, 0)
+        .args(["--set", "train.max_steps=2"])
+        .output()
+        .unwrap();
+    assert!(earlier.status.success(), "{}", stderr(&earlier));
+    std::fs::write(out_dir.join("notes.txt"), "mine").unwrap();
+
+    let both = train_command(dir.path(), true, 0)
+        .arg("--overwrite")
+        .output()
+        .unwrap();
+    assert!(!both.status.success());
+    assert!(stderr(&both).contains("--overwrite"), "{}", stderr(&both));
+
+    let out = train_command(dir.path(), false, 0)
+        .arg("--overwrite")
+        .output()
+        .unwrap();
+    let text = stderr(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("--overwrite: removed the earlier run's adapter, checkpoint-1, checkpoint-2"),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    std::fs::remove_file(out_dir.join("notes.txt")).unwrap();
+    assert!(deterministic_files(&out_dir) == deterministic_files(&alone.path().join("out")));
+    assert_same_run(dir.path(), alone.path());
+
+    // The config key does the same.
+    let again = train_command(dir.path(), false, 0)
+        .args(["--set", "train.overwrite_output_dir=true"])
+        .output()
+        .unwrap();
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert_same_run(dir.path(), alone.path());
+}
