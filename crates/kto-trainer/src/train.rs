@@ -231,6 +231,9 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
         evaluate(model, &mut state, &pending)?;
     }
     let mut stopped_by = stop::requested();
+    // The step whose state is on disk (a fresh run's step 0 needs none): a stop request seen before the next step
+    // begins ends the run there; otherwise the step in progress finishes and is saved.
+    let mut saved_step = state.global_step;
 
     let (first_epoch, mut first_step_in_epoch) = plan.position_of_step(state.global_step);
     'epochs: for epoch in first_epoch..plan.num_epochs {
@@ -238,6 +241,9 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
         let skip = plan.micro_batches_of_step(first_step_in_epoch).start;
         let mut epoch_batches = train_batches.epoch(epoch as u64).skip(skip);
         for step_in_epoch in first_step_in_epoch..plan.steps_per_epoch {
+            if state.global_step == saved_step {
+                stopped_by = stopped_by.or(stop::requested());
+            }
             if state.global_step >= plan.max_steps
                 || job.stop_after_step.is_some_and(|s| state.global_step >= s)
                 || stopped_by.is_some()
@@ -325,6 +331,7 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
             if save_now || stopped_by.is_some() {
                 state.metrics_pending = pending.clone();
                 save_checkpoint(model, &params, &optimizer, &state, config, &output_dir)?;
+                saved_step = step;
             }
         }
         first_step_in_epoch = 0;
