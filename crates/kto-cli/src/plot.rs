@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Once;
 
 use anyhow::{anyhow, bail, Context, Result};
-use kto_trainer::checkpoint::write_atomic;
+use kto_data::atomic::write_file as write_atomic;
 use kto_trainer::train::METRICS_FILE;
 use plotters::coord::types::{RangedCoordf64, RangedCoordi64};
 use plotters::coord::Shift;

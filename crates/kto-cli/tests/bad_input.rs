@@ -530,6 +530,7 @@ fn output_dir_holds_another_run() {
             "checkpoint-3",
             "metrics.jsonl",
             "--resume",
+            "--overwrite",
         ],
     );
 }

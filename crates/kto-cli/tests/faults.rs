@@ -6,81 +6,20 @@
 //! accumulation, 12 steps, a checkpoint every step, `save_total_limit = 2` — every piece of state a resume restores.
 //! `KTO_FAULT_DELAY_MS` makes each checkpoint write pause after its files are written and before it is sealed, so
 //! the harness can see the temporary folder and kill the process inside the write.
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde_json::{Map, Value};
 
-const MAX_STEPS: usize = 12;
+mod common;
+use common::{
+    adapter_bytes, deterministic, metrics_rows, run_to_end, train_command, write_config, MAX_STEPS,
+};
+
 const KILLS: usize = 12;
 const SEED: u64 = 20261123;
-
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/trl-kto-parity")
-        .canonicalize()
-        .unwrap()
-}
-
-fn write_config(dir: &Path) {
-    let fx = fixture();
-    let text = format!(
-        "[model]\npath = \"{m}\"\n[lora]\nr = 4\nalpha = 8\ndropout = 0.1\ntarget_modules = [\"q_proj\", \"v_proj\"]\n\
-         [data]\ntrain_file = \"{d}\"\nmax_length = 64\n[kto]\nbeta = 0.1\n[train]\noutput_dir = \"out\"\n\
-         per_device_train_batch_size = 2\ngradient_accumulation_steps = 2\nlearning_rate = 1e-2\n\
-         max_steps = {MAX_STEPS}\nsave_steps = 1\nsave_total_limit = 2\nlogging_steps = 1\nshuffle = true\n",
-        m = fx.join("model").display(),
-        d = fx.join("data.jsonl").display(),
-    );
-    std::fs::write(dir.join("kto.toml"), text).unwrap();
-}
-
-fn train_command(dir: &Path, resume: bool, fault_delay_ms: u64) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kto"));
-    cmd.args(["train", "--config", "kto.toml"])
-        .current_dir(dir)
-        .env("KTO_CACHE_DIR", dir.join("cache"))
-        .env("KTO_FAULT_DELAY_MS", fault_delay_ms.to_string())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    if resume {
-        cmd.arg("--resume");
-    }
-    cmd
-}
-
-fn run_to_end(dir: &Path, resume: bool) -> String {
-    let out = train_command(dir, resume, 0).output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "kto train failed: {stderr}");
-    stderr
-}
-
-fn metrics_rows(dir: &Path) -> Vec<Map<String, Value>> {
-    std::fs::read_to_string(dir.join("out/metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-/// Rows without the wall-clock figures, which differ between any two runs.
-fn deterministic(rows: Vec<Map<String, Value>>) -> Vec<Map<String, Value>> {
-    rows.into_iter()
-        .map(|mut r| {
-            r.retain(|k, _| !k.contains("per_second") && !k.contains("runtime"));
-            r
-        })
-        .collect()
-}
-
-fn adapter_bytes(dir: &Path) -> Vec<u8> {
-    std::fs::read(dir.join("out/adapter/adapter_model.safetensors")).unwrap()
-}
 
 /// A temporary checkpoint or final-adapter folder: a write is in progress.
 fn write_in_progress(out: &Path) -> Option<String> {

@@ -2,6 +2,7 @@
 //!
 //! text files → [`formats`] (+ [`hh`]) → [`Sample`]s → [`tokenize`] (+ [`chat_template`]) → [`TokenizedSample`]s
 //! → [`batch`] → [`SequenceBatch`]es; [`balance`] for class weights; [`prepare`] for `kto prepare`.
+pub mod atomic;
 pub mod balance;
 pub mod batch;
 pub mod chat_template;

@@ -14,7 +14,6 @@
 //!   leaves no half-written file.
 use std::fmt;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -215,7 +214,10 @@ pub fn prepare(options: &PrepareOptions) -> Result<PrepareReport> {
     let test_path = options.out_dir.join("test.jsonl");
     let train_lines = to_lines(&read_train, options.style)?;
     let test_lines = to_lines(&read_test, options.style)?;
-    write_files_atomically(&[(&train_path, &train_lines), (&test_path, &test_lines)])?;
+    crate::atomic::write_files(&[
+        (&train_path, train_lines.as_bytes()),
+        (&test_path, test_lines.as_bytes()),
+    ])?;
     Ok(PrepareReport {
         read: report,
         split,
@@ -327,44 +329,6 @@ fn to_lines(samples: &[Sample], style: OutputStyle) -> Result<String> {
         text.push('\n');
     }
     Ok(text)
-}
-
-/// Writes every file under a temporary name beside it, then renames them all: either all files are complete or
-/// none is replaced.
-pub fn write_files_atomically(files: &[(&Path, &String)]) -> Result<()> {
-    let mut temporaries = Vec::new();
-    let result = (|| -> Result<()> {
-        for (path, contents) in files {
-            let name = path
-                .file_name()
-                .context("output path has no file name")?
-                .to_string_lossy();
-            let temporary = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-            temporaries.push(temporary.clone());
-            let mut file = fs::File::create(&temporary)
-                .with_context(|| format!("cannot create {}", temporary.display()))?;
-            file.write_all(contents.as_bytes())
-                .with_context(|| format!("cannot write {}", temporary.display()))?;
-            file.sync_all()
-                .with_context(|| format!("cannot write {}", temporary.display()))?;
-        }
-        for ((path, _), temporary) in files.iter().zip(&temporaries) {
-            fs::rename(temporary, path).with_context(|| {
-                format!(
-                    "cannot rename {} to {}",
-                    temporary.display(),
-                    path.display()
-                )
-            })?;
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        for temporary in &temporaries {
-            let _ = fs::remove_file(temporary);
-        }
-    }
-    result
 }
 
 #[cfg(test)]

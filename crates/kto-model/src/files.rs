@@ -1,24 +1,14 @@
-//! Atomic file writes: everything goes to a temporary sibling first and is renamed into place.
+//! Safetensors and JSON files written atomically and durably, through [`kto_data::atomic`].
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use candle_core::Tensor;
+use kto_data::atomic;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-/// A sibling of `path` that the final rename replaces it from.
-fn temp_sibling(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
-}
-
+/// Writes `bytes` to `path` atomically and durably (see [`kto_data::atomic`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = temp_sibling(path);
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+    atomic::write_file(path, bytes)
 }
 
 /// Writes `tensors` (any dtype, any device) as one safetensors file with `metadata` (e.g. `format: pt`).
@@ -27,7 +17,6 @@ pub fn write_safetensors(
     tensors: &[(String, Tensor)],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
-    let tmp = temp_sibling(path);
     let contiguous: Vec<(String, Tensor)> = tensors
         .iter()
         .map(|(name, t)| {
@@ -37,14 +26,13 @@ pub fn write_safetensors(
             ))
         })
         .collect::<Result<_>>()?;
-    safetensors::serialize_to_file(
-        contiguous.iter().map(|(n, t)| (n.as_str(), t)),
-        metadata,
-        &tmp,
-    )
-    .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+    atomic::write_file_with(path, |tmp| {
+        Ok(safetensors::serialize_to_file(
+            contiguous.iter().map(|(n, t)| (n.as_str(), t)),
+            metadata,
+            tmp,
+        )?)
+    })
 }
 
 /// `format: pt`, which PEFT and transformers write and some loaders require.

@@ -26,7 +26,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod device;
-mod files;
+pub mod files;
 pub mod frozen_linear;
 pub mod generate;
 mod kl_continuation;

@@ -32,26 +32,7 @@ pub fn merge_to_checkpoint(
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent)
         .with_context(|| format!("cannot create {}", parent.display()))?;
-    let name = out_dir
-        .file_name()
-        .context("output folder has no name")?
-        .to_string_lossy()
-        .into_owned();
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    std::fs::create_dir_all(&tmp)?;
-    let result = write_merged(checkpoint, adapter, &tmp, dtype);
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    if out_dir.exists() {
-        std::fs::remove_dir(out_dir)?;
-    }
-    std::fs::rename(&tmp, out_dir)
-        .with_context(|| format!("cannot rename {} to {}", tmp.display(), out_dir.display()))
+    kto_data::atomic::write_dir(out_dir, |tmp| write_merged(checkpoint, adapter, tmp, dtype))
 }
 
 fn write_merged(

@@ -1,10 +1,11 @@
 //! Checkpoint folders: written whole to a temporary folder, sealed with a manifest of sizes and SHA-256
-//! checksums, then renamed to `checkpoint-N`. A folder without a valid manifest is incomplete and never resumed
+//! checksums, fsynced, then renamed to `checkpoint-N` ([`kto_data::atomic::write_dir`]). A folder without a valid manifest is incomplete and never resumed
 //! from; pruning never deletes the only complete checkpoint.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
+use kto_data::atomic;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -33,6 +34,9 @@ pub struct TrainerState {
     pub metrics_pending: MetricsAccumulator,
     /// Every `metrics.jsonl` row written so far.
     pub metrics_rows: Vec<Map<String, Value>>,
+    /// A stop came during the evaluation of `global_step`: the resumed run evaluates that step first.
+    #[serde(default)]
+    pub evaluation_pending: bool,
     /// The kto version that wrote the state: resuming needs the same arithmetic.
     pub kto_version: String,
 }
@@ -54,22 +58,9 @@ pub fn checkpoint_dir(output_dir: &Path, step: usize) -> PathBuf {
     output_dir.join(format!("checkpoint-{step}"))
 }
 
-/// A sibling temporary path for an atomic write of `path`.
-pub fn temp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
-}
-
-/// Writes `bytes` to a temporary sibling, then renames it over `path`.
+/// Writes `bytes` to `path` atomically and durably (see [`kto_data::atomic`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = temp_path(path);
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    Ok(())
+    atomic::write_file(path, bytes)
 }
 
 /// Creates `output_dir/checkpoint-<step>`: `fill` writes the files into a temporary folder, which is then sealed
@@ -82,27 +73,18 @@ pub fn write_checkpoint(
     std::fs::create_dir_all(output_dir)
         .with_context(|| format!("creating {}", output_dir.display()))?;
     let final_dir = checkpoint_dir(output_dir, step);
-    let tmp_dir = output_dir.join(format!(".checkpoint-{step}.tmp-{}", std::process::id()));
-    if tmp_dir.exists() {
-        std::fs::remove_dir_all(&tmp_dir)?;
-    }
-    std::fs::create_dir_all(&tmp_dir).with_context(|| format!("creating {}", tmp_dir.display()))?;
-    fill(&tmp_dir).with_context(|| format!("writing checkpoint {}", final_dir.display()))?;
-    fault_pause();
-    let manifest = Manifest {
-        step,
-        files: list_files(&tmp_dir)?,
-    };
-    write_atomic(
-        &tmp_dir.join(MANIFEST),
-        serde_json::to_string_pretty(&manifest)?.as_bytes(),
-    )?;
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir)
-            .with_context(|| format!("replacing {}", final_dir.display()))?;
-    }
-    std::fs::rename(&tmp_dir, &final_dir)
-        .with_context(|| format!("renaming {} to {}", tmp_dir.display(), final_dir.display()))?;
+    atomic::write_dir(&final_dir, |tmp_dir| {
+        fill(tmp_dir).with_context(|| format!("writing checkpoint {}", final_dir.display()))?;
+        fault_pause();
+        let manifest = Manifest {
+            step,
+            files: list_files(tmp_dir)?,
+        };
+        write_atomic(
+            &tmp_dir.join(MANIFEST),
+            serde_json::to_string_pretty(&manifest)?.as_bytes(),
+        )
+    })?;
     Ok(final_dir)
 }
 
@@ -125,7 +107,7 @@ pub fn fault_pause() {
 pub fn remove_stale_temporaries(output_dir: &Path) -> Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
     for (name, path) in named_entries(output_dir)? {
-        if !(name.starts_with('.') && name.contains(".tmp-")) {
+        if !atomic::is_temporary_name(&name) {
             continue;
         }
         if path.is_dir() {
@@ -417,6 +399,7 @@ mod tests {
             seed: 42,
             metrics_pending: MetricsAccumulator::default(),
             metrics_rows: vec![Map::new()],
+            evaluation_pending: true,
             kto_version: env!("CARGO_PKG_VERSION").into(),
         };
         state.save(dir.path())?;

@@ -79,6 +79,7 @@ pub const SECTIONS: &[(&str, &[&str])] = &[
             "eval_steps",
             "save_steps",
             "save_total_limit",
+            "overwrite_output_dir",
         ],
     ),
 ];
@@ -345,6 +346,8 @@ pub struct TrainSection {
     pub save_steps: usize,
     /// `0`: keep every checkpoint.
     pub save_total_limit: usize,
+    /// transformers' name: a fresh run removes an earlier run's files from `output_dir` instead of refusing it.
+    pub overwrite_output_dir: bool,
 }
 
 impl Default for TrainSection {
@@ -370,6 +373,7 @@ impl Default for TrainSection {
             eval_steps: 0,
             save_steps: 0,
             save_total_limit: 0,
+            overwrite_output_dir: false,
         }
     }
 }

@@ -145,12 +145,8 @@ impl AdamW {
             STEP_KEY.to_string(),
             Tensor::new(&[self.step as i64], &Device::Cpu)?,
         );
-        let tmp = crate::checkpoint::temp_path(path);
-        candle_core::safetensors::save(&tensors, &tmp)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-        Ok(())
+        let tensors: Vec<(String, Tensor)> = tensors.into_iter().collect();
+        kto_model::files::write_safetensors(path, &tensors, None)
     }
 
     /// Reads a state written by [`AdamW::save`]; every parameter must have its moments with matching shapes.

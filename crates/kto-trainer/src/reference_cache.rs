@@ -124,11 +124,8 @@ pub fn store(dir: &Path, key: &str, logps: &ReferenceLogps) -> Result<PathBuf> {
             Tensor::new(kl.as_slice(), &Device::Cpu)?,
         );
     }
-    let tmp = crate::checkpoint::temp_path(&path);
-    candle_core::safetensors::save(&tensors, &tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    let tensors: Vec<(String, Tensor)> = tensors.into_iter().collect();
+    kto_model::files::write_safetensors(&path, &tensors, None)?;
     Ok(path)
 }
 

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use kto_data::balance::{auto_desirable_weight, balance_warning, ClassCounts};
 use kto_data::formats::{read_file, ReadOptions};
 use kto_data::tokenize::{tokenize_dataset, TokenizationConfig, TokenizedSample, TokenizerBundle};
@@ -11,13 +11,20 @@ use kto_model::lora::{LoraAdapter, LoraConfig, LoraTarget};
 use kto_model::{Checkpoint, LlamaModel};
 use serde_json::{Map, Value};
 
+use crate::checkpoint::TrainerState;
 use crate::config::{Config, Weight};
 use crate::evaluate::evaluate_batches;
 use crate::forward::{precompute_reference, Reference};
 use crate::llama_policy::LoraPolicy;
+use crate::output_dir::RunLock;
+use crate::plan::TrainingPlan;
 use crate::progress::{Pass, PassProgress};
 use crate::reference_cache::{self, CacheKeyBuilder, ReferenceLogps};
-use crate::train::{loss_settings, micro_batches, train, GradientHook, TrainJob, TrainSummary};
+use crate::stop::{self, Moment};
+use crate::train::{
+    loss_settings, micro_batches, refuse_earlier_checkpoints, train, GradientHook, TrainJob,
+    TrainSummary,
+};
 
 /// A loaded model with its tokenizer.
 pub struct Loaded {
@@ -185,14 +192,15 @@ pub fn reference_cache_dir() -> PathBuf {
     home.join(".cache").join("kto").join("reference-logps")
 }
 
-/// The reference log-probs of a dataset, from the cache or computed once and stored.
+/// The reference log-probs of a dataset, from the cache or computed once and stored; `None` when a stop request
+/// ended the pass (after the batch in progress; nothing is cached).
 fn reference_for(
     config: &Config,
     loaded: &Loaded,
     data_file: &Path,
     samples: &[TokenizedSample],
     eval: bool,
-) -> Result<ReferenceLogps> {
+) -> Result<Option<ReferenceLogps>> {
     let t = &config.train;
     let batch_size = config.kto.precompute_ref_batch_size.unwrap_or(if eval {
         t.per_device_eval_batch_size
@@ -233,7 +241,7 @@ fn reference_for(
             "reference log-probs of {} from the cache",
             data_file.display()
         );
-        return Ok(cached);
+        return Ok(Some(cached));
     }
     // Dataset order in batches of `batch_size`; KL pairs still rotate within chunks of the *train* batch size.
     let mut precompute_config = config.clone();
@@ -242,22 +250,64 @@ fn reference_for(
     let label = if eval { "eval" } else { "train" };
     let logps = precompute_reference(
         &loaded.policy,
-        batches.epoch(0),
+        batches
+            .epoch(0)
+            .take_while(|_| stop::requested().is_none())
+            .inspect(|_| stop::test_moment(Moment::PrecomputeBatch)),
         samples.len(),
         config.kto.loss_type.uses_kl(),
         label,
-    )?;
+    );
+    if stop::requested().is_some() {
+        return Ok(None);
+    }
+    let logps = logps?;
     reference_cache::store(&dir, &key, &logps)?;
-    Ok(logps)
+    Ok(Some(logps))
 }
 
-/// `kto train`: everything from the config, then the training loop. `resume` is a `checkpoint-N` folder.
+/// Where a run stopped during the reference precompute stands: no step of this process was taken.
+fn stopped_before_training(
+    config: &Config,
+    num_samples: usize,
+    resume: Option<&Path>,
+    signal: i32,
+) -> Result<TrainSummary> {
+    let t = &config.train;
+    let plan = TrainingPlan::new(
+        num_samples,
+        t.per_device_train_batch_size,
+        t.gradient_accumulation_steps,
+        t.max_steps,
+        t.num_train_epochs,
+    )?;
+    let global_step = match resume {
+        Some(dir) => TrainerState::load(dir)?.global_step,
+        None => 0,
+    };
+    Ok(TrainSummary {
+        global_step,
+        max_steps: plan.max_steps,
+        final_adapter: None,
+        stopped_by: Some(signal),
+    })
+}
+
+/// `kto train`: everything from the config, then the training loop. `lock` is the held lock of the config's
+/// `output_dir` (taken before anything is written there); `resume` is a `checkpoint-N` folder.
 pub fn run_training(
     config: &Config,
+    lock: &RunLock,
     resume: Option<&Path>,
     gradient_hook: Option<GradientHook>,
 ) -> Result<TrainSummary> {
     config.require_for_training()?;
+    ensure!(
+        config.train.output_dir.as_deref() == Some(lock.dir()),
+        "the run lock is for {}, the config's output_dir is {:?}",
+        lock.dir().display(),
+        config.train.output_dir
+    );
     let mut config = config.clone();
     let mut loaded = load_model(&config, None)?;
     let train_file = config
@@ -274,13 +324,16 @@ pub fn run_training(
     resolve_weights(&mut config, &train_samples);
     let (train_reference, eval_reference) = if config.kto.precompute_ref_log_probs {
         let train_ref = reference_for(&config, &loaded, &train_file, &train_samples, false)?;
-        let eval_ref = match (&config.data.eval_file, &eval_samples) {
-            (Some(path), Some(samples)) => {
-                Some(reference_for(&config, &loaded, path, samples, true)?)
+        let eval_ref = match (&config.data.eval_file, &eval_samples, &train_ref) {
+            (Some(path), Some(samples), Some(_)) => {
+                reference_for(&config, &loaded, path, samples, true)?
             }
             _ => None,
         };
-        (Some(train_ref), eval_ref)
+        if let Some(signal) = stop::requested() {
+            return stopped_before_training(&config, train_samples.len(), resume, signal);
+        }
+        (train_ref, eval_ref)
     } else {
         (None, None)
     };
@@ -293,19 +346,10 @@ pub fn run_training(
     if let Some(checkpoint) = resume {
         crate::train::check_resumable(&config, checkpoint)?;
     } else {
-        if let Some(existing) = crate::checkpoint::latest_complete(&output_dir)? {
-            bail!(
-                "{} holds checkpoints of an earlier run ({}): resume it with --resume, or choose another \
-                 [train] output_dir",
-                output_dir.display(),
-                existing.display()
-            );
-        }
+        refuse_earlier_checkpoints(&output_dir)?;
     }
-    std::fs::create_dir_all(&output_dir)
-        .with_context(|| format!("creating {}", output_dir.display()))?;
     crate::checkpoint::write_atomic(
-        &output_dir.join("config.toml"),
+        &output_dir.join(crate::checkpoint::CONFIG),
         config.to_toml_string().as_bytes(),
     )?;
     let job = TrainJob {

@@ -20,6 +20,7 @@ use crate::plan::TrainingPlan;
 use crate::progress::{Pass, PassProgress, TrainingProgress};
 use crate::reference_cache::ReferenceLogps;
 use crate::schedule::Schedule;
+use crate::stop::{self, Moment};
 
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const FINAL_ADAPTER_DIR: &str = "adapter";
@@ -52,6 +53,8 @@ pub struct TrainSummary {
     pub max_steps: usize,
     /// `output_dir/adapter` when training ran to its end.
     pub final_adapter: Option<PathBuf>,
+    /// The signal that stopped the run early (SIGINT, SIGTERM), after a checkpoint of its last step.
+    pub stopped_by: Option<i32>,
 }
 
 /// The settings of the loss, with both weights resolved.
@@ -157,14 +160,7 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
     // Fresh start or exact resume.
     let (mut optimizer, mut state) = match job.resume_from {
         None => {
-            if let Some(existing) = checkpoint::latest_complete(&output_dir)? {
-                bail!(
-                    "{} holds checkpoints of an earlier run ({}): resume it with --resume, or choose another \
-                     [train] output_dir",
-                    output_dir.display(),
-                    existing.display()
-                );
-            }
+            refuse_earlier_checkpoints(&output_dir)?;
             metrics::write_rows(&metrics_path, &[])?;
             (AdamW::new(adamw), fresh_state(t.seed))
         }
@@ -194,6 +190,50 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
     );
 
     let progress = TrainingProgress::start(state.global_step, plan.max_steps);
+    let evaluate =
+        |model: &mut M, state: &mut TrainerState, pending: &MetricsAccumulator| -> Result<bool> {
+            let Some(eval) = &eval_batches else {
+                state.evaluation_pending = false;
+                return Ok(true);
+            };
+            model.begin_evaluation()?;
+            let pass = PassProgress::start(Pass::Evaluation, job.eval.map_or(0, <[_]>::len));
+            let mut row = serde_json::Map::new();
+            row.insert("step".into(), state.global_step.into());
+            row.insert("epoch".into(), metrics::json_f64(state.epoch));
+            // A stop request ends the pass after the batch in progress; the partial figures are not logged.
+            let figures = evaluate_batches(
+                model,
+                eval.epoch(0)
+                    .take_while(|_| stop::requested().is_none())
+                    .inspect(|b| {
+                        stop::test_moment(Moment::EvalBatch);
+                        pass.advance(b.indices.len())
+                    }),
+                eval_reference,
+                &settings,
+                pending.total_tokens,
+            );
+            drop(pass);
+            state.evaluation_pending = stop::requested().is_some();
+            if state.evaluation_pending {
+                return Ok(false);
+            }
+            let figures = figures?;
+            row.extend(figures);
+            metrics::append_row(&metrics_path, &row)?;
+            tracing::debug!("{}", serde_json::to_string(&row)?);
+            progress.metrics_logged(&row);
+            state.metrics_rows.push(row);
+            Ok(true)
+        };
+    if state.evaluation_pending {
+        evaluate(model, &mut state, &pending)?;
+    }
+    let mut stopped_by = stop::requested();
+    // The step whose state is on disk (a fresh run's step 0 needs none): a stop request seen before the next step
+    // begins ends the run there; otherwise the step in progress finishes and is saved.
+    let mut saved_step = state.global_step;
 
     let (first_epoch, mut first_step_in_epoch) = plan.position_of_step(state.global_step);
     'epochs: for epoch in first_epoch..plan.num_epochs {
@@ -201,12 +241,17 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
         let skip = plan.micro_batches_of_step(first_step_in_epoch).start;
         let mut epoch_batches = train_batches.epoch(epoch as u64).skip(skip);
         for step_in_epoch in first_step_in_epoch..plan.steps_per_epoch {
+            if state.global_step == saved_step {
+                stopped_by = stopped_by.or(stop::requested());
+            }
             if state.global_step >= plan.max_steps
                 || job.stop_after_step.is_some_and(|s| state.global_step >= s)
+                || stopped_by.is_some()
             {
                 break 'epochs;
             }
             let step = state.global_step + 1;
+            stop::test_moment(Moment::Step(step));
             model.begin_step(t.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step as u64)?;
             let group = plan.micro_batches_of_step(step_in_epoch);
             let group_size = group.len();
@@ -277,38 +322,30 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
                 state.metrics_rows.push(row);
             }
             let evaluate_now = (t.eval_steps > 0 && step % t.eval_steps == 0) || is_last;
-            if let (true, Some(eval)) = (evaluate_now, &eval_batches) {
-                model.begin_evaluation()?;
-                let pass = PassProgress::start(Pass::Evaluation, job.eval.map_or(0, <[_]>::len));
-                let mut row = serde_json::Map::new();
-                row.insert("step".into(), step.into());
-                row.insert("epoch".into(), metrics::json_f64(state.epoch));
-                row.extend(evaluate_batches(
-                    model,
-                    eval.epoch(0).inspect(|b| pass.advance(b.indices.len())),
-                    eval_reference,
-                    &settings,
-                    pending.total_tokens,
-                )?);
-                drop(pass);
-                metrics::append_row(&metrics_path, &row)?;
-                tracing::debug!("{}", serde_json::to_string(&row)?);
-                progress.metrics_logged(&row);
-                state.metrics_rows.push(row);
+            if evaluate_now {
+                evaluate(model, &mut state, &pending)?;
             }
-            if t.save_steps > 0 && (step % t.save_steps == 0 || is_last) {
+            // After a stop request the step just finished is saved whatever save_steps says.
+            stopped_by = stop::requested();
+            let save_now = t.save_steps > 0 && (step % t.save_steps == 0 || is_last);
+            if save_now || stopped_by.is_some() {
                 state.metrics_pending = pending.clone();
                 save_checkpoint(model, &params, &optimizer, &state, config, &output_dir)?;
+                saved_step = step;
             }
         }
         first_step_in_epoch = 0;
     }
     drop(progress);
 
-    let finished = state.global_step >= plan.max_steps;
+    let finished = state.global_step >= plan.max_steps && stopped_by.is_none();
     let final_adapter = if finished {
         let dir = output_dir.join(FINAL_ADAPTER_DIR);
-        write_dir_atomic(&dir, |tmp| model.save_adapter(tmp))?;
+        kto_data::atomic::write_dir(&dir, |tmp| {
+            model.save_adapter(tmp)?;
+            checkpoint::fault_pause();
+            Ok(())
+        })?;
         Some(dir)
     } else {
         None
@@ -317,7 +354,22 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
         global_step: state.global_step,
         max_steps: plan.max_steps,
         final_adapter,
+        stopped_by,
     })
+}
+
+/// A fresh run refuses a folder with a complete checkpoint of another run (the CLI refuses any earlier run file
+/// before this; a run killed before its first checkpoint may be started again).
+pub fn refuse_earlier_checkpoints(output_dir: &Path) -> Result<()> {
+    if let Some(existing) = checkpoint::latest_complete(output_dir)? {
+        bail!(
+            "{} holds checkpoints of an earlier run ({}): resume it with --resume, replace it with --overwrite \
+             ([train] overwrite_output_dir = true), or choose another [train] output_dir",
+            output_dir.display(),
+            existing.display()
+        );
+    }
+    Ok(())
 }
 
 /// Settings that may change between a run and its resumption; any other change would make the continuation differ
@@ -333,6 +385,7 @@ const CHANGEABLE_ON_RESUME: &[&str] = &[
     "train.eval_steps",
     "train.save_steps",
     "train.save_total_limit",
+    "train.overwrite_output_dir",
 ];
 
 pub(crate) fn check_resumable(config: &Config, checkpoint_dir: &Path) -> Result<()> {
@@ -381,6 +434,7 @@ fn fresh_state(seed: u64) -> TrainerState {
         seed,
         metrics_pending: MetricsAccumulator::default(),
         metrics_rows: Vec::new(),
+        evaluation_pending: false,
         kto_version: env!("CARGO_PKG_VERSION").into(),
     }
 }
@@ -423,12 +477,11 @@ fn save_checkpoint<M: PolicyModel>(
 
 /// The trainable tensors bit for bit (the PEFT adapter may be written in another dtype).
 fn save_trainable(params: &[(String, Var)], path: &Path) -> Result<()> {
-    let tensors: HashMap<String, Tensor> = params
+    let tensors: Vec<(String, Tensor)> = params
         .iter()
-        .map(|(n, v)| Ok((n.clone(), v.as_tensor().to_device(&Device::Cpu)?)))
-        .collect::<Result<_>>()?;
-    candle_core::safetensors::save(&tensors, path)
-        .with_context(|| format!("writing {}", path.display()))
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    kto_model::files::write_safetensors(path, &tensors, None)
 }
 
 fn load_trainable(params: &[(String, Var)], path: &Path) -> Result<()> {
@@ -448,22 +501,5 @@ fn load_trainable(params: &[(String, Var)], path: &Path) -> Result<()> {
         }
         var.set(&t.to_device(var.device())?.to_dtype(var.dtype())?)?;
     }
-    Ok(())
-}
-
-/// Fills a temporary sibling folder, then renames it over `dir`.
-pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let tmp = checkpoint::temp_path(dir);
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    fill(&tmp)?;
-    checkpoint::fault_pause();
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).with_context(|| format!("replacing {}", dir.display()))?;
-    }
-    std::fs::rename(&tmp, dir)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
     Ok(())
 }

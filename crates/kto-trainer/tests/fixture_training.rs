@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use candle_core::Device;
 use kto_trainer::config::{Config, Override};
+use kto_trainer::output_dir::RunLock;
 use kto_trainer::run::{load_model, load_samples, run_training};
 use kto_trainer::train::{train, TrainJob};
 use serde_json::{Map, Value};
@@ -138,6 +139,13 @@ fn resume_is_exact_on_the_lora_llama() -> Result<()> {
     Ok(())
 }
 
+/// `run_training` as `kto train` calls it: holding the output folder's lock.
+fn train_locked(config: &Config) -> Result<()> {
+    let lock = RunLock::acquire(config.train.output_dir.as_deref().expect("output_dir set"))?;
+    run_training(config, &lock, None, None)?;
+    Ok(())
+}
+
 #[test]
 fn precomputed_reference_matches_online_and_is_cached() -> Result<()> {
     let cache = tempfile::tempdir()?;
@@ -151,11 +159,11 @@ fn precomputed_reference_matches_online_and_is_cached() -> Result<()> {
     ];
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
     let online = tempfile::tempdir()?;
-    run_training(&config(online.path(), &extra)?, None, None)?;
+    train_locked(&config(online.path(), &extra)?)?;
     let mut with_pre = extra.clone();
     with_pre.push("kto.precompute_ref_log_probs=true");
     let pre = tempfile::tempdir()?;
-    run_training(&config(pre.path(), &with_pre)?, None, None)?;
+    train_locked(&config(pre.path(), &with_pre)?)?;
     let cached: Vec<_> = std::fs::read_dir(cache.path())?.collect();
     assert_eq!(
         cached.len(),
@@ -187,7 +195,7 @@ fn precomputed_reference_matches_online_and_is_cached() -> Result<()> {
     assert!(adapter_bits(pre.path())? == adapter_bits(online.path())?);
     // A second run reuses the cache and still matches.
     let again = tempfile::tempdir()?;
-    run_training(&config(again.path(), &with_pre)?, None, None)?;
+    train_locked(&config(again.path(), &with_pre)?)?;
     assert_eq!(without_forward_tokens(rows(again.path())?), online_rows);
     Ok(())
 }

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use kto_trainer::config::Config;
+use kto_trainer::output_dir::RunLock;
 use kto_trainer::run::run_training;
 use serde_json::Value;
 
@@ -74,7 +75,8 @@ fn check_run(name: &str, kto_section: &str) -> Result<()> {
         }
         Ok(())
     };
-    let summary = run_training(&config, None, Some(&hook))?;
+    let lock = RunLock::acquire(out.path().join("out").as_path())?;
+    let summary = run_training(&config, &lock, None, Some(&hook))?;
     assert_eq!(summary.global_step, 3);
 
     // Per-step metrics.

@@ -52,10 +52,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("creating {}", parent.display()))?;
         }
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_string_pretty(&results)? + "\n")
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+        let text = serde_json::to_string_pretty(&results)? + "\n";
+        kto_data::atomic::write_file(&path, text.as_bytes())?;
         tracing::info!("wrote {}", path.display());
     }
     Ok(())

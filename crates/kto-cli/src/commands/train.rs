@@ -5,7 +5,8 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use kto_trainer::checkpoint::{latest_verified, MANIFEST};
 use kto_trainer::config::{Config, Override};
-use kto_trainer::train::{TrainSummary, FINAL_ADAPTER_DIR, METRICS_FILE};
+use kto_trainer::output_dir::{refuse_earlier_run, RunLock};
+use kto_trainer::train::{TrainSummary, METRICS_FILE};
 use serde_json::{Map, Value};
 
 use crate::plot::PlotOutputs;
@@ -24,7 +25,12 @@ Examples:
 
   # checkpoints every 20 steps; after an interruption, continue exactly where it stopped
   kto train --config configs/tiny.toml --set train.save_steps=20
-  kto train --config configs/tiny.toml --set train.save_steps=20 --resume";
+  kto train --config configs/tiny.toml --set train.save_steps=20 --resume
+
+  # Ctrl-C (or SIGTERM) once: finishes the step, saves a checkpoint, exits; --resume continues it
+
+  # start over in the same output_dir, removing the earlier run's files
+  kto train --config configs/tiny.toml --overwrite";
 
 /// Train a LoRA adapter with KTO, numerically as TRL 1.16's KTOTrainer.
 ///
@@ -44,6 +50,10 @@ pub struct TrainArgs {
     /// holding them).
     #[arg(long, value_name = "DIR", num_args = 0..=1)]
     pub resume: Option<Option<PathBuf>>,
+    /// Remove an earlier run's files from output_dir (checkpoints, metrics, adapter, curves) before training; as
+    /// [train] overwrite_output_dir = true.
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
     /// Print the resolved config, every default included, and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -61,7 +71,22 @@ pub fn run(args: TrainArgs) -> Result<()> {
         .output_dir
         .clone()
         .expect("checked by require_for_training");
+    // Before the lock: a Ctrl-C while the model loads already stops gracefully.
+    kto_trainer::stop::install()?;
+    // Held until the process ends; nothing is written to output_dir before it is taken.
+    let lock = RunLock::acquire(&output_dir)?;
     let resume = match &args.resume {
+        None if args.overwrite || config.train.overwrite_output_dir => {
+            let removed = lock.remove_earlier_run()?;
+            if !removed.is_empty() {
+                eprintln!(
+                    "--overwrite: removed the earlier run's {} from {}",
+                    removed.join(", "),
+                    output_dir.display()
+                );
+            }
+            None
+        }
         None => {
             refuse_earlier_run(&output_dir)?;
             None
@@ -71,7 +96,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
         Some(dir) => resolve_checkpoint(dir.as_deref().unwrap_or(&output_dir))?,
     };
-    let summary = kto_trainer::run::run_training(&config, resume.as_deref(), None)?;
+    let summary = kto_trainer::run::run_training(&config, &lock, resume.as_deref(), None)?;
+    if let Some(signal) = summary.stopped_by {
+        eprintln!(
+            "stopped at step {} of {}; continue with --resume",
+            summary.global_step, summary.max_steps
+        );
+        drop(lock);
+        std::process::exit(kto_trainer::stop::exit_status(signal));
+    }
     // The learning curves; a plotting failure does not fail the finished training.
     let plots = match crate::plot::plot_run(&output_dir, None) {
         Ok(plots) => {
@@ -210,30 +243,4 @@ fn has_checkpoint_folders(dir: &Path) -> bool {
             e.file_name().to_string_lossy().starts_with("checkpoint-") && e.path().is_dir()
         })
     })
-}
-
-/// A fresh run never writes over another run's files: its metrics, checkpoints or final adapter.
-fn refuse_earlier_run(output_dir: &Path) -> Result<()> {
-    let Ok(entries) = std::fs::read_dir(output_dir) else {
-        return Ok(());
-    };
-    let mut found: Vec<String> = entries
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|name| {
-            name == METRICS_FILE
-                || name == FINAL_ADAPTER_DIR
-                || name == "config.toml"
-                || name.starts_with("checkpoint-")
-        })
-        .collect();
-    if found.is_empty() {
-        return Ok(());
-    }
-    found.sort();
-    bail!(
-        "{} holds an earlier run ({}): continue it with --resume, or choose another [train] output_dir",
-        output_dir.display(),
-        found.join(", ")
-    )
 }
