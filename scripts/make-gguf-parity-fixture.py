@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""transformers' own GGUF loading of SmolLM2-135M-Instruct, as a small JSON fixture for kto's parity tests.
+
+Made with torch + transformers 5.17 + gguf from PyPI (CPU):
+    python3 -m venv .venv && .venv/bin/pip install torch transformers==5.17.0 gguf accelerate
+    scripts/get-smollm2.sh            # the .gguf into ~/.cache/kto/
+    .venv/bin/python scripts/make-gguf-parity-fixture.py ~/.cache/kto/SmolLM2-135M-Instruct.Q4_1.gguf \
+        tests/fixtures/gguf-parity/smollm2.json
+
+transformers dequantizes every tensor to f32 (`from_pretrained(..., gguf_file=...)`); the logits below are of that
+f32 model. Only what the tests compare is stored: per prompt the top-10 logits of the last position and the greedy
+next token at every position, 24 greedily generated tokens, and the token ids of stress strings.
+"""
+import json
+import os
+import sys
+
+import importlib.metadata
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+STRESS = [
+    "Hello world",
+    "  two leading spaces",
+    "digits 0123456789 and 3.14159, 1,000,000",
+    "accents: café naïve résumé Ångström",
+    "CJK: 你好，世界。日本語のテキスト 한국어",
+    "emoji: 👍🏽 🤖 ❤️‍🔥",
+    "tabs\tand\t\ttabs",
+    "CRLF line\r\nnext line\r\n",
+    "special text: <|im_start|>user\nhi<|im_end|>\n<|endoftext|>",
+    "code: fn main() { println!(\"{}\", x); }",
+    "",
+]
+
+PROMPTS = [
+    "The capital of France is",
+    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user\nGive me a tip for making tea.<|im_end|>\n<|im_start|>assistant\n",
+]
+
+
+def main(gguf_path, out_path):
+    folder, name = os.path.split(os.path.abspath(gguf_path))
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    stress = [{"text": t, "ids": tok(t).input_ids} for t in STRESS]
+    chat = [{"role": "user", "content": "Any tips for tea?"}]
+    chat_text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    prompts = []
+    with torch.no_grad():
+        for text in PROMPTS:
+            ids = tok(text, return_tensors="pt").input_ids
+            logits = model(ids).logits[0]
+            top = torch.topk(logits[-1], 10)
+            generated = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None,
+                                       pad_token_id=2)[0, ids.shape[1]:]
+            prompts.append({
+                "text": text,
+                "ids": ids[0].tolist(),
+                "argmax": logits.argmax(-1).tolist(),
+                "last_top_ids": top.indices.tolist(),
+                "last_top_logits": [round(v, 5) for v in top.values.tolist()],
+                "greedy_24": generated.tolist(),
+                "greedy_24_text": tok.decode(generated),
+            })
+    fixture = {
+        "made_by": "scripts/make-gguf-parity-fixture.py",
+        "gguf_file": name,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "gguf": importlib.metadata.version("gguf")},
+        "special_tokens": {"bos": tok.bos_token, "eos": tok.eos_token, "pad": tok.pad_token, "unk": tok.unk_token},
+        "chat_template_render": {"messages": chat, "text": chat_text},
+        "stress": stress,
+        "prompts": prompts,
+    }
+    with open(out_path, "w") as f:
+        json.dump(fixture, f, ensure_ascii=False, indent=1)
+        f.write("\n")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
