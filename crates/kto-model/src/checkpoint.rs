@@ -61,7 +61,12 @@ impl Checkpoint {
 
     /// Like [`Checkpoint::locate`] with an explicit hub cache folder (the one holding `models--*`).
     pub fn locate_with_cache(spec: &str, cache_dir: &Path) -> Result<Self> {
-        let path = Path::new(spec);
+        // `~/` as a shell would expand it: recipes name files in the user's cache (scripts/get-smollm2.sh).
+        let expanded = match (spec.strip_prefix("~/"), std::env::var_os("HOME")) {
+            (Some(rest), Some(home)) => Some(PathBuf::from(home).join(rest)),
+            _ => None,
+        };
+        let path = expanded.as_deref().unwrap_or(Path::new(spec));
         if path.is_dir() {
             return Self::from_dir(path);
         }
