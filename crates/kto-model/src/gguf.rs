@@ -311,7 +311,7 @@ fn hf_name(name: &str, config: &ModelConfig) -> Option<(String, Option<usize>)> 
 pub fn unpermute_rows(tensor: &Tensor, heads: usize) -> Result<Tensor> {
     let dims = tensor.dims().to_vec();
     let rows = dims[0];
-    if heads == 0 || rows % (2 * heads) != 0 {
+    if heads == 0 || !rows.is_multiple_of(2 * heads) {
         bail!("{rows} rows do not split into {heads} heads of even size");
     }
     let rest: usize = dims[1..].iter().product();

@@ -46,7 +46,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
 fn logits(checkpoint: &Checkpoint, ids: &[u32]) -> Result<Tensor> {
     let model = LlamaModel::load(checkpoint, DType::F32, &Device::Cpu)?;
     let input = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
-    Ok(model.forward_logits(&input, &[ids.len()], AdapterChoice::Reference)?)
+    model.forward_logits(&input, &[ids.len()], AdapterChoice::Reference)
 }
 
 #[test]
@@ -212,12 +212,7 @@ fn byte_level_tokenizer_follows_the_named_pre_tokenizer() -> Result<()> {
         smollm
             .tokenizer
             .decode(
-                &smollm
-                    .tokenizer
-                    .encode("x 12 the", true)
-                    .unwrap()
-                    .get_ids()
-                    .to_vec(),
+                &smollm.tokenizer.encode("x 12 the", true).unwrap().get_ids(),
                 false
             )
             .unwrap(),
@@ -258,7 +253,8 @@ fn bad_files_name_the_file_and_the_key_or_tensor() -> Result<()> {
     let vocab = TestVocab::byte_level("smollm", BYTE_LEVEL_MERGES);
     let model = tiny(&vocab, true);
     let tensors = gguf_tensors(&model, &model.random_weights(3)?, GgmlDType::F32)?;
-    let write = |name: &str, edit: &dyn Fn(&mut Vec<(String, Value)>)| -> Result<PathBuf> {
+    type Metadata = Vec<(String, Value)>;
+    let write = |name: &str, edit: &dyn Fn(&mut Metadata)| -> Result<PathBuf> {
         let mut metadata = gguf_metadata(&model, &vocab);
         edit(&mut metadata);
         let path = dir.path().join(name);
@@ -267,7 +263,7 @@ fn bad_files_name_the_file_and_the_key_or_tensor() -> Result<()> {
     };
     let set = |key: &str, value: Value| {
         let key = key.to_string();
-        move |m: &mut Vec<(String, Value)>| {
+        move |m: &mut Metadata| {
             m.retain(|(k, _)| *k != key);
             m.push((key.clone(), value.clone()));
         }
