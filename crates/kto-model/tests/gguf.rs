@@ -212,7 +212,7 @@ fn byte_level_tokenizer_follows_the_named_pre_tokenizer() -> Result<()> {
         smollm
             .tokenizer
             .decode(
-                &smollm.tokenizer.encode("x 12 the", true).unwrap().get_ids(),
+                smollm.tokenizer.encode("x 12 the", true).unwrap().get_ids(),
                 false
             )
             .unwrap(),
