@@ -7,6 +7,11 @@ Made with torch + transformers 5.17 + gguf from PyPI (CPU):
     .venv/bin/python scripts/make-gguf-parity-fixture.py ~/.cache/kto/SmolLM2-135M-Instruct.Q4_1.gguf \
         tests/fixtures/gguf-parity/smollm2.json
 
+A second fixture covers the SentencePiece kind (`tokenizer.ggml.model = llama`), which SmolLM2 does not use: a tiny
+random llama GGUF with a hand-made SentencePiece vocabulary (byte tokens, scored pieces) written with gguf's
+GGUFWriter, and the ids transformers' GGUF tokenizer gives the stress strings:
+    .venv/bin/python scripts/make-gguf-parity-fixture.py --sentencepiece tests/fixtures/gguf-parity/sentencepiece.json
+
 transformers dequantizes every tensor to f32 (`from_pretrained(..., gguf_file=...)`); the logits below are of that
 f32 model. Only what the tests compare is stored: per prompt the top-10 logits of the last position and the greedy
 next token at every position, 24 greedily chosen tokens (no stop token), and the token ids of stress strings.
@@ -88,5 +93,71 @@ def main(gguf_path, out_path):
         f.write("\n")
 
 
+SP_PIECES = ["▁", "e", "t", "a", "o", "h", "l", "s", "n", "1", "2", "3", "é", "▁t", "he", "▁the", "ll", "▁he",
+             "▁hell", "▁hello", "▁w", "or", "▁wor", "ld", "▁world", "▁a", "▁s", "ca", "fé", "▁ca", "▁café", "12",
+             "▁1", "▁12", "\t", "你", "好"]
+
+
+def sentencepiece_fixture(out_path):
+    import tempfile
+
+    import numpy as np
+    from gguf import GGUFWriter
+
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + SP_PIECES
+    types = [3, 3, 3] + [6] * 256 + [1] * len(SP_PIECES)
+    scores = [0.0] * 259 + [-float(rank) for rank in range(len(SP_PIECES))]
+    hidden, layers, heads, kv, inter, vocab = 64, 1, 4, 2, 96, len(tokens)
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "tiny-sp.gguf")
+        w = GGUFWriter(path, "llama")
+        w.add_block_count(layers)
+        w.add_context_length(128)
+        w.add_embedding_length(hidden)
+        w.add_feed_forward_length(inter)
+        w.add_head_count(heads)
+        w.add_head_count_kv(kv)
+        w.add_layer_norm_rms_eps(1e-5)
+        w.add_rope_freq_base(10000.0)
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_unk_token_id(0)
+        w.add_add_bos_token(True)
+        head_dim = hidden // heads
+        shapes = {"token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,)}
+        for name, shape in [("attn_norm", (hidden,)), ("ffn_norm", (hidden,)), ("attn_q", (hidden, hidden)),
+                            ("attn_k", (kv * head_dim, hidden)), ("attn_v", (kv * head_dim, hidden)),
+                            ("attn_output", (hidden, hidden)), ("ffn_gate", (inter, hidden)),
+                            ("ffn_up", (inter, hidden)), ("ffn_down", (hidden, inter))]:
+            shapes[f"blk.0.{name}.weight"] = shape
+        for name, shape in shapes.items():
+            w.add_tensor(name, rng.standard_normal(shape).astype(np.float32) * 0.02)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        tok = AutoTokenizer.from_pretrained(tmp, gguf_file="tiny-sp.gguf")
+        stress = [{"text": t, "ids": tok(t).input_ids} for t in STRESS + ["hello world", "the café 123", "tell"]]
+    fixture = {
+        "made_by": "scripts/make-gguf-parity-fixture.py --sentencepiece",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "gguf": importlib.metadata.version("gguf")},
+        "tokens": tokens, "token_types": types, "scores": scores, "add_bos_token": True,
+        "special_tokens": {"bos": tok.bos_token, "eos": tok.eos_token, "unk": tok.unk_token},
+        "stress": stress,
+    }
+    with open(out_path, "w") as f:
+        json.dump(fixture, f, ensure_ascii=False)
+        f.write("\n")
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    if sys.argv[1] == "--sentencepiece":
+        sentencepiece_fixture(sys.argv[2])
+    else:
+        main(*sys.argv[1:3])

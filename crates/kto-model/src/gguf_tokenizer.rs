@@ -11,6 +11,8 @@
 //! Deviation from transformers 5.17's GGUF loading, on purpose: its converter sets both `bos_token` and `eos_token`
 //! to the token of `bos_token_id` (for SmolLM2 `<|im_start|>`); kto takes `eos_token` from `eos_token_id`
 //! (`<|im_end|>`), the token the model ends its turns with, which TRL appends to completions and generation stops at.
+//! And transformers 5.17 adds no BOS for a SentencePiece GGUF whose `add_bos_token` is true; kto adds it, as llama.cpp
+//! and HF's own Llama tokenizers do.
 
 use crate::gguf::GgufFile;
 use anyhow::{anyhow, bail, Context, Result};

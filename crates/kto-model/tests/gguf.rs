@@ -338,3 +338,39 @@ fn bad_files_name_the_file_and_the_key_or_tensor() -> Result<()> {
     );
     Ok(())
 }
+
+/// transformers 5.17's GGUF tokenizer on a SentencePiece vocabulary (`tests/fixtures/gguf-parity/sentencepiece.json`,
+/// made by `scripts/make-gguf-parity-fixture.py --sentencepiece`): the same ids for every stress string, after the
+/// BOS that kto adds for `tokenizer.ggml.add_bos_token = true` (as llama.cpp and HF's own Llama tokenizers do) and
+/// transformers' GGUF loading leaves out.
+#[test]
+fn sentencepiece_tokenizer_matches_transformers() -> Result<()> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/gguf-parity/sentencepiece.json");
+    let fixture: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+    let vocab = TestVocab {
+        model: "llama".into(),
+        pre: None,
+        tokens: serde_json::from_value(fixture["tokens"].clone())?,
+        token_types: serde_json::from_value(fixture["token_types"].clone())?,
+        scores: Some(serde_json::from_value(fixture["scores"].clone())?),
+        merges: None,
+        add_bos: true,
+    };
+    let dir = tempfile::tempdir()?;
+    let bundle = tokenizer(dir.path(), &vocab)?;
+    assert_eq!(bundle.bos_id, Some(1));
+    for case in fixture["stress"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let expected: Vec<u32> = serde_json::from_value(case["ids"].clone())?;
+        let ids = bundle
+            .tokenizer
+            .encode(text, true)
+            .unwrap()
+            .get_ids()
+            .to_vec();
+        assert_eq!(ids[0], 1, "{text:?}: BOS first");
+        assert_eq!(ids[1..], expected, "{text:?}");
+    }
+    Ok(())
+}
