@@ -30,6 +30,8 @@ enum Command {
     Generate(commands::generate::GenerateArgs),
     Chat(commands::chat::ChatArgs),
     Export(commands::export::ExportArgs),
+    Convert(commands::convert::ConvertArgs),
+    Tokenize(commands::tokenize::TokenizeArgs),
 }
 
 const EXAMPLES: &str = "\
@@ -55,6 +57,8 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => commands::generate::run(args),
         Command::Chat(args) => commands::chat::run(args),
         Command::Export(args) => commands::export::run(args),
+        Command::Convert(args) => commands::convert::run(args),
+        Command::Tokenize(args) => commands::tokenize::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,14 +1,20 @@
-//! Locating a Hugging Face checkpoint (a folder, or a hub id in the local cache) and memory-mapping its weights.
+//! Locating a checkpoint (a Hugging Face folder, a hub id in the local cache, or a GGUF file) and reading its
+//! weights and tokenizer; the rest of kto does not care which format it came in.
 //!
 //! There is no network access: a hub id must already be in the cache (`HF_HUB_CACHE`, else `HF_HOME/hub`, else
 //! `~/.cache/huggingface/hub`), laid out as `huggingface_hub` writes it (`models--org--name/refs/main` →
 //! `snapshots/<commit>/...`).
 
 use crate::config::ModelConfig;
+use crate::gguf::{is_gguf_path, GgufFile};
+use crate::gguf_tokenizer::GgufTokenizer;
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use kto_data::tokenize::TokenizerBundle;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub const CONFIG_FILE: &str = "config.json";
 pub const SINGLE_WEIGHTS_FILE: &str = "model.safetensors";
@@ -28,28 +34,49 @@ pub const TOKENIZER_FILES: &[&str] = &[
     "generation_config.json",
 ];
 
-/// A located checkpoint: its folder, parsed config and the safetensors files holding its weights.
+/// How a checkpoint's weights and tokenizer are stored.
+#[derive(Debug, Clone)]
+pub enum CheckpointFormat {
+    /// A Hugging Face folder: config.json, safetensors, tokenizer.json and tokenizer_config.json.
+    Safetensors,
+    /// One GGUF file holding config, (quantized) weights and tokenizer.
+    Gguf(Arc<GgufFile>),
+}
+
+/// A located checkpoint: its folder, parsed config and the files holding its weights (the safetensors files, or
+/// the one GGUF file).
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
     pub dir: PathBuf,
     pub config: ModelConfig,
     pub weight_files: Vec<PathBuf>,
+    pub format: CheckpointFormat,
 }
 
 impl Checkpoint {
-    /// `spec` is a folder, or a hub id (`org/name`, optionally `org/name@revision`) in the default cache.
+    /// `spec` is a folder, a `.gguf` file, or a hub id (`org/name`, optionally `org/name@revision`) in the default cache.
     pub fn locate(spec: &str) -> Result<Self> {
         Self::locate_with_cache(spec, &default_cache_dir()?)
     }
 
     /// Like [`Checkpoint::locate`] with an explicit hub cache folder (the one holding `models--*`).
     pub fn locate_with_cache(spec: &str, cache_dir: &Path) -> Result<Self> {
-        let path = Path::new(spec);
+        // `~/` as a shell would expand it: recipes name files in the user's cache (scripts/get-smollm2.sh).
+        let expanded = match (spec.strip_prefix("~/"), std::env::var_os("HOME")) {
+            (Some(rest), Some(home)) => Some(PathBuf::from(home).join(rest)),
+            _ => None,
+        };
+        let path = expanded.as_deref().unwrap_or(Path::new(spec));
         if path.is_dir() {
             return Self::from_dir(path);
         }
+        if path.is_file() && is_gguf_path(path) {
+            return Self::from_gguf(path);
+        }
         if path.exists() {
-            bail!("model `{spec}` is a file; expected a checkpoint folder (with {CONFIG_FILE}) or a hub id");
+            bail!(
+                "model `{spec}` is a file; expected a checkpoint folder (with {CONFIG_FILE}), a .gguf file or a hub id"
+            );
         }
         let (repo_id, revision) = match spec.split_once('@') {
             Some((id, rev)) => (id, rev),
@@ -89,18 +116,125 @@ impl Checkpoint {
             dir: dir.to_path_buf(),
             config,
             weight_files,
+            format: CheckpointFormat::Safetensors,
         })
     }
 
-    /// Memory-maps every weight file; tensors are converted to `dtype` on `device` only when fetched.
-    pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
-        // SAFETY: the files are mapped read-only; modifying them while the model is loaded is unsupported.
-        unsafe { VarBuilder::from_mmaped_safetensors(&self.weight_files, dtype, device) }
-            .with_context(|| format!("cannot map the safetensors files of {}", self.dir.display()))
+    /// A GGUF file (llama architecture); its header is read now, the weights when the model loads.
+    pub fn from_gguf(file: &Path) -> Result<Self> {
+        let gguf = GgufFile::open(file)?;
+        let config = gguf.config()?;
+        let dir = file
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        Ok(Self {
+            dir,
+            config,
+            weight_files: vec![file.to_path_buf()],
+            format: CheckpointFormat::Gguf(Arc::new(gguf)),
+        })
     }
 
-    pub fn tokenizer_path(&self) -> PathBuf {
-        self.dir.join("tokenizer.json")
+    /// What the checkpoint is, for messages: the folder, or the GGUF file.
+    pub fn source(&self) -> &Path {
+        match &self.format {
+            CheckpointFormat::Safetensors => &self.dir,
+            CheckpointFormat::Gguf(gguf) => gguf.path(),
+        }
+    }
+
+    /// The weights under their Hugging Face names, converted to `dtype` on `device` when fetched. Safetensors are
+    /// memory-mapped; a GGUF file is dequantized once, here.
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        match &self.format {
+            // SAFETY: the files are mapped read-only; modifying them while the model is loaded is unsupported.
+            CheckpointFormat::Safetensors => {
+                unsafe { VarBuilder::from_mmaped_safetensors(&self.weight_files, dtype, device) }
+                    .with_context(|| {
+                        format!("cannot map the safetensors files of {}", self.dir.display())
+                    })
+            }
+            CheckpointFormat::Gguf(gguf) => {
+                let tensors = gguf.hf_tensors(&self.config)?.into_iter().collect();
+                Ok(VarBuilder::from_tensors(tensors, dtype, device))
+            }
+        }
+    }
+
+    /// Every weight on the CPU under its Hugging Face name, sorted by name, in its stored dtype (f32 for GGUF).
+    pub fn tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        match &self.format {
+            CheckpointFormat::Safetensors => {
+                // SAFETY: read-only mapping of the checkpoint's files.
+                let files = unsafe { MmapedSafetensors::multi(&self.weight_files) }
+                    .with_context(|| format!("cannot map the weights of {}", self.dir.display()))?;
+                let mut tensors = files
+                    .tensors()
+                    .into_iter()
+                    .map(|(name, _)| Ok((name.clone(), files.load(&name, &Device::Cpu)?)))
+                    .collect::<Result<Vec<_>>>()?;
+                tensors.sort_by(|a, b| a.0.cmp(&b.0));
+                Ok(tensors)
+            }
+            CheckpointFormat::Gguf(gguf) => gguf.hf_tensors(&self.config),
+        }
+    }
+
+    /// The tokenizer with its special tokens and chat template: the folder's tokenizer files, or the one the GGUF
+    /// metadata describes.
+    pub fn tokenizer(&self) -> Result<TokenizerBundle> {
+        match &self.format {
+            CheckpointFormat::Safetensors => TokenizerBundle::from_dir(&self.dir),
+            CheckpointFormat::Gguf(gguf) => GgufTokenizer::from_gguf(gguf)?
+                .bundle()
+                .with_context(|| format!("tokenizer of {}", gguf.path().display())),
+        }
+    }
+
+    /// config.json as transformers reads it: the folder's own, or one written from the GGUF metadata.
+    pub fn hf_config_json(&self) -> Result<serde_json::Value> {
+        match &self.format {
+            CheckpointFormat::Safetensors => {
+                let path = self.dir.join(CONFIG_FILE);
+                serde_json::from_str(
+                    &std::fs::read_to_string(&path)
+                        .with_context(|| format!("cannot read {}", path.display()))?,
+                )
+                .with_context(|| format!("{}: invalid JSON", path.display()))
+            }
+            CheckpointFormat::Gguf(_) => Ok(self.config.to_hf_json()),
+        }
+    }
+
+    /// Puts the tokenizer files (and generation config) into an HF folder being written: copies of the folder's,
+    /// or tokenizer.json and tokenizer_config.json rebuilt from the GGUF metadata.
+    pub fn write_tokenizer_files(&self, out_dir: &Path) -> Result<()> {
+        match &self.format {
+            CheckpointFormat::Safetensors => {
+                for file in TOKENIZER_FILES {
+                    let src = self.dir.join(file);
+                    if src.is_file() {
+                        std::fs::copy(&src, out_dir.join(file))
+                            .with_context(|| format!("cannot copy {}", src.display()))?;
+                    }
+                }
+            }
+            CheckpointFormat::Gguf(gguf) => {
+                let tokenizer = GgufTokenizer::from_gguf(gguf)?;
+                for (name, value) in [
+                    ("tokenizer.json", &tokenizer.tokenizer_json),
+                    ("tokenizer_config.json", &tokenizer.tokenizer_config),
+                ] {
+                    std::fs::write(out_dir.join(name), serde_json::to_string_pretty(value)?)
+                        .with_context(|| {
+                            format!("cannot write {}", out_dir.join(name).display())
+                        })?;
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -96,6 +96,65 @@ impl ModelConfig {
         .map_err(|e| anyhow::anyhow!("{origin}: {e:#}"))
     }
 
+    /// The `config.json` transformers 5.17 writes for this config (`kto convert` of a GGUF file). Only llama
+    /// configs without Llama 3.1 rope scaling come from GGUF, but every variant is written faithfully.
+    pub fn to_hf_json(&self) -> Value {
+        let mut rope = serde_json::json!({ "rope_theta": self.rope_theta });
+        match &self.rope_scaling {
+            RopeScaling::Default => rope["rope_type"] = "default".into(),
+            RopeScaling::Linear { factor } => {
+                rope["rope_type"] = "linear".into();
+                rope["factor"] = (*factor).into();
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                rope["rope_type"] = "llama3".into();
+                rope["factor"] = (*factor).into();
+                rope["low_freq_factor"] = (*low_freq_factor).into();
+                rope["high_freq_factor"] = (*high_freq_factor).into();
+                rope["original_max_position_embeddings"] =
+                    (*original_max_position_embeddings).into();
+            }
+        }
+        let architecture = match self.model_type {
+            ModelType::Llama => "LlamaForCausalLM",
+            ModelType::Mistral => "MistralForCausalLM",
+            ModelType::Qwen2 => "Qwen2ForCausalLM",
+        };
+        let eos = match self.eos_token_ids.as_slice() {
+            [] => Value::Null,
+            [one] => (*one).into(),
+            many => many.into(),
+        };
+        serde_json::json!({
+            "architectures": [architecture],
+            "model_type": self.model_type.as_str(),
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_parameters": rope,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.qkv_bias,
+            "mlp_bias": self.mlp_bias,
+            "sliding_window": self.sliding_window,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+            "pad_token_id": self.pad_token_id,
+            "dtype": "float32",
+        })
+    }
+
     /// Rotary inverse frequencies, one per pair of head dimensions, as transformers computes them (f32).
     pub fn rope_inv_freq(&self) -> Vec<f32> {
         let dim = self.head_dim;

@@ -105,7 +105,7 @@ impl LlamaModel {
     pub fn load(checkpoint: &Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
         let vb = checkpoint.var_builder(dtype, device)?;
         Self::from_var_builder(checkpoint.config.clone(), vb)
-            .with_context(|| format!("loading the weights of {}", checkpoint.dir.display()))
+            .with_context(|| format!("loading the weights of {}", checkpoint.source().display()))
     }
 
     pub fn from_var_builder(config: ModelConfig, vb: VarBuilder) -> Result<Self> {

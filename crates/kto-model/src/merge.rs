@@ -1,11 +1,11 @@
-//! Merging a LoRA adapter into its base weights and writing a standalone Hugging Face checkpoint folder.
+//! Merging a LoRA adapter into its base weights and writing a standalone Hugging Face checkpoint folder (also the
+//! plain conversion of a GGUF checkpoint, without an adapter).
 
-use crate::checkpoint::{Checkpoint, CONFIG_FILE, SINGLE_WEIGHTS_FILE, TOKENIZER_FILES};
+use crate::checkpoint::{Checkpoint, CONFIG_FILE, SINGLE_WEIGHTS_FILE};
 use crate::device::torch_dtype_name;
 use crate::files::{pt_metadata, write_safetensors};
 use crate::lora::{LoraAdapter, LoraTarget};
 use anyhow::{bail, Context, Result};
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device};
 use std::path::Path;
 
@@ -15,6 +15,25 @@ use std::path::Path;
 pub fn merge_to_checkpoint(
     checkpoint: &Checkpoint,
     adapter: &LoraAdapter,
+    out_dir: &Path,
+    dtype: Option<DType>,
+) -> Result<()> {
+    write_checkpoint(checkpoint, Some(adapter), out_dir, dtype)
+}
+
+/// `checkpoint` as a Hugging Face folder at `out_dir` (`kto convert` of a GGUF file), written as atomically as
+/// [`merge_to_checkpoint`] writes.
+pub fn convert_to_checkpoint(
+    checkpoint: &Checkpoint,
+    out_dir: &Path,
+    dtype: Option<DType>,
+) -> Result<()> {
+    write_checkpoint(checkpoint, None, out_dir, dtype)
+}
+
+fn write_checkpoint(
+    checkpoint: &Checkpoint,
+    adapter: Option<&LoraAdapter>,
     out_dir: &Path,
     dtype: Option<DType>,
 ) -> Result<()> {
@@ -37,53 +56,48 @@ pub fn merge_to_checkpoint(
 
 fn write_merged(
     checkpoint: &Checkpoint,
-    adapter: &LoraAdapter,
+    adapter: Option<&LoraAdapter>,
     dir: &Path,
     dtype: Option<DType>,
 ) -> Result<()> {
-    // SAFETY: read-only mapping of the checkpoint's files.
-    let files = unsafe { MmapedSafetensors::multi(&checkpoint.weight_files) }
-        .with_context(|| format!("cannot map the weights of {}", checkpoint.dir.display()))?;
-    let scale = adapter.config().scale();
+    let scale = adapter.map_or(0.0, |a| a.config().scale());
     let mut merged_sites = 0;
     let mut tensors = Vec::new();
-    for (name, _) in files.tensors() {
-        let stored = files.load(&name, &Device::Cpu)?;
+    for (name, stored) in checkpoint.tensors()? {
         let out_dtype = dtype.unwrap_or(stored.dtype());
-        let tensor =
-            match adapted_site(&name).and_then(|site| adapter.pair(site).map(|p| (site, p))) {
-                Some((site, pair)) => {
-                    let delta = pair
-                        .b
-                        .as_tensor()
-                        .to_device(&Device::Cpu)?
-                        .matmul(&pair.a.as_tensor().to_device(&Device::Cpu)?)?;
-                    if delta.dims() != stored.dims() {
-                        bail!(
-                            "adapter for {name} (layer {}) has shape {:?}, the weight {:?}",
-                            site.0,
-                            delta.dims(),
-                            stored.dims()
-                        );
-                    }
-                    merged_sites += 1;
-                    (stored.to_dtype(DType::F32)? + (delta * scale)?)?.to_dtype(out_dtype)?
+        let pair = adapter.and_then(|adapter| {
+            adapted_site(&name).and_then(|site| adapter.pair(site).map(|p| (site, p)))
+        });
+        let tensor = match pair {
+            Some((site, pair)) => {
+                let delta = pair
+                    .b
+                    .as_tensor()
+                    .to_device(&Device::Cpu)?
+                    .matmul(&pair.a.as_tensor().to_device(&Device::Cpu)?)?;
+                if delta.dims() != stored.dims() {
+                    bail!(
+                        "adapter for {name} (layer {}) has shape {:?}, the weight {:?}",
+                        site.0,
+                        delta.dims(),
+                        stored.dims()
+                    );
                 }
-                None => stored.to_dtype(out_dtype)?,
-            };
+                merged_sites += 1;
+                (stored.to_dtype(DType::F32)? + (delta * scale)?)?.to_dtype(out_dtype)?
+            }
+            None => stored.to_dtype(out_dtype)?,
+        };
         tensors.push((name, tensor));
     }
-    let expected = adapter.sites().count();
+    let expected = adapter.map_or(0, |a| a.sites().count());
     if merged_sites != expected {
         bail!("merged {merged_sites} of the adapter's {expected} linears: the checkpoint lacks some adapted weights");
     }
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     write_safetensors(&dir.join(SINGLE_WEIGHTS_FILE), &tensors, pt_metadata())?;
 
-    let config_path = checkpoint.dir.join(CONFIG_FILE);
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&config_path)?)
-            .with_context(|| format!("{}: invalid JSON", config_path.display()))?;
+    let mut config = checkpoint.hf_config_json()?;
     if let (Some(dtype), Some(map)) = (dtype, config.as_object_mut()) {
         let key = if map.contains_key("torch_dtype") {
             "torch_dtype"
@@ -96,14 +110,7 @@ fn write_merged(
         dir.join(CONFIG_FILE),
         serde_json::to_string_pretty(&config)?,
     )?;
-    for file in TOKENIZER_FILES {
-        let src = checkpoint.dir.join(file);
-        if src.is_file() {
-            std::fs::copy(&src, dir.join(file))
-                .with_context(|| format!("cannot copy {}", src.display()))?;
-        }
-    }
-    Ok(())
+    checkpoint.write_tokenizer_files(dir)
 }
 
 /// `model.layers.N.<block>.<module>.weight` → (N, target).

@@ -8,6 +8,8 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 
+pub mod gguf;
+
 /// The shape of a tiny model.
 #[derive(Debug, Clone)]
 pub struct TinyModel {

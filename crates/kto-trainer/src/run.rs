@@ -46,7 +46,7 @@ pub fn load_model(config: &Config, adapter_override: Option<&Path>) -> Result<Lo
     let device = kto_model::open_device(&config.model.device)?;
     let dtype = kto_model::parse_dtype(&format!("{:?}", config.model.dtype).to_lowercase())?;
     let mut model = LlamaModel::load(&checkpoint, dtype, &device)?;
-    let tokenizer = TokenizerBundle::from_dir(&checkpoint.dir)?;
+    let tokenizer = checkpoint.tokenizer()?;
     let (policy, reference) = match &config.lora.init_adapter {
         Some(dir) => {
             let adapter = kto_model::peft::load_adapter(dir, &checkpoint.config, &device)
@@ -211,7 +211,12 @@ fn reference_for(
     for file in &loaded.checkpoint.weight_files {
         key = key.file_identity("model weights", file)?;
     }
-    key = key.file_contents("model config", &loaded.checkpoint.dir.join("config.json"))?;
+    // A GGUF file's identity covers its metadata (config and tokenizer); a folder keeps them in files of their own.
+    if let kto_model::CheckpointFormat::Safetensors = loaded.checkpoint.format {
+        key = key
+            .file_contents("model config", &loaded.checkpoint.dir.join("config.json"))?
+            .file_contents("tokenizer", &loaded.checkpoint.dir.join("tokenizer.json"))?;
+    }
     if let Some(dir) = &config.lora.init_adapter {
         key = key.file_contents("reference adapter", &dir.join("adapter_model.safetensors"))?;
     }
@@ -221,7 +226,6 @@ fn reference_for(
             "tokenization",
             &format!("{:?} format={}", tokenization(config), config.data.format),
         )
-        .file_contents("tokenizer", &loaded.checkpoint.dir.join("tokenizer.json"))?
         .text(
             "batch",
             &format!(

@@ -68,7 +68,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
     tracing::info!(
         "merging {} into {}",
         adapter_dir.display(),
-        checkpoint.dir.display()
+        checkpoint.source().display()
     );
     kto_model::merge_to_checkpoint(&checkpoint, &adapter, &args.out, dtype)
         .with_context(|| format!("exporting to {}", args.out.display()))?;

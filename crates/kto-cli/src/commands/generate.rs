@@ -97,7 +97,7 @@ impl Generator {
         let device = kto_model::open_device(&config.model.device)?;
         let dtype = kto_model::parse_dtype(&format!("{:?}", config.model.dtype).to_lowercase())?;
         let mut model = LlamaModel::load(&checkpoint, dtype, &device)?;
-        let tokenizer = TokenizerBundle::from_dir(&checkpoint.dir)?;
+        let tokenizer = checkpoint.tokenizer()?;
         let choice = match &adapter {
             Some(dir) => {
                 let lora = kto_model::peft::load_adapter(dir, &checkpoint.config, &device)
@@ -105,13 +105,13 @@ impl Generator {
                 model.set_policy_adapter(Some(lora))?;
                 tracing::info!(
                     "model {} with adapter {}",
-                    checkpoint.dir.display(),
+                    checkpoint.source().display(),
                     dir.display()
                 );
                 AdapterChoice::PolicyNoGrad
             }
             None => {
-                tracing::info!("model {} without adapter", checkpoint.dir.display());
+                tracing::info!("model {} without adapter", checkpoint.source().display());
                 AdapterChoice::Reference
             }
         };

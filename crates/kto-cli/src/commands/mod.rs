@@ -1,8 +1,10 @@
 pub mod chat;
+pub mod convert;
 pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod model_source;
 pub mod plot;
 pub mod prepare;
+pub mod tokenize;
 pub mod train;

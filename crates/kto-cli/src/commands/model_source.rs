@@ -1,5 +1,5 @@
 //! The options `kto eval`, `export`, `generate` and `chat` share (config, `--set`, `--adapter`), and how they turn
-//! into a config, an adapter folder and the base model.
+//! into a config, an adapter folder and the base model; `kto tokenize` shares the config part ([`ConfigSource`]).
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -57,17 +57,41 @@ impl ModelSource {
         Ok(trained.or_else(|| config.lora.init_adapter.clone()))
     }
 
-    /// The base model of `[model] path` (a folder or a hub id in the local cache).
+    /// The base model of `[model] path` (a folder, a .gguf file or a hub id in the local cache).
     pub fn base_model(&self, config: &Config) -> Result<Checkpoint> {
-        let spec = config.model.path.as_ref().with_context(|| {
-            format!(
-                "{}: [model] path is not set (a model folder or a hub id: the base model the adapter was trained on); \
-                 add it or pass --set model.path=DIR",
-                self.config.display()
-            )
-        })?;
-        Checkpoint::locate(&spec.to_string_lossy())
+        base_model(&self.config, config)
     }
+}
+
+/// A config and its overrides, without an adapter (`kto tokenize`).
+#[derive(Debug, Args)]
+pub struct ConfigSource {
+    /// The TOML config (the same file as for `kto train`): [model] path names the model.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Override one config key, e.g. --set model.path=model.gguf (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub sets: Vec<Override>,
+}
+
+impl ConfigSource {
+    /// The config with the overrides applied and its base model.
+    pub fn load(&self) -> Result<(Config, Checkpoint)> {
+        let config = Config::load(&self.config, &self.sets)?;
+        let checkpoint = base_model(&self.config, &config)?;
+        Ok((config, checkpoint))
+    }
+}
+
+fn base_model(config_path: &Path, config: &Config) -> Result<Checkpoint> {
+    let spec = config.model.path.as_ref().with_context(|| {
+        format!(
+            "{}: [model] path is not set (a model folder, a .gguf file or a hub id: the base model the adapter was \
+             trained on); add it or pass --set model.path=DIR",
+            config_path.display()
+        )
+    })?;
+    Checkpoint::locate(&spec.to_string_lossy())
 }
 
 fn is_adapter(dir: &Path) -> bool {
