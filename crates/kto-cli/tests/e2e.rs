@@ -3,9 +3,12 @@
 //! of its own, generates what the base model with the adapter generates; and `kto chat` on piped stdin.
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{kto, kto_command, kto_ok};
 use kto_trainer::checkpoint::{FAULT_DELAY_ENV, MANIFEST};
 use safetensors::SafeTensors;
 use serde_json::Value;
@@ -15,32 +18,6 @@ fn repo() -> PathBuf {
         .join("../..")
         .canonicalize()
         .unwrap()
-}
-
-/// `kto ARGS` in `dir`, with the reference cache kept inside the test's folder.
-fn kto_command(dir: &Path, args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_kto"));
-    command
-        .args(args)
-        .current_dir(dir)
-        .env("KTO_CACHE_DIR", dir.join("cache"))
-        .env_remove("RUST_LOG");
-    command
-}
-
-fn kto(dir: &Path, args: &[&str]) -> Output {
-    kto_command(dir, args).output().unwrap()
-}
-
-fn kto_ok(dir: &Path, args: &[&str]) -> Output {
-    let out = kto(dir, args);
-    assert!(
-        out.status.success(),
-        "kto {} failed:\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 fn text(bytes: &[u8]) -> String {

@@ -1,7 +1,6 @@
 //! A GGUF model through the `kto` binary: tokenize (GGUF and safetensors alike), convert, a short conversational
 //! training run and generation, and the clear error of a tokenizer kto does not rebuild.
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::GgmlDType;
@@ -9,25 +8,13 @@ use kto_model::testing::gguf::{gguf_metadata, gguf_tensors, write_gguf, TestVoca
 use kto_model::testing::TinyModel;
 use kto_model::Checkpoint;
 
-fn kto(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kto"))
-        .args(args)
-        .current_dir(dir)
-        .env("KTO_CACHE_DIR", dir.join("cache"))
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap()
-}
+mod common;
 
+use common::kto;
+
+/// [`common::kto_ok`]'s standard output as text.
 fn kto_ok(dir: &Path, args: &[&str]) -> String {
-    let out = kto(dir, args);
-    assert!(
-        out.status.success(),
-        "kto {} failed:\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    String::from_utf8(common::kto_ok(dir, args).stdout).unwrap()
 }
 
 /// A tiny byte-level GGUF model (`pre` names its pre-tokenizer) and a config naming it.

@@ -1,11 +1,38 @@
-//! What the process-level tests share: the fixture run (`write_config`), launching `kto train` on it, and reading
-//! what a run leaves (metrics without wall-clock figures, the final adapter's bytes).
+//! What the process-level tests share: running `kto` in a test's folder, the fixture run (`write_config`), launching
+//! `kto train` on it, and reading what a run leaves (metrics without wall-clock figures, the final adapter's bytes).
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 
 use serde_json::{Map, Value};
+
+/// `kto ARGS` in `dir`, with the reference cache kept inside the test's folder.
+pub fn kto_command(dir: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kto"));
+    command
+        .args(args)
+        .current_dir(dir)
+        .env("KTO_CACHE_DIR", dir.join("cache"))
+        .env_remove("RUST_LOG");
+    command
+}
+
+pub fn kto(dir: &Path, args: &[&str]) -> Output {
+    kto_command(dir, args).output().unwrap()
+}
+
+/// [`kto`] that must succeed (its stderr in the panic message otherwise).
+pub fn kto_ok(dir: &Path, args: &[&str]) -> Output {
+    let out = kto(dir, args);
+    assert!(
+        out.status.success(),
+        "kto {} failed:\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
 
 pub const MAX_STEPS: usize = 12;
 
