@@ -15,7 +15,8 @@ use rand::{Rng, SeedableRng};
 
 mod common;
 use common::{
-    adapter_bytes, deterministic, metrics_rows, run_to_end, train_command, write_config, MAX_STEPS,
+    adapter_bytes, deterministic, metrics_rows, run_folder, run_to_end, train_command,
+    uninterrupted_run, MAX_STEPS,
 };
 
 const KILLS: usize = 12;
@@ -78,14 +79,12 @@ fn kill_at(child: &mut Child, out: &Path, moment: &Moment) -> bool {
 
 #[test]
 fn killed_and_resumed_run_equals_an_uninterrupted_one() {
-    let reference = tempfile::tempdir().unwrap();
-    write_config(reference.path());
+    let reference = run_folder();
     let started = Instant::now();
     run_to_end(reference.path(), false);
     let full_run = started.elapsed();
 
-    let dir = tempfile::tempdir().unwrap();
-    write_config(dir.path());
+    let dir = run_folder();
     let out = dir.path().join("out");
     let mut rng = StdRng::seed_from_u64(SEED);
     let (mut kills, mut kills_in_write, mut launches) = (0, 0, 0);
@@ -176,13 +175,10 @@ fn corrupt(path: &Path) {
 
 #[test]
 fn damaged_checkpoints_are_reported_and_skipped() {
-    let reference = tempfile::tempdir().unwrap();
-    write_config(reference.path());
-    run_to_end(reference.path(), false);
+    let reference = uninterrupted_run();
 
     // A finished run keeps checkpoints 11 and 12 (save_total_limit = 2); drop its adapter and metrics.
-    let dir = tempfile::tempdir().unwrap();
-    write_config(dir.path());
+    let dir = run_folder();
     let out = dir.path().join("out");
     run_to_end(dir.path(), false);
     std::fs::remove_dir_all(out.join("adapter")).unwrap();
@@ -226,8 +222,7 @@ fn damaged_checkpoints_are_reported_and_skipped() {
 
 #[test]
 fn resume_before_any_checkpoint_starts_from_the_beginning() {
-    let dir = tempfile::tempdir().unwrap();
-    write_config(dir.path());
+    let dir = run_folder();
     let stderr = run_to_end(dir.path(), true);
     assert!(
         stderr.contains("no checkpoint in out yet: starting from the beginning"),

@@ -13,8 +13,8 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::{
-    adapter_bytes, deterministic, fixture, metrics_rows, run_to_end, train_command, write_config,
-    MAX_STEPS,
+    adapter_bytes, deterministic, fixture, metrics_rows, run_folder, run_to_end, train_command,
+    uninterrupted_run, MAX_STEPS,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -119,12 +119,9 @@ fn assert_same_run(dir: &Path, reference: &Path) {
 
 #[test]
 fn second_process_on_one_folder_is_refused() {
-    let alone = tempfile::tempdir().unwrap();
-    write_config(alone.path());
-    run_to_end(alone.path(), false);
+    let alone = uninterrupted_run();
 
-    let dir = tempfile::tempdir().unwrap();
-    write_config(dir.path());
+    let dir = run_folder();
     let out = dir.path().join("out");
     // Slowed down (each checkpoint write pauses) so that it is still training when the second one starts.
     let mut first = train_command(dir.path(), false, 100).spawn().unwrap();
@@ -157,15 +154,13 @@ fn second_process_on_one_folder_is_refused() {
 /// Launches until the run ends: each one with the next scheduled signal, checking how it stopped.
 #[test]
 fn stopped_by_signals_and_resumed_equals_an_uninterrupted_run() {
-    let reference = tempfile::tempdir().unwrap();
-    write_config(reference.path());
+    let reference = run_folder();
     let out = with_evaluation(train_command(reference.path(), false, 0))
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
 
-    let dir = tempfile::tempdir().unwrap();
-    write_config(dir.path());
+    let dir = run_folder();
     let out_dir = dir.path().join("out");
     let mut rng = StdRng::seed_from_u64(SEED);
     let signal = |rng: &mut StdRng| ["SIGINT", "SIGTERM"][rng.random_range(0..2)];
@@ -247,12 +242,9 @@ fn run_to_end_with_evaluation(dir: &Path) {
 
 #[test]
 fn failed_write_leaves_no_temporary_and_a_resumable_folder() {
-    let reference = tempfile::tempdir().unwrap();
-    write_config(reference.path());
-    run_to_end(reference.path(), false);
+    let reference = uninterrupted_run();
 
-    let dir = tempfile::tempdir().unwrap();
-    write_config(dir.path());
+    let dir = run_folder();
     let out_dir = dir.path().join("out");
     // The third checkpoint's optimizer state: the disk fills up in the middle of a checkpoint.
     let out = train_command(dir.path(), false, 0)
@@ -283,9 +275,7 @@ fn failed_write_leaves_no_temporary_and_a_resumable_folder() {
 /// `eval`, `plot`, `generate` and `export` only read a run folder: they work while a training process holds it.
 #[test]
 fn readers_work_while_the_folder_is_locked() {
-    let dir = tempfile::tempdir().unwrap();
-    write_config(dir.path());
-    run_to_end(dir.path(), false);
+    let dir = uninterrupted_run();
     let out_dir = dir.path().join("out");
     let lock = kto_trainer::output_dir::RunLock::acquire(&out_dir).unwrap();
     let eval_file = format!("data.eval_file={}", fixture().join("data.jsonl").display());
@@ -340,12 +330,9 @@ fn readers_work_while_the_folder_is_locked() {
 /// other files stay, and the new run equals a run in an empty folder.
 #[test]
 fn overwrite_replaces_an_earlier_run() {
-    let alone = tempfile::tempdir().unwrap();
-    write_config(alone.path());
-    run_to_end(alone.path(), false);
+    let alone = uninterrupted_run();
 
-    let dir = tempfile::tempdir().unwrap();
-    write_config(dir.path());
+    let dir = run_folder();
     let out_dir = dir.path().join("out");
     // An earlier, different run (2 steps) and a file of the user's.
     let earlier = train_command(dir.path(), false, 0)

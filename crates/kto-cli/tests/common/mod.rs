@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use serde_json::{Map, Value};
+use tempfile::TempDir;
 
 /// `kto ARGS` in `dir`, with the reference cache kept inside the test's folder.
 pub fn kto_command(dir: &Path, args: &[&str]) -> Command {
@@ -56,12 +57,23 @@ pub fn write_config(dir: &Path) {
     std::fs::write(dir.join("kto.toml"), text).unwrap();
 }
 
+/// A fresh folder holding the fixture run's `kto.toml` (training into `out/`).
+pub fn run_folder() -> TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path());
+    dir
+}
+
+/// The fixture run trained to the end without interruption: what the interrupted runs must equal.
+pub fn uninterrupted_run() -> TempDir {
+    let dir = run_folder();
+    run_to_end(dir.path(), false);
+    dir
+}
+
 pub fn train_command(dir: &Path, resume: bool, fault_delay_ms: u64) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kto"));
-    cmd.args(["train", "--config", "kto.toml"])
-        .current_dir(dir)
-        .env("KTO_CACHE_DIR", dir.join("cache"))
-        .env("KTO_FAULT_DELAY_MS", fault_delay_ms.to_string())
+    let mut cmd = kto_command(dir, &["train", "--config", "kto.toml"]);
+    cmd.env("KTO_FAULT_DELAY_MS", fault_delay_ms.to_string())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
