@@ -509,7 +509,12 @@ fn adamw_step_cuda(
         let Storage::Cuda(s) = &**storage else {
             bail!("adamw: a tensor left the GPU")
         };
-        addresses.push(crate::cuda::address(s, layout, &stream)?);
+        addresses.push(crate::cuda::address(
+            "adamw parameter/gradient/moment",
+            s,
+            layout,
+            &stream,
+        )?);
     }
     let tensors: Vec<AdamWTensor> = addresses
         .chunks(4)
@@ -568,7 +573,7 @@ pub fn global_grad_norm(grads: &[&Tensor]) -> Result<f32> {
                 };
                 addresses.push((
                     layout.shape().elem_count(),
-                    crate::cuda::address(s, layout, &stream)?,
+                    crate::cuda::address("grad norm gradient", s, layout, &stream)?,
                 ));
             }
             let entries: Vec<(usize, u64)> =

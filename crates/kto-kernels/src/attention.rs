@@ -451,8 +451,8 @@ impl CustomOp1 for MaskedSoftmax {
             scores.dtype(),
             layout.shape().elem_count(),
             |stream, p| {
-                let sa = crate::cuda::address(scores, layout, stream)?;
-                let ra = crate::cuda::address(r, r_layout, stream)?;
+                let sa = crate::cuda::address("masked softmax scores", scores, layout, stream)?;
+                let ra = crate::cuda::address("masked softmax row map", r, r_layout, stream)?;
                 let launch = forward_launch(
                     scores.dtype(),
                     rows,
@@ -514,8 +514,18 @@ impl CustomOp2 for MaskedSoftmaxBackward {
             probs.dtype(),
             p_layout.shape().elem_count(),
             |stream, d| {
-                let pa = crate::cuda::address(probs, p_layout, stream)?;
-                let ga = crate::cuda::address(grad, g_layout, stream)?;
+                let pa = crate::cuda::address(
+                    "masked softmax backward probabilities",
+                    probs,
+                    p_layout,
+                    stream,
+                )?;
+                let ga = crate::cuda::address(
+                    "masked softmax backward gradient",
+                    grad,
+                    g_layout,
+                    stream,
+                )?;
                 let launch =
                     backward_launch(probs.dtype(), rows, keys, self.scale, pa.arg(), ga.arg(), d)?;
                 crate::cuda::run(&probs.device, &launch)

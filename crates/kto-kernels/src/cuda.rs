@@ -66,36 +66,40 @@ impl DeviceAddress<'_> {
 /// The stream every launch on `device` goes to (candle uses one per device).
 pub type Stream = std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>;
 
-/// The address of the first element of `layout` in `storage` (any dtype).
+/// The address of the first element of `layout` in `storage` (any dtype), for a kernel that reads the operand
+/// packed row-major from there: any other layout, or one past the storage, is refused naming `what` (the op and the
+/// operand) and the layout ([`crate::operand::packed`]).
 pub fn address<'a>(
+    what: &str,
     storage: &'a CudaStorage,
     layout: &Layout,
     stream: &'a Stream,
 ) -> Result<DeviceAddress<'a>> {
     use candle_core::cuda_backend::CudaStorageSlice as S;
     fn at<'a, T: DeviceRepr>(
+        what: &str,
         slice: &'a CudaSlice<T>,
+        layout: &Layout,
         stream: &'a Stream,
-        offset: usize,
-    ) -> DeviceAddress<'a> {
+    ) -> Result<DeviceAddress<'a>> {
+        let elements = crate::operand::packed(what, layout, slice.len())?;
         let (ptr, guard) = slice.device_ptr(stream);
-        DeviceAddress {
-            address: ptr + (offset * std::mem::size_of::<T>()) as u64,
+        Ok(DeviceAddress {
+            address: ptr + (elements.start * std::mem::size_of::<T>()) as u64,
             _guard: guard,
-        }
+        })
     }
-    let offset = layout.start_offset();
-    Ok(match &storage.slice {
-        S::F32(s) => at(s, stream, offset),
-        S::BF16(s) => at(s, stream, offset),
-        S::F16(s) => at(s, stream, offset),
-        S::F64(s) => at(s, stream, offset),
-        S::U32(s) => at(s, stream, offset),
-        S::I32(s) => at(s, stream, offset),
-        S::I64(s) => at(s, stream, offset),
-        S::U8(s) => at(s, stream, offset),
-        _ => bail!("unsupported dtype {:?}", storage.dtype()),
-    })
+    match &storage.slice {
+        S::F32(s) => at(what, s, layout, stream),
+        S::BF16(s) => at(what, s, layout, stream),
+        S::F16(s) => at(what, s, layout, stream),
+        S::F64(s) => at(what, s, layout, stream),
+        S::U32(s) => at(what, s, layout, stream),
+        S::I32(s) => at(what, s, layout, stream),
+        S::I64(s) => at(what, s, layout, stream),
+        S::U8(s) => at(what, s, layout, stream),
+        _ => bail!("{what}: unsupported dtype {:?}", storage.dtype()),
+    }
 }
 
 /// The address of a slice a kernel writes (typically freshly allocated).

@@ -20,10 +20,7 @@ pub fn round_to<T: Float>(v: f32) -> f32 {
 }
 
 fn contiguous<'a, T>(values: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&values[start..end]),
-        None => bail!("{what} must be contiguous (layout {layout:?})"),
-    }
+    Ok(&values[crate::operand::packed(what, layout, values.len())?])
 }
 
 macro_rules! float_impl {

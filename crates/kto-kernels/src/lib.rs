@@ -18,6 +18,7 @@ mod handover;
 pub mod kernel;
 pub mod logprobs;
 pub mod lora;
+pub mod operand;
 pub mod rmsnorm;
 pub mod rope;
 pub mod swiglu;

@@ -350,8 +350,8 @@ impl CustomOp2 for LogprobStats {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (rows, vocab) = x_layout.shape().dims2()?;
         let out = crate::cuda::output(&x.device, DType::F32, rows * STATS, |stream, stats| {
-            let xa = crate::cuda::address(x, x_layout, stream)?;
-            let ta = crate::cuda::address(t, t_layout, stream)?;
+            let xa = crate::cuda::address("log-probs logits", x, x_layout, stream)?;
+            let ta = crate::cuda::address("log-probs targets", t, t_layout, stream)?;
             let launch = forward_launch(x.dtype(), rows, vocab, xa.arg(), ta.arg(), stats)?;
             crate::cuda::run(&x.device, &launch)
         })?;
@@ -409,10 +409,10 @@ impl CustomOp3 for LogprobBackward {
         };
         let (rows, vocab) = x_layout.shape().dims2()?;
         let out = crate::cuda::output(&x.device, x.dtype(), rows * vocab, |stream, dlogits| {
-            let xa = crate::cuda::address(x, x_layout, stream)?;
-            let ta = crate::cuda::address(t, t_layout, stream)?;
-            let la = crate::cuda::address(l, l_layout, stream)?;
-            let ga = crate::cuda::address(g, g_layout, stream)?;
+            let xa = crate::cuda::address("log-probs logits", x, x_layout, stream)?;
+            let ta = crate::cuda::address("log-probs targets", t, t_layout, stream)?;
+            let la = crate::cuda::address("log-probs lse", l, l_layout, stream)?;
+            let ga = crate::cuda::address("log-probs gradient", g, g_layout, stream)?;
             let launch = backward_launch(
                 x.dtype(),
                 rows,

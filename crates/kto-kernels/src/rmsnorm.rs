@@ -214,8 +214,8 @@ impl CustomOp1 for RmsNorm {
             x.dtype(),
             layout.shape().elem_count(),
             |stream, y| {
-                let xa = crate::cuda::address(x, layout, stream)?;
-                let wa = crate::cuda::address(w, w_layout, stream)?;
+                let xa = crate::cuda::address("rms_norm x", x, layout, stream)?;
+                let wa = crate::cuda::address("rms_norm weight", w, w_layout, stream)?;
                 let launch = forward_launch(x.dtype(), rows, dim, self.eps, xa.arg(), wa.arg(), y)?;
                 crate::cuda::run(&x.device, &launch)
             },
@@ -277,9 +277,9 @@ impl CustomOp2 for RmsNormBackward {
             x.dtype(),
             x_layout.shape().elem_count(),
             |stream, dx| {
-                let xa = crate::cuda::address(x, x_layout, stream)?;
-                let wa = crate::cuda::address(w, w_layout, stream)?;
-                let ga = crate::cuda::address(g, g_layout, stream)?;
+                let xa = crate::cuda::address("rms_norm backward x", x, x_layout, stream)?;
+                let wa = crate::cuda::address("rms_norm weight", w, w_layout, stream)?;
+                let ga = crate::cuda::address("rms_norm backward gradient", g, g_layout, stream)?;
                 let launch = backward_launch(
                     x.dtype(),
                     rows,

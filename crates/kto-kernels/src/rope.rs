@@ -407,15 +407,10 @@ impl Rotation {
     }
 }
 
-/// The elements of a strided view from its first element to its last (`T::slice` of a contiguous run covering it).
-fn strided<'a, T: Float>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-    dims: RopeDims,
-    strides: Strides,
-) -> Result<&'a [T]> {
-    let run = Layout::contiguous_with_offset(dims.span(strides), layout.start_offset());
-    T::slice(storage, &run, "rope input")
+/// The run of storage elements a strided view reads, from its first element to its last: what both faces require
+/// to be inside the storage (the kernel and the twin read the view through its strides).
+fn covering_run(layout: &Layout, dims: RopeDims, strides: Strides) -> Layout {
+    Layout::contiguous_with_offset(dims.span(strides), layout.start_offset())
 }
 
 impl CustomOp1 for Rotation {
@@ -439,7 +434,7 @@ impl CustomOp1 for Rotation {
         let positions = crate::float::u32_slice(p, p_layout, "rope positions")?;
         let inv_freq = <f32 as Float>::slice(f, f_layout, "rope inv_freq")?;
         with_float!(input.dtype(), "rope", |T| {
-            let xs = strided::<T>(input, layout, dims, strides)?;
+            let xs = T::slice(input, &covering_run(layout, dims, strides), "rope input")?;
             let mut out = vec![T::default(); dims.len()];
             match self.direction {
                 Direction::Forward => {
@@ -470,9 +465,10 @@ impl CustomOp1 for Rotation {
         };
         let dtype = input.dtype();
         let out = crate::cuda::output(&input.device, dtype, dims.len(), |stream, out| {
-            let xa = crate::cuda::address(input, layout, stream)?;
-            let pa = crate::cuda::address(p, p_layout, stream)?;
-            let fa = crate::cuda::address(f, f_layout, stream)?;
+            let run = covering_run(layout, dims, strides);
+            let xa = crate::cuda::address("rope input", input, &run, stream)?;
+            let pa = crate::cuda::address("rope positions", p, p_layout, stream)?;
+            let fa = crate::cuda::address("rope inv_freq", f, f_layout, stream)?;
             let launch = match self.direction {
                 Direction::Forward => {
                     forward_launch(dtype, dims, xa.arg(), strides, pa.arg(), fa.arg(), out)?

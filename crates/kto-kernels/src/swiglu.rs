@@ -207,7 +207,7 @@ impl CustomOp1 for Swiglu {
             gate_up.dtype(),
             shape.elem_count(),
             |stream, out| {
-                let xa = crate::cuda::address(gate_up, layout, stream)?;
+                let xa = crate::cuda::address("swiglu gate_up", gate_up, layout, stream)?;
                 let launch = forward_launch(gate_up.dtype(), rows, inner, xa.arg(), out)?;
                 crate::cuda::run(&gate_up.device, &launch)
             },
@@ -254,8 +254,8 @@ impl CustomOp2 for SwigluBackward {
         let len = x_layout.shape().elem_count();
         let rows = len / (2 * inner);
         let out = crate::cuda::output(&gate_up.device, gate_up.dtype(), len, |stream, dx| {
-            let xa = crate::cuda::address(gate_up, x_layout, stream)?;
-            let ga = crate::cuda::address(grad, g_layout, stream)?;
+            let xa = crate::cuda::address("swiglu backward gate_up", gate_up, x_layout, stream)?;
+            let ga = crate::cuda::address("swiglu backward gradient", grad, g_layout, stream)?;
             let launch = backward_launch(gate_up.dtype(), rows, inner, xa.arg(), ga.arg(), dx)?;
             crate::cuda::run(&gate_up.device, &launch)
         })?;
