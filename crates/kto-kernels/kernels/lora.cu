@@ -18,27 +18,26 @@ constexpr int kThreadsAcross = 16;  // threads along the columns of a tile (and 
 constexpr int kPerThread = 4;       // rows and columns per thread: 4 × 4 outputs
 constexpr int kPaddedRows = kTileRows + 1;
 constexpr int kPaddedCols = kTileCols + 1;
+constexpr int kRankChunk = 64;   // rank steps held in the shared tiles at once
 
 KTO_DEVICE int segment_of(int n, int start1, int start2, int start3) {
   return int(n >= start1) + int(n >= start2) + int(n >= start3);
 }
 
-// Dynamic shared memory: rank · (65 + 65) floats.
+// Dynamic shared memory: min(rank, 64) · (65 + 65) floats. A rank above 64 is taken in chunks of 64 through the same
+// tiles, summed into one accumulator per output in ascending k (the twin's order), so any rank fits the tiles.
 template <typename T>
 KTO_DEVICE void lora_epilogue(const T* __restrict__ base, const float* __restrict__ h, const float* __restrict__ b,
                               T* __restrict__ out, int rows, int cols, int rank, int segments, int start1,
                               int start2, int start3, float scale) {
   KTO_DYNAMIC_SHARED(float, shared);
-  float* h_tile = shared;                          // h_tile[k · 65 + i] = h[row0 + i, seg · rank + k]
-  float* b_tile = shared + rank * kPaddedRows;     // b_tile[k · 65 + c] = B[col0 + c, k]
+  const int chunk = min(rank, kRankChunk);
+  float* h_tile = shared;                          // h_tile[k · 65 + i] = h[row0 + i, seg · rank + k0 + k]
+  float* b_tile = shared + chunk * kPaddedRows;    // b_tile[k · 65 + c] = B[col0 + c, k0 + k]
   const int row0 = blockIdx.x * kTileRows, col0 = blockIdx.y * kTileCols;
   const int tx = threadIdx.x % kThreadsAcross, ty = threadIdx.x / kThreadsAcross;
   const size_t h_stride = size_t(segments) * rank;
 
-  for (int i = threadIdx.x; i < kTileCols * rank; i += blockDim.x) {
-    const int c = i / rank, k = i % rank, n = col0 + c;
-    b_tile[k * kPaddedCols + c] = n < cols ? b[size_t(n) * rank + k] : 0.f;
-  }
   int col_segment[kPerThread];
 #pragma unroll
   for (int j = 0; j < kPerThread; ++j) {
@@ -56,27 +55,34 @@ KTO_DEVICE void lora_epilogue(const T* __restrict__ base, const float* __restric
   const int first_seg = segment_of(col0, start1, start2, start3);
   const int last_seg = segment_of(last_col, start1, start2, start3);
   for (int seg = first_seg; seg <= last_seg; ++seg) {
-    __syncthreads();  // the B tile is written, and the previous pass no longer reads the h tile
-    for (int i = threadIdx.x; i < kTileRows * rank; i += blockDim.x) {
-      const int r = i / rank, k = i % rank, m = row0 + r;
-      h_tile[k * kPaddedRows + r] = m < rows ? h[size_t(m) * h_stride + size_t(seg) * rank + k] : 0.f;
-    }
-    __syncthreads();
     float part[kPerThread][kPerThread];
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i)
 #pragma unroll
       for (int j = 0; j < kPerThread; ++j) part[i][j] = 0.f;
-    for (int k = 0; k < rank; ++k) {
-      float hv[kPerThread], bv[kPerThread];
+    for (int k0 = 0; k0 < rank; k0 += chunk) {
+      const int width = min(chunk, rank - k0);
+      __syncthreads();  // the previous chunk (or pass) no longer reads the tiles
+      for (int i = threadIdx.x; i < kTileCols * width; i += blockDim.x) {
+        const int c = i / width, k = i % width, n = col0 + c;
+        b_tile[k * kPaddedCols + c] = n < cols ? b[size_t(n) * rank + k0 + k] : 0.f;
+      }
+      for (int i = threadIdx.x; i < kTileRows * width; i += blockDim.x) {
+        const int r = i / width, k = i % width, m = row0 + r;
+        h_tile[k * kPaddedRows + r] = m < rows ? h[size_t(m) * h_stride + size_t(seg) * rank + k0 + k] : 0.f;
+      }
+      __syncthreads();
+      for (int k = 0; k < width; ++k) {
+        float hv[kPerThread], bv[kPerThread];
 #pragma unroll
-      for (int i = 0; i < kPerThread; ++i) hv[i] = h_tile[k * kPaddedRows + ty + kThreadsAcross * i];
+        for (int i = 0; i < kPerThread; ++i) hv[i] = h_tile[k * kPaddedRows + ty + kThreadsAcross * i];
 #pragma unroll
-      for (int j = 0; j < kPerThread; ++j) bv[j] = b_tile[k * kPaddedCols + tx + kThreadsAcross * j];
+        for (int j = 0; j < kPerThread; ++j) bv[j] = b_tile[k * kPaddedCols + tx + kThreadsAcross * j];
 #pragma unroll
-      for (int i = 0; i < kPerThread; ++i)
+        for (int i = 0; i < kPerThread; ++i)
 #pragma unroll
-        for (int j = 0; j < kPerThread; ++j) part[i][j] += hv[i] * bv[j];
+          for (int j = 0; j < kPerThread; ++j) part[i][j] += hv[i] * bv[j];
+      }
     }
     // Keep the sums of the columns in this segment (the others used the wrong h and are dropped).
 #pragma unroll

@@ -18,17 +18,20 @@ use rayon::prelude::*;
 
 /// The most segments one call takes (q|k|v needs three).
 pub const MAX_SEGMENTS: usize = 4;
-/// The largest rank the kernel takes (its shared-memory tiles are sized by it).
-pub const MAX_RANK: usize = 64;
+/// Rank steps the kernel's shared-memory tiles hold at once (`kRankChunk` in lora.cu); a larger rank is taken in
+/// chunks of this many.
+pub const RANK_CHUNK: usize = 64;
 
 /// Output tile of one block, threads per block: as `kTileRows`, `kTileCols` and the 16 × 16 threads in lora.cu.
 const TILE_ROWS: usize = 64;
 const TILE_COLS: usize = 64;
 const BLOCK_THREADS: u32 = 256;
 
-/// Dynamic shared memory of a launch: the transposed h and B tiles, each padded by one word per rank step.
+/// Dynamic shared memory of a launch: the transposed h and B tiles of one rank chunk, each padded by one word per
+/// rank step.
 const fn shared_bytes(rank: usize) -> usize {
-    rank * ((TILE_ROWS + 1) + (TILE_COLS + 1)) * std::mem::size_of::<f32>()
+    let chunk = if rank < RANK_CHUNK { rank } else { RANK_CHUNK };
+    chunk * ((TILE_ROWS + 1) + (TILE_COLS + 1)) * std::mem::size_of::<f32>()
 }
 
 kernels! {
@@ -38,8 +41,8 @@ kernels! {
         (base: Ptr, h: Ptr, b: Ptr, out: Ptr, rows: I32, cols: I32, rank: I32, segments: I32, start1: I32,
          start2: I32, start3: I32, scale: F32) max_threads 256, shared 33280;
 }
-// The declared bound is the largest launch's.
-const _: () = assert!(shared_bytes(MAX_RANK) == 33280);
+// The declared bound is the largest launch's: every rank from RANK_CHUNK up.
+const _: () = assert!(shared_bytes(RANK_CHUNK) == 33280 && shared_bytes(4 * RANK_CHUNK) == 33280);
 
 /// Fails unless the segments are 1..=[`MAX_SEGMENTS`] strictly increasing starts beginning at 0, all below `cols`.
 fn check_segments(cols: usize, segment_starts: &[usize]) -> Result<()> {
@@ -73,8 +76,8 @@ pub fn epilogue_launch(
     out: Arg,
 ) -> Result<Launch> {
     check_segments(cols, segment_starts)?;
-    if rank == 0 || rank > MAX_RANK {
-        bail!("lora epilogue: rank {rank} (the kernel takes 1 to {MAX_RANK})");
+    if rank == 0 || rank > i32::MAX as usize / MAX_SEGMENTS {
+        bail!("lora epilogue: rank {rank} is out of range");
     }
     let row_tiles = rows.div_ceil(TILE_ROWS);
     let col_tiles = cols.div_ceil(TILE_COLS);
@@ -250,7 +253,7 @@ pub fn forward_twin<T: Float>(
 
 /// `round(base + scale · h · Bᵀ)` per segment: `base` [.., N] (f32, bf16 or f16), `h` [.., S·r] f32 with as many rows,
 /// `b` [N, r] f32, `segment_starts` S ≤ [`MAX_SEGMENTS`] strictly increasing column starts (the first 0). Returns
-/// base's shape and dtype; differentiable in all three inputs. On the GPU the rank is at most [`MAX_RANK`].
+/// base's shape and dtype; differentiable in all three inputs. Any rank, on both faces.
 pub fn lora_epilogue(
     base: &Tensor,
     h: &Tensor,
@@ -380,9 +383,9 @@ impl CustomOp3 for LoraEpilogue {
             base.dtype(),
             shape.elem_count(),
             |stream, out| {
-                let base_a = crate::cuda::address(base, base_layout, stream)?;
-                let ha = crate::cuda::address(h, h_layout, stream)?;
-                let ba = crate::cuda::address(b, b_layout, stream)?;
+                let base_a = crate::cuda::address("lora epilogue base", base, base_layout, stream)?;
+                let ha = crate::cuda::address("lora epilogue h", h, h_layout, stream)?;
+                let ba = crate::cuda::address("lora epilogue B", b, b_layout, stream)?;
                 let launch = epilogue_launch(
                     base.dtype(),
                     rows,

@@ -6,7 +6,9 @@ use half::{bf16, f16};
 use kto_kernels::emulation::{run, GuardedBuffer, Order};
 use kto_kernels::float::Float;
 use kto_kernels::lora::{epilogue_launch, forward_twin, lora_epilogue, lora_epilogue_backward};
-use kto_kernels::testing::{assert_close, cast, check_gradient, widen, Normal, Tolerance};
+use kto_kernels::testing::{
+    assert_close, cast, check_gradient, widen, Normal, Tolerance, LARGE_RANK, MODEL_SHAPES,
+};
 
 const SCALE: f32 = 2.0;
 
@@ -33,11 +35,27 @@ fn emulated_matches_twin<T: Float>() -> candle_core::Result<()> {
             }
         }
     }
-    cases.push((37, 130, 64, 3)); // the largest rank: the largest shared-memory tiles
-    for (rows, cols, rank, segments) in cases {
-        let Some(starts) = starts(cols, segments) else {
-            continue;
-        };
+    // Ranks around the 64-step chunk of the shared tiles and above it (r = 64…256 is common): one partial chunk, one
+    // full, one full and one step, two and four chunks.
+    for rank in [1, 63, 64, 65, 128, 256] {
+        cases.push((77, 130, rank, 3));
+        cases.push((5, 100, rank, 1));
+    }
+    let mut fused = Vec::new();
+    for m in MODEL_SHAPES {
+        // the real models' q|k|v projection (segments at the q and k widths) and down projection, rank 128
+        let (q, kv) = (m.heads * m.head_dim, m.kv_heads * m.head_dim);
+        fused.push((70, q + 2 * kv, LARGE_RANK, vec![0, q, q + kv]));
+        fused.push((70, m.hidden, LARGE_RANK, vec![0]));
+    }
+    let cases = cases
+        .into_iter()
+        .filter_map(|(rows, cols, rank, segments)| {
+            Some((rows, cols, rank, starts(cols, segments)?))
+        })
+        .chain(fused);
+    for (rows, cols, rank, starts) in cases {
+        let segments = starts.len();
         let base: Vec<T> = cast(&rng.vec(rows * cols, 1.0));
         let h = rng.vec(rows * segments * rank, 1.0);
         let b = rng.vec(cols * rank, 0.5);
