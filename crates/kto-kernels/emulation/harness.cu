@@ -4,7 +4,7 @@
 
 // Σx and Σx² of one row per block, with two block reductions sharing one scratch buffer.
 KTO_GLOBAL void harness_two_sums_f32(const float* x, float* out, int dim) {
-  __shared__ float scratch[32];
+  KTO_SHARED(float, scratch, 32);
   const float* row = x + size_t(blockIdx.x) * dim;
   float s = 0.f, q = 0.f;
   for (int i = threadIdx.x; i < dim; i += blockDim.x) {
@@ -32,7 +32,7 @@ KTO_DEVICE float block_sum_missing_barrier(float v, float* scratch) {
 }
 
 KTO_GLOBAL void harness_two_sums_missing_barrier_f32(const float* x, float* out, int dim) {
-  __shared__ float scratch[32];
+  KTO_SHARED(float, scratch, 32);
   const float* row = x + size_t(blockIdx.x) * dim;
   float s = 0.f, q = 0.f;
   for (int i = threadIdx.x; i < dim; i += blockDim.x) {
@@ -49,7 +49,7 @@ KTO_GLOBAL void harness_two_sums_missing_barrier_f32(const float* x, float* out,
 
 // Bug: `<=` instead of `<` reads one element past each row (the next row's first; past the buffer for the last).
 KTO_GLOBAL void harness_two_sums_off_by_one_f32(const float* x, float* out, int dim) {
-  __shared__ float scratch[32];
+  KTO_SHARED(float, scratch, 32);
   const float* row = x + size_t(blockIdx.x) * dim;
   float s = 0.f, q = 0.f;
   for (int i = threadIdx.x; i <= dim; i += blockDim.x) {
@@ -101,7 +101,17 @@ KTO_GLOBAL void harness_shuffle_after_exit_f32(float* out) {
   }
 }
 
+// Bug: only block 0 writes the static shared value every block reads. On a GPU each block has its own shared
+// memory, so the other blocks read garbage (on the emulation: the 0xff poison, NaN), never block 0's value.
+KTO_GLOBAL void harness_shared_from_another_block_f32(float* out) {
+  KTO_SHARED(float, value, 1);
+  if (blockIdx.x == 0 && threadIdx.x == 0) value[0] = 7.f;
+  __syncthreads();
+  if (threadIdx.x == 0) out[blockIdx.x] = value[0];
+}
+
 KTO_EXPORT(harness_two_sums_f32)
+KTO_EXPORT(harness_shared_from_another_block_f32)
 KTO_EXPORT(harness_two_sums_missing_barrier_f32)
 KTO_EXPORT(harness_two_sums_off_by_one_f32)
 KTO_EXPORT(harness_neighbour_swap_f32)

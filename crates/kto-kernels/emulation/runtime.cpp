@@ -61,6 +61,8 @@ struct Launch {
   dim3 grid, block;
   uint3 block_index{0, 0, 0};
   std::vector<unsigned char> shared;
+  // Static shared arrays of the running block: (declaration site, bytes), made and poisoned at first use.
+  std::vector<std::pair<const void*, std::vector<unsigned char>>> static_shared;
   std::vector<Fiber> fibers;
   Fiber* current = nullptr;
   ucontext_t scheduler;
@@ -188,6 +190,7 @@ bool release_barrier(Launch& l) {
 bool run_block(Launch& l, bool descending) {
   const size_t n = l.fibers.size();
   std::fill(l.shared.begin(), l.shared.end(), 0xff);  // uninitialised shared memory reads as NaN / -1
+  l.static_shared.clear();                             // and so does static shared memory, per block
   for (size_t i = 0; i < n; ++i) {
     Fiber& f = l.fibers[i];
     unsigned linear = unsigned(i);
@@ -236,6 +239,23 @@ const uint3& block_idx() { return launch().block_index; }
 const dim3& block_dim() { return launch().block; }
 const dim3& grid_dim() { return launch().grid; }
 void* dynamic_shared() { return launch().shared.data(); }
+
+void* static_shared(const void* site, size_t bytes) {
+  Launch& l = launch();
+  for (auto& [at, array] : l.static_shared)
+    if (at == site) return array.data();
+  size_t total = l.shared.size() + bytes;
+  for (const auto& entry : l.static_shared) total += entry.second.size();
+  if (total > 48 * 1024) {
+    l.error = "static and dynamic shared memory of " + std::to_string(total) + " bytes: more than the 48 KiB a block "
+              "gets without opting in";
+    l.current->wait = Wait::Trapped;
+    yield_to_scheduler();
+    std::abort();  // never resumed
+  }
+  l.static_shared.emplace_back(site, std::vector<unsigned char>(bytes, 0xff));
+  return l.static_shared.back().second.data();
+}
 unsigned lane() { return launch().current->linear % 32; }
 
 void syncthreads(const char* file, int line) {

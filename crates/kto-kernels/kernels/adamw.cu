@@ -93,7 +93,7 @@ KTO_EXPORT(adamw_f32)
 // partials in block order (f64), so the result does not depend on scheduling.
 KTO_GLOBAL void grad_sumsq_f32(const unsigned long long* table, int tensors, int chunk, float* partials) {
   using namespace adamw_kernels;
-  __shared__ float scratch[32];
+  KTO_SHARED(float, scratch, 32);
   const unsigned long long* row = owner(table, 3, tensors, blockIdx.x);
   const size_t numel = row[0];
   const size_t start = size_t(blockIdx.x - row[1]) * size_t(chunk);

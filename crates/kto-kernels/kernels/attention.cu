@@ -72,7 +72,7 @@ template <typename T>
 KTO_DEVICE void masked_softmax_fwd(const T* __restrict__ scores, const unsigned* __restrict__ key_ranges,
                                    T* __restrict__ probs, int rows, int batch_rows, int queries, int keys,
                                    float scale, int rows_per_block) {
-  __shared__ float scratch[32];
+  KTO_SHARED(float, scratch, 32);
   if (rows_per_block == 1) {
     softmax_row<T, false>(scores, key_ranges, probs, blockIdx.x, threadIdx.x, blockDim.x, batch_rows, queries,
                           keys, scale, scratch);
@@ -87,7 +87,7 @@ KTO_DEVICE void masked_softmax_fwd(const T* __restrict__ scores, const unsigned*
 template <typename T>
 KTO_DEVICE void masked_softmax_bwd(const T* __restrict__ probs, const T* __restrict__ grad,
                                    T* __restrict__ grad_scores, int rows, int keys, float scale, int rows_per_block) {
-  __shared__ float scratch[32];
+  KTO_SHARED(float, scratch, 32);
   if (rows_per_block == 1) {
     softmax_backward_row<T, false>(probs, grad, grad_scores, blockIdx.x, threadIdx.x, blockDim.x, keys, scale,
                                    scratch);

@@ -74,7 +74,10 @@ KTO_DEVICE SoftmaxSums warp_merge(SoftmaxSums v) {
 template <typename T>
 KTO_DEVICE void logprob_fwd(const T* __restrict__ logits, const unsigned* __restrict__ targets,
                             float* __restrict__ stats, int rows, int vocab) {
-  __shared__ float part_m[32], part_s[32], part_t[32], part_sum[32];
+  KTO_SHARED(float, part_m, 32);
+  KTO_SHARED(float, part_s, 32);
+  KTO_SHARED(float, part_t, 32);
+  KTO_SHARED(float, part_sum, 32);
   const int row = blockIdx.x;
   const T* xr = logits + size_t(row) * vocab;
   const int stride = blockDim.x;

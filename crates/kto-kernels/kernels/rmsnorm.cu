@@ -6,7 +6,7 @@
 template <typename T>
 KTO_DEVICE void rmsnorm_fwd(const T* __restrict__ x, const T* __restrict__ weight, T* __restrict__ y, int rows,
                             int dim, float eps) {
-  __shared__ float scratch[32];
+  KTO_SHARED(float, scratch, 32);
   const int row = blockIdx.x;
   const T* xr = x + size_t(row) * dim;
   T* yr = y + size_t(row) * dim;
@@ -24,7 +24,7 @@ KTO_DEVICE void rmsnorm_fwd(const T* __restrict__ x, const T* __restrict__ weigh
 template <typename T>
 KTO_DEVICE void rmsnorm_bwd(const T* __restrict__ x, const T* __restrict__ weight, const T* __restrict__ grad,
                             T* __restrict__ dx, int rows, int dim, float eps) {
-  __shared__ float scratch[32];
+  KTO_SHARED(float, scratch, 32);
   const int row = blockIdx.x;
   const T* xr = x + size_t(row) * dim;
   const T* gr = grad + size_t(row) * dim;

@@ -25,6 +25,9 @@
   extern __shared__ __align__(16) unsigned char kto_dynamic_shared_[]; \
   T* name = reinterpret_cast<T*>(kto_dynamic_shared_)
 #define KTO_EXPORT(name)
+// Static shared memory: `KTO_SHARED(float, scratch, 32);` is `__shared__ float scratch[32];` (a pointer under the
+// emulation, which poisons it at each block start like dynamic shared memory).
+#define KTO_SHARED(T, name, count) __shared__ T name[count]
 
 #else  // CPU emulation
 
@@ -43,8 +46,13 @@
 #define __forceinline__ inline
 #define __restrict__ __restrict
 #define __launch_bounds__(...)
-// Static shared memory: one instance per OS thread, shared by all the fibers (CUDA threads) of the running block.
-#define __shared__ static thread_local
+// Static shared memory is declared with KTO_SHARED: the block's own bytes, poisoned (0xff: NaN / -1) at each block
+// start, so a read before the write that should precede it in the same block, or a value left by the previous
+// block, shows. A plain `__shared__` declaration does not compile here.
+#define __shared__ _Pragma("GCC error \"declare static shared memory with KTO_SHARED(T, name, count)\"")
+#define KTO_SHARED(T, name, count)                  \
+  static const char kto_shared_site_##name = 0;     \
+  T* name = static_cast<T*>(::simt::static_shared(&kto_shared_site_##name, sizeof(T) * size_t(count)))
 
 struct uint3 {
   unsigned int x, y, z;
@@ -60,6 +68,8 @@ const uint3& block_idx();
 const dim3& block_dim();
 const dim3& grid_dim();
 void* dynamic_shared();
+// The running block's static shared array declared at `site` (one per KTO_SHARED declaration and instantiation).
+void* static_shared(const void* site, size_t bytes);
 void syncthreads(const char* file, int line);
 // Deposits `value` for the lanes in `mask`, waits until all of them have, and returns the 32 deposited values.
 const uint64_t* warp_exchange(unsigned mask, uint64_t value, const char* file, int line);

@@ -225,6 +225,9 @@ pub mod harness {
         pub SPLIT_BARRIER = harness_split_barrier [F32 f32] (out: Ptr) max_threads 1024, shared 0;
         /// Bug: lane 0 exits before a shuffle it takes part in.
         pub SHUFFLE_AFTER_EXIT = harness_shuffle_after_exit [F32 f32] (out: Ptr) max_threads 1024, shared 0;
+        /// Bug: only block 0 writes the static shared value every block reads.
+        pub SHARED_FROM_ANOTHER_BLOCK = harness_shared_from_another_block [F32 f32] (out: Ptr)
+            max_threads 1024, shared 0;
         /// Bug in the declaration, not the kernel: `dim` declared a float.
         pub MISDECLARED = harness_two_sums [F32 f32] (x: Ptr, out: Ptr, dim: F32) max_threads 1024, shared 0;
     }

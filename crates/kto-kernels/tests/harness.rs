@@ -56,6 +56,34 @@ fn correct_reductions_pass_in_both_orders() -> Result<()> {
     Ok(())
 }
 
+/// Static shared memory is the block's own: poisoned at each block start, so a value written by another block (or
+/// left by an earlier launch) never shows through, in either order.
+#[test]
+fn static_shared_memory_is_poisoned_at_each_block_start() -> Result<()> {
+    for order in Order::BOTH {
+        for _launch in 0..2 {
+            let out = GuardedBuffer::filled(3, 0f32);
+            let launch = Launch::new(
+                &SHARED_FROM_ANOTHER_BLOCK,
+                DType::F32,
+                [3, 1, 1],
+                [64, 1, 1],
+                0,
+                vec![out.arg()],
+            )?;
+            run(&launch, order)?;
+            let got = out.to_vec();
+            assert_eq!(got[0], 7.0, "{order:?}: block 0 reads its own write");
+            assert!(
+                got[1].is_nan() && got[2].is_nan(),
+                "{order:?}: blocks 1 and 2 read {:?} instead of the poison",
+                &got[1..]
+            );
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn a_missing_barrier_is_caught() {
     let failures = Order::BOTH
