@@ -6,6 +6,44 @@ use candle_core::{bail, DType, Result};
 
 pub mod stock_adamw;
 
+/// The dimensions of a model the kernels serve, for one emulated case of realistic size per kernel.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelShape {
+    pub name: &'static str,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab: usize,
+}
+
+/// TinyLlama-1.1B (the GPU benchmark's shape) and SmolLM2-135M (the CPU recipe's).
+pub const MODEL_SHAPES: [ModelShape; 2] = [
+    ModelShape {
+        name: "TinyLlama-1.1B",
+        hidden: 2048,
+        intermediate: 5632,
+        heads: 32,
+        kv_heads: 4,
+        head_dim: 64,
+        vocab: 32000,
+    },
+    ModelShape {
+        name: "SmolLM2-135M",
+        hidden: 576,
+        intermediate: 1536,
+        heads: 9,
+        kv_heads: 3,
+        head_dim: 64,
+        vocab: 49152,
+    },
+];
+/// Keys of a long sequence (TinyLlama's context length).
+pub const LONG_KEYS: usize = 2048;
+/// A large LoRA rank of common use (two 64-step chunks of the epilogue's tiles).
+pub const LARGE_RANK: usize = 128;
+
 /// A seeded stream of normal numbers (splitmix64 + Box-Muller): the same data on every machine.
 pub struct Normal(u64);
 
@@ -79,12 +117,55 @@ impl Tolerance {
 
 /// Fails with the worst element when `got` and `want` differ by more than `tol`.
 pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: Tolerance) -> Result<()> {
+    compare_close(what, got, want, tol).map(|_| ())
+}
+
+/// The element of a comparison nearest to (or furthest past) its tolerance.
+#[derive(Debug, Clone, Copy)]
+pub struct Worst {
+    pub index: usize,
+    /// |got − want| there (infinite where exactly one of them is NaN).
+    pub error: f32,
+    /// What the tolerance allows there: `abs + rel · |want|`.
+    pub allowed: f32,
+}
+
+impl Worst {
+    /// error / allowed: below 1 passes.
+    pub fn ratio(&self) -> f32 {
+        if self.error == 0.0 {
+            0.0
+        } else {
+            self.error / self.allowed
+        }
+    }
+}
+
+impl std::fmt::Display for Worst {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "worst |Δ| {:.3e} at element {} (allowed {:.3e}: {:.1} % of the tolerance)",
+            self.error,
+            self.index,
+            self.allowed,
+            100.0 * self.ratio()
+        )
+    }
+}
+
+/// [`assert_close`] that also returns the worst element, so a caller can show how near a pass came to failing.
+pub fn compare_close(what: &str, got: &[f32], want: &[f32], tol: Tolerance) -> Result<Worst> {
     if got.len() != want.len() {
         bail!("{what}: {} values, expected {}", got.len(), want.len());
     }
-    let mut worst: Option<(usize, f32)> = None;
+    let mut worst = Worst {
+        index: 0,
+        error: 0.0,
+        allowed: tol.abs,
+    };
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let excess = if g.is_nan() || w.is_nan() {
+        let error = if g.is_nan() || w.is_nan() {
             if g.is_nan() && w.is_nan() {
                 0.0
             } else {
@@ -93,13 +174,19 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: Tolerance) -> Re
         } else if g == w {
             0.0
         } else {
-            (g - w).abs() - (tol.abs + tol.rel * w.abs())
+            (g - w).abs()
         };
-        if excess > 0.0 && worst.is_none_or(|(_, e)| excess > e) {
-            worst = Some((i, excess));
+        let here = Worst {
+            index: i,
+            error,
+            allowed: tol.abs + tol.rel * w.abs(),
+        };
+        if here.ratio() > worst.ratio() {
+            worst = here;
         }
     }
-    if let Some((i, _)) = worst {
+    if worst.error > worst.allowed {
+        let i = worst.index;
         bail!(
             "{what}: element {i} is {} but should be {} (tolerance {:?}; {} elements)",
             got[i],
@@ -108,7 +195,23 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: Tolerance) -> Re
             got.len()
         );
     }
-    Ok(())
+    Ok(worst)
+}
+
+/// The GEMM formulation of attention (what the GPU runs) against the CPU twin: f32 differs by summation order; in
+/// bf16/f16 the probabilities are rounded to the dtype before P·V, so outputs and gradients move by a few of its
+/// steps. One value for the CPU test of the formulation and the GPU comparison.
+pub fn gemm_attention_tolerance(dtype: DType) -> Tolerance {
+    match dtype {
+        DType::F32 => Tolerance {
+            rel: 1e-4,
+            abs: 1e-5,
+        },
+        _ => Tolerance {
+            rel: 0.02,
+            abs: 0.02,
+        },
+    }
 }
 
 /// Checks an analytic gradient against central differences of `loss` (evaluated in f32, summed in f64) at up to

@@ -10,7 +10,7 @@ use kto_kernels::adamw::{
 };
 use kto_kernels::emulation::{run, GuardedBuffer, Order};
 use kto_kernels::testing::stock_adamw::{stock_clip_grad_norm, StockAdamW};
-use kto_kernels::testing::{Normal, Tolerance};
+use kto_kernels::testing::{Normal, Tolerance, LARGE_RANK, MODEL_SHAPES};
 use std::collections::HashMap;
 
 type Error = Box<dyn std::error::Error>;
@@ -180,6 +180,21 @@ fn emulated_adamw_matches_the_twin_bit_for_bit() -> R {
     Ok(())
 }
 
+/// The LoRA factors of one TinyLlama-1.1B layer at rank 128 (A of q_proj, B of up_proj, A of down_proj).
+fn real_lora_sizes() -> Vec<usize> {
+    let m = MODEL_SHAPES[0];
+    vec![
+        LARGE_RANK * m.hidden,
+        m.intermediate * LARGE_RANK,
+        LARGE_RANK * m.intermediate,
+    ]
+}
+
+#[test]
+fn emulated_adamw_matches_the_twin_at_a_real_lora_size() -> R {
+    kernel_matches_twin(&real_lora_sizes(), 0.01, 0.37, 0.9, 2)
+}
+
 #[test]
 fn emulated_adamw_takes_torch_lerp_from_the_end_for_small_beta1() -> R {
     // β1 = 0.3: the lerp weight 0.7 ≥ 0.5, torch's other formula.
@@ -270,6 +285,7 @@ fn emulated_grad_norm_matches_the_twin_and_f64() -> R {
     let mut cases: Vec<Vec<usize>> = SIZES.iter().map(|&n| vec![n]).collect();
     cases.push(MIXED.to_vec());
     cases.push(vec![0, 33, 0]);
+    cases.push(real_lora_sizes());
     let mut worst = 0f64;
     for sizes in cases {
         let grads: Vec<Vec<f32>> = sizes.iter().map(|&n| rng.vec(n, 0.1)).collect();

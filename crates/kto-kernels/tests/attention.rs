@@ -10,7 +10,10 @@ use kto_kernels::attention::{
 };
 use kto_kernels::emulation::{run, GuardedBuffer, Order};
 use kto_kernels::float::Float;
-use kto_kernels::testing::{assert_close, cast, check_gradient, widen, Normal, Tolerance};
+use kto_kernels::testing::{
+    assert_close, cast, check_gradient, gemm_attention_tolerance, widen, Normal, Tolerance,
+    LONG_KEYS, MODEL_SHAPES,
+};
 
 type Ranges = Vec<[u32; 2]>;
 
@@ -135,6 +138,18 @@ fn cases() -> candle_core::Result<Vec<Case>> {
         keys: 4099,
         ranges: AttentionMask::causal_ranges(&[4099], 1, 4098, None)?,
     });
+    // The real models' heads over LONG_KEYS keys: the last 4 queries of a full-length causal sequence.
+    for m in MODEL_SHAPES {
+        cases.push(Case {
+            name: format!("{} heads, 4 queries over {LONG_KEYS} keys", m.name),
+            rows: 1,
+            groups: m.kv_heads,
+            n_rep: m.heads / m.kv_heads,
+            queries: 4,
+            keys: LONG_KEYS,
+            ranges: AttentionMask::causal_ranges(&[LONG_KEYS], 4, LONG_KEYS - 4, None)?,
+        });
+    }
     // Decoding with a cache: 1 query over 20 keys.
     cases.push(Case {
         name: "one query over a cache of 20".into(),
@@ -610,7 +625,7 @@ fn gemm_formulation_matches_the_cpu_twin() -> candle_core::Result<()> {
         ),
     ];
     let mut rng = Normal::new(23);
-    for dtype in [DType::F32, DType::BF16] {
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
         for (mask, keys) in &masks {
             let (rows, heads, kv_heads, d, queries) = (2, 6, 2, 40, mask.queries());
             let make = |n: usize, rng: &mut Normal| rng.vec(n, 1.0);
@@ -651,16 +666,7 @@ fn gemm_formulation_matches_the_cpu_twin() -> candle_core::Result<()> {
             };
             let twin = run(&|q, k, v| attention(q, k, v, mask, 0.2))?;
             let gemms = run(&|q, k, v| attention_by_gemms(q, k, v, mask, 0.2))?;
-            let tol = match dtype {
-                DType::F32 => Tolerance {
-                    rel: 1e-4,
-                    abs: 1e-5,
-                },
-                _ => Tolerance {
-                    rel: 0.02,
-                    abs: 0.02,
-                },
-            };
+            let tol = gemm_attention_tolerance(dtype);
             for (i, (a, b)) in twin.iter().zip(&gemms).enumerate() {
                 assert_close(
                     &format!("{dtype:?} output {i} (value, dq, dk, dv)"),

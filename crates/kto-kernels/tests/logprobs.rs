@@ -14,7 +14,9 @@ use kto_kernels::logprobs::{
     backward_launch, backward_twin, forward_launch, forward_twin, logprob_backward, logprob_stats,
     token_logprobs, ENTROPY, LOGP, LSE, MEAN_LOGIT, STATS,
 };
-use kto_kernels::testing::{assert_close, cast, check_gradient, widen, Normal, Tolerance};
+use kto_kernels::testing::{
+    assert_close, cast, check_gradient, widen, Normal, Tolerance, MODEL_SHAPES,
+};
 
 /// Vocabularies of one logit, under a warp, and not multiples of the block sizes (forward 128..512 threads, four
 /// logits in flight each; backward 32..256 threads × 4).
@@ -98,7 +100,8 @@ fn assert_stats_close(what: &str, got: &[f32], want: &[f32]) -> candle_core::Res
 
 fn emulated_matches_twin<T: Float>() -> candle_core::Result<()> {
     let mut rng = Normal::new(17);
-    for vocab in VOCABS {
+    // and the vocabularies of the real models, over a few tokens
+    for vocab in VOCABS.into_iter().chain(MODEL_SHAPES.map(|m| m.vocab)) {
         for rows in [1, 3] {
             for kind in KINDS {
                 let t = targets(rows, vocab, &mut rng);

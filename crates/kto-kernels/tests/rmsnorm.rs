@@ -8,7 +8,9 @@ use kto_kernels::float::Float;
 use kto_kernels::rmsnorm::{
     backward_launch, backward_twin, forward_launch, forward_twin, rms_norm,
 };
-use kto_kernels::testing::{assert_close, cast, check_gradient, widen, Normal, Tolerance};
+use kto_kernels::testing::{
+    assert_close, cast, check_gradient, widen, Normal, Tolerance, MODEL_SHAPES,
+};
 
 const EPS: f32 = 1e-5;
 /// Awkward row lengths: one element, below a warp, not multiples of 32 or 128, several elements per thread.
@@ -16,7 +18,8 @@ const DIMS: [usize; 7] = [1, 7, 32, 33, 100, 576, 1500];
 
 fn emulated_matches_twin<T: Float>() -> candle_core::Result<()> {
     let mut rng = Normal::new(7);
-    for dim in DIMS {
+    // and the hidden sizes of the real models
+    for dim in DIMS.into_iter().chain(MODEL_SHAPES.map(|m| m.hidden)) {
         for rows in [1, 3] {
             let x: Vec<T> = cast(&rng.vec(rows * dim, 2.0));
             let w: Vec<T> = cast(&rng.vec(dim, 1.0));

@@ -9,7 +9,7 @@ use kto_kernels::kernel::Arg;
 use kto_kernels::rope::{
     backward_launch, backward_twin, forward_launch, forward_twin, rope, RopeDims, Strides,
 };
-use kto_kernels::testing::{assert_close, check_gradient, widen, Normal, Tolerance};
+use kto_kernels::testing::{assert_close, check_gradient, widen, Normal, Tolerance, MODEL_SHAPES};
 
 /// Kernel, twin and stock formula do the same f32 operations in the same order (no sums to reorder, products kept
 /// out of FMAs) and take cos/sin from the same libm, so on the CPU they agree bit for bit in every dtype; anything
@@ -207,6 +207,16 @@ fn emulated_case<T: Float>(
 fn emulated_matches_twin<T: Float>() -> candle_core::Result<()> {
     let mut rng = Normal::new(17);
     for (case, dims) in awkward_shapes().enumerate() {
+        emulated_case::<T>(case, dims, &mut rng)?;
+    }
+    // The real models' query heads, narrowed from their fused q|k|v projection, over 96 tokens.
+    for (case, m) in MODEL_SHAPES.iter().enumerate() {
+        let dims = RopeDims {
+            rows: 2,
+            tokens: 96,
+            heads: m.heads,
+            head_dim: m.head_dim,
+        };
         emulated_case::<T>(case, dims, &mut rng)?;
     }
     Ok(())

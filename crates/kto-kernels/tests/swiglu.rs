@@ -9,7 +9,9 @@ use kto_kernels::swiglu::{
     backward_launch, backward_twin, forward_launch, forward_twin, swiglu, swiglu_backward,
     MAX_ROW_BLOCKS,
 };
-use kto_kernels::testing::{assert_close, cast, check_gradient, widen, Normal, Tolerance};
+use kto_kernels::testing::{
+    assert_close, cast, check_gradient, widen, Normal, Tolerance, MODEL_SHAPES,
+};
 
 /// Awkward widths of the output row: one element, below a warp, not multiples of 32 or 128, several blocks per row.
 const INNER: [usize; 5] = [1, 7, 33, 100, 1536];
@@ -47,7 +49,11 @@ const EXACT: Tolerance = Tolerance { rel: 0.0, abs: 0.0 };
 fn emulated_matches_twin<T: Float>() -> candle_core::Result<()> {
     let mut rng = Normal::new(7);
     let tol = EXACT;
-    for inner in INNER {
+    // and the intermediate sizes of the real models
+    for inner in INNER
+        .into_iter()
+        .chain(MODEL_SHAPES.map(|m| m.intermediate))
+    {
         for rows in ROWS {
             let x: Vec<T> = cast(&gate_up(&mut rng, rows, inner));
             let g: Vec<T> = cast(&rng.vec(rows * inner, 1.0));
