@@ -518,7 +518,7 @@ const CHANGEABLE_ON_RESUME: &[&str] = &[
 ];
 
 /// The resume guard: `config` (resolved, `"auto"` weights included) continues the run saved in `checkpoint_dir`
-/// only when nothing but [`CHANGEABLE_ON_RESUME`] changed.
+/// only when nothing but the settings in `CHANGEABLE_ON_RESUME` changed.
 pub fn check_resumable(config: &Config, checkpoint_dir: &Path) -> Result<()> {
     let path = checkpoint_dir.join(checkpoint::CONFIG);
     let text =
