@@ -6,15 +6,13 @@ use std::sync::Once;
 
 use anyhow::{anyhow, bail, Context, Result};
 use kto_data::atomic::write_file as write_atomic;
-use kto_trainer::train::METRICS_FILE;
+use kto_trainer::metrics::read_numbered_rows;
+use kto_trainer::run_dir::{RunDir, METRICS_FILE};
 use plotters::coord::types::{RangedCoordf64, RangedCoordi64};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
-use serde_json::{Map, Value};
-
-/// Default file stem of the curves inside the run folder.
-pub const CURVES_STEM: &str = "curves";
+use serde_json::Value;
 
 const WIDTH: u32 = 1800;
 const HEIGHT: u32 = 1080;
@@ -44,11 +42,11 @@ pub struct PlotOutputs {
 
 /// Draws the learning curves of `run_dir/metrics.jsonl` into `out` (see [`output_paths`]), each file written
 /// atomically. Used by `kto plot` and at the end of `kto train`.
-pub fn plot_run(run_dir: &Path, out: Option<&Path>) -> Result<PlotOutputs> {
-    let metrics_path = locate_metrics(run_dir)?;
-    let metrics = read_metrics(&metrics_path)?;
+pub fn plot_run(run_dir: &RunDir, out: Option<&Path>) -> Result<PlotOutputs> {
+    locate_metrics(run_dir)?;
+    let metrics = read_metrics(&run_dir.metrics_file())?;
     let outputs = output_paths(run_dir, out);
-    let title = format!("KTO learning curves: {}", run_name(run_dir));
+    let title = format!("KTO learning curves: {}", run_name(run_dir.path()));
 
     let mut svg = String::new();
     {
@@ -78,9 +76,9 @@ pub fn plot_run(run_dir: &Path, out: Option<&Path>) -> Result<PlotOutputs> {
 
 /// Where the curves go: `RUN_DIR/curves.{svg,png}` by default. `--out FILE` names them: `FILE` itself when it ends
 /// in `.svg` or `.png` (the other format takes the same stem), otherwise `FILE.svg` and `FILE.png`.
-pub fn output_paths(run_dir: &Path, out: Option<&Path>) -> PlotOutputs {
+pub fn output_paths(run_dir: &RunDir, out: Option<&Path>) -> PlotOutputs {
     let stem = match out {
-        None => run_dir.join(CURVES_STEM),
+        None => run_dir.curves_stem(),
         Some(file) => {
             let known_extension = file
                 .extension()
@@ -105,7 +103,8 @@ pub fn output_paths(run_dir: &Path, out: Option<&Path>) -> PlotOutputs {
     }
 }
 
-fn locate_metrics(run_dir: &Path) -> Result<PathBuf> {
+fn locate_metrics(run: &RunDir) -> Result<()> {
+    let run_dir = run.path();
     if !run_dir.exists() {
         bail!(
             "run directory {} does not exist: `kto plot RUN_DIR` reads RUN_DIR/{METRICS_FILE}, which `kto train` \
@@ -119,7 +118,7 @@ fn locate_metrics(run_dir: &Path) -> Result<PathBuf> {
             run_dir.display()
         );
     }
-    let path = run_dir.join(METRICS_FILE);
+    let path = run.metrics_file();
     if !path.is_file() {
         bail!(
             "{} not found: `kto train` writes {METRICS_FILE} into its output_dir at every logging step; is {} a \
@@ -128,7 +127,7 @@ fn locate_metrics(run_dir: &Path) -> Result<PathBuf> {
             run_dir.display()
         );
     }
-    Ok(path)
+    Ok(())
 }
 
 fn run_name(run_dir: &Path) -> String {
@@ -161,21 +160,14 @@ impl Metrics {
 /// Reads the metrics the panels draw. Values may be missing or `null` (NaN when written); anything else that is
 /// not a number is an error naming the line and key.
 fn read_metrics(path: &Path) -> Result<Metrics> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let plotted: Vec<&str> = PANELS
         .iter()
         .flat_map(|p| p.curves.iter().map(|c| c.key))
         .collect();
     let mut by_key: BTreeMap<String, BTreeMap<i64, f64>> = BTreeMap::new();
     let mut metrics = Metrics::default();
-    for (index, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let at = format!("{}:{}", path.display(), index + 1);
-        let row: Map<String, Value> = serde_json::from_str(line)
-            .with_context(|| format!("{at}: not a JSON object (one metrics row per line)"))?;
+    for (line, row) in read_numbered_rows(path)? {
+        let at = format!("{}:{}", path.display(), line);
         let step = match row.get("step") {
             Some(v) => v
                 .as_u64()
@@ -787,10 +779,11 @@ mod tests {
 
     #[test]
     fn out_names_the_stem_or_the_file() {
-        let run = Path::new("runs/a");
+        let run = &RunDir::new(Path::new("configs/../runs/a"));
         assert_eq!(
             output_paths(run, None).svg,
-            PathBuf::from("runs/a/curves.svg")
+            PathBuf::from("runs/a/curves.svg"),
+            "plain"
         );
         let named = output_paths(run, Some(Path::new("x/plot.png")));
         assert_eq!(

@@ -535,6 +535,23 @@ fn output_dir_holds_another_run() {
     );
 }
 
+/// A finished run (its adapter written) has nothing to resume: the refusal offers the other two ways only.
+#[test]
+fn output_dir_holds_a_finished_run() {
+    let s = Setup::new();
+    s.trained();
+    let fragments = [
+        "out holds a finished run (adapter, checkpoint-",
+        "there is nothing to resume",
+        "--overwrite",
+        "choose another [train] output_dir",
+    ];
+    s.refused(&[], &fragments);
+    let stderr =
+        String::from_utf8_lossy(&s.kto(&["train", "--config", "kto.toml"]).stderr).into_owned();
+    assert!(!stderr.contains("--resume"), "{stderr}");
+}
+
 #[test]
 fn resume_with_changed_config_names_key() {
     let s = Setup::new();

@@ -1,5 +1,7 @@
 //! The embedded default (`configs/tiny.toml`) meets its bar: the full schedule through the built binary ends with a
 //! held-out reward accuracy of at least 0.8 (chance 0.5). About a minute in the dev profile on one thread.
+//! Run a second time it replaces its earlier demo run (`overwrite_output_dir = true`), and its summary names plain
+//! paths.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -9,17 +11,35 @@ fn embedded_default_reaches_reward_accuracy_0_8() {
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let out = tempfile::tempdir().unwrap();
     let run_dir = out.path().join("tiny");
-    let status = Command::new(env!("CARGO_BIN_EXE_kto"))
+    // The earlier demo run, finished, is replaced rather than refused.
+    std::fs::create_dir_all(run_dir.join("adapter")).unwrap();
+    std::fs::write(run_dir.join("metrics.jsonl"), "{\"step\": 9999}\n").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_kto"))
         .args(["train", "--quiet", "--config"])
         .arg(repo.join("configs/tiny.toml"))
         .arg("--set")
-        .arg(format!("train.output_dir={}", run_dir.display()))
+        // The summary shows it plain, as out/tiny.
+        .arg(format!(
+            "train.output_dir={}",
+            out.path().join("elsewhere/../tiny").display()
+        ))
         // Small matrices: one thread is as fast as two when quiet and avoids the barrier spin-wait when busy.
         .env("RAYON_NUM_THREADS", "1")
         .env("KTO_CACHE_DIR", out.path().join("cache"))
-        .status()
+        .output()
         .unwrap();
-    assert!(status.success(), "kto train failed: {status}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "kto train failed: {stderr}");
+    assert!(
+        stderr.contains("--overwrite: removed the earlier run's adapter, metrics.jsonl"),
+        "{stderr}"
+    );
+    let summary = String::from_utf8_lossy(&output.stdout);
+    let curves = run_dir.join("curves.png");
+    assert!(
+        summary.contains(&curves.display().to_string()) && !summary.contains(".."),
+        "{summary}"
+    );
     let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
     let rows: Vec<serde_json::Value> = metrics
         .lines()

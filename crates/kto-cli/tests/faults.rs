@@ -104,8 +104,8 @@ fn killed_and_resumed_run_equals_an_uninterrupted_one() {
             // Anywhere in the first 60% of a full run (later moments would often let it finish).
             Moment::After(full_run.mul_f64(rng.random_range(0.0..0.6)))
         };
-        let had_checkpoint = kto_trainer::checkpoint::latest_complete(&out)
-            .unwrap()
+        let had_checkpoint = kto_trainer::run_dir::RunDir::new(&out)
+            .latest_complete()
             .is_some();
         let resume = launches > 0;
         let mut child = train_command(dir.path(), resume, fault_delay)

@@ -277,7 +277,7 @@ fn failed_write_leaves_no_temporary_and_a_resumable_folder() {
 fn readers_work_while_the_folder_is_locked() {
     let dir = uninterrupted_run();
     let out_dir = dir.path().join("out");
-    let lock = kto_trainer::output_dir::RunLock::acquire(&out_dir).unwrap();
+    let lock = kto_trainer::run_dir::RunLock::acquire(&out_dir).unwrap();
     let eval_file = format!("data.eval_file={}", fixture().join("data.jsonl").display());
     let commands: [&[&str]; 4] = [
         &[

@@ -1,10 +1,12 @@
-//! Checkpoint folders: written whole to a temporary folder, sealed with a manifest of sizes and SHA-256
-//! checksums, fsynced, then renamed to `checkpoint-N` ([`kto_data::atomic::write_dir`]). A folder without a valid manifest is incomplete and never resumed
-//! from; pruning never deletes the only complete checkpoint.
+//! One checkpoint folder: what is in it (adapter, trainable tensors, optimizer, trainer state, config) and its
+//! seal. Written whole to a temporary folder, sealed with a manifest of sizes and SHA-256 checksums, fsynced, then
+//! renamed into place ([`kto_data::atomic::write_dir`]). A folder without a valid manifest is incomplete and never
+//! resumed from. Which folders a run has, and choosing, pruning and naming them, is the run folder's (`run_dir.rs`).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
+use candle_core::{Device, Tensor, Var};
 use kto_data::atomic;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -17,6 +19,8 @@ pub const TRAINER_STATE: &str = "trainer_state.json";
 pub const OPTIMIZER: &str = "optimizer.safetensors";
 pub const CONFIG: &str = "config.toml";
 pub const ADAPTER_DIR: &str = "adapter";
+/// The trainable tensors bit for bit (the PEFT adapter may be written in another dtype).
+pub const TRAINABLE: &str = "trainable.safetensors";
 
 /// Everything besides the adapter and optimizer needed to continue a run exactly.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -54,25 +58,18 @@ pub struct Manifest {
     pub files: Vec<ManifestEntry>,
 }
 
-pub fn checkpoint_dir(output_dir: &Path, step: usize) -> PathBuf {
-    output_dir.join(format!("checkpoint-{step}"))
-}
-
-/// Writes `bytes` to `path` atomically and durably (see [`kto_data::atomic`]).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    atomic::write_file(path, bytes)
-}
-
-/// Creates `output_dir/checkpoint-<step>`: `fill` writes the files into a temporary folder, which is then sealed
-/// with a manifest and renamed into place (replacing an existing folder of the same step).
+/// Creates the checkpoint `final_dir` of `step`: `fill` writes the files into a temporary folder, which is then
+/// sealed with a manifest and renamed into place (replacing an existing folder of the same step).
 pub fn write_checkpoint(
-    output_dir: &Path,
+    final_dir: &Path,
     step: usize,
     fill: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<PathBuf> {
-    std::fs::create_dir_all(output_dir)
-        .with_context(|| format!("creating {}", output_dir.display()))?;
-    let final_dir = checkpoint_dir(output_dir, step);
+    if let Some(parent) = final_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let final_dir = final_dir.to_path_buf();
     atomic::write_dir(&final_dir, |tmp_dir| {
         fill(tmp_dir).with_context(|| format!("writing checkpoint {}", final_dir.display()))?;
         fault_pause();
@@ -80,7 +77,7 @@ pub fn write_checkpoint(
             step,
             files: list_files(tmp_dir)?,
         };
-        write_atomic(
+        atomic::write_file(
             &tmp_dir.join(MANIFEST),
             serde_json::to_string_pretty(&manifest)?.as_bytes(),
         )
@@ -100,25 +97,6 @@ pub fn fault_pause() {
     {
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }
-}
-
-/// Removes the temporary files and folders (`.NAME.tmp-PID`, `.checkpoint-N.tmp-PID`) that a killed run left in
-/// `output_dir`; they are never read, only in the way. Returns what was removed.
-pub fn remove_stale_temporaries(output_dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut removed = Vec::new();
-    for (name, path) in named_entries(output_dir)? {
-        if !atomic::is_temporary_name(&name) {
-            continue;
-        }
-        if path.is_dir() {
-            std::fs::remove_dir_all(&path)
-        } else {
-            std::fs::remove_file(&path)
-        }
-        .with_context(|| format!("removing the leftover {}", path.display()))?;
-        removed.push(path);
-    }
-    Ok(removed)
 }
 
 /// Every file under `dir` (recursively, manifest excluded) with size and checksum, sorted by path.
@@ -207,91 +185,9 @@ pub fn check_complete(dir: &Path, verify_checksums: bool) -> Result<Manifest> {
     Ok(manifest)
 }
 
-/// The entries of `dir` with their names (lossy text), as the file system lists them; none when `dir` cannot be read
-/// (no output folder yet).
-fn named_entries(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Ok(Vec::new());
-    };
-    entries
-        .map(|entry| {
-            let path = entry?.path();
-            let name = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            Ok((name, path))
-        })
-        .collect()
-}
-
-/// The `checkpoint-N` folders under `output_dir`, newest (largest N) first.
-fn checkpoints_newest_first(output_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
-    let mut found = Vec::new();
-    for (name, path) in named_entries(output_dir)? {
-        if let Some(step) = name
-            .strip_prefix("checkpoint-")
-            .and_then(|n| n.parse::<usize>().ok())
-        {
-            if path.is_dir() {
-                found.push((step, path));
-            }
-        }
-    }
-    found.sort_by_key(|(step, _)| std::cmp::Reverse(*step));
-    Ok(found)
-}
-
-/// The newest checkpoint whose manifest checks out (sizes only; checksums are verified when resuming).
-pub fn latest_complete(output_dir: &Path) -> Result<Option<PathBuf>> {
-    for (_, dir) in checkpoints_newest_first(output_dir)? {
-        if check_complete(&dir, false).is_ok() {
-            return Ok(Some(dir));
-        }
-    }
-    Ok(None)
-}
-
-/// The newest checkpoint that passes the full check (sizes and SHA-256), for resuming. Each newer checkpoint that
-/// fails is reported with its reason and skipped in favour of the previous one.
-pub fn latest_verified(output_dir: &Path) -> Result<Option<PathBuf>> {
-    for (_, dir) in checkpoints_newest_first(output_dir)? {
-        match check_complete(&dir, true) {
-            Ok(_) => return Ok(Some(dir)),
-            Err(err) => tracing::warn!("skipping {}: {err:#}", dir.display()),
-        }
-    }
-    Ok(None)
-}
-
-/// Keeps the `limit` newest complete checkpoints (`0` keeps all) and removes older ones, complete or not. The newest
-/// complete checkpoint is never removed, and nothing newer than it is touched (a run may be writing it).
-pub fn prune(output_dir: &Path, limit: usize) -> Result<Vec<PathBuf>> {
-    let mut removed = Vec::new();
-    if limit == 0 {
-        return Ok(removed);
-    }
-    let mut complete_seen = 0;
-    for (_, dir) in checkpoints_newest_first(output_dir)? {
-        let complete = check_complete(&dir, false).is_ok();
-        if complete {
-            complete_seen += 1;
-            if complete_seen <= limit {
-                continue;
-            }
-        } else if complete_seen == 0 {
-            continue;
-        }
-        std::fs::remove_dir_all(&dir)
-            .with_context(|| format!("removing old checkpoint {}", dir.display()))?;
-        removed.push(dir);
-    }
-    Ok(removed)
-}
-
 impl TrainerState {
     pub fn save(&self, dir: &Path) -> Result<()> {
-        write_atomic(
+        atomic::write_file(
             &dir.join(TRAINER_STATE),
             serde_json::to_string_pretty(self)?.as_bytes(),
         )
@@ -315,12 +211,41 @@ impl TrainerState {
     }
 }
 
+/// The trainable tensors bit for bit (the PEFT adapter may be written in another dtype).
+pub fn save_trainable(params: &[(String, Var)], path: &Path) -> Result<()> {
+    let tensors: Vec<(String, Tensor)> = params
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    kto_model::files::write_safetensors(path, &tensors, None)
+}
+
+pub fn load_trainable(params: &[(String, Var)], path: &Path) -> Result<()> {
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("reading {}", path.display()))?;
+    for (name, var) in params {
+        let t = tensors
+            .get(name)
+            .with_context(|| format!("{}: no tensor {name}", path.display()))?;
+        if t.dims() != var.dims() {
+            bail!(
+                "{}: {name} has shape {:?}, the model's {:?}",
+                path.display(),
+                t.dims(),
+                var.dims()
+            );
+        }
+        var.set(&t.to_device(var.device())?.to_dtype(var.dtype())?)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn write(dir: &Path, step: usize) -> Result<PathBuf> {
-        write_checkpoint(dir, step, |tmp| {
+        write_checkpoint(&dir.join(format!("checkpoint-{step}")), step, |tmp| {
             std::fs::write(tmp.join("a.bin"), vec![step as u8; 10])?;
             std::fs::create_dir_all(tmp.join(ADAPTER_DIR))?;
             std::fs::write(tmp.join(ADAPTER_DIR).join("b.json"), b"{}")?;
@@ -348,43 +273,10 @@ mod tests {
         );
         std::fs::write(dir.join("a.bin"), vec![9u8; 3])?;
         assert!(check_complete(&dir, false).is_err());
-        Ok(())
-    }
-
-    #[test]
-    fn latest_complete_skips_incomplete_and_failed_writes() -> Result<()> {
-        let out = tempfile::tempdir()?;
-        assert!(latest_complete(out.path())?.is_none());
-        write(out.path(), 2)?;
-        write(out.path(), 10)?;
-        // a crashed save: folder without manifest
-        std::fs::create_dir_all(out.path().join("checkpoint-12"))?;
-        // a failed fill leaves no checkpoint-14
-        assert!(write_checkpoint(out.path(), 14, |_| bail!("disk full")).is_err());
-        assert!(!out.path().join("checkpoint-14").exists());
-        assert_eq!(
-            latest_complete(out.path())?,
-            Some(out.path().join("checkpoint-10"))
-        );
-        Ok(())
-    }
-
-    #[test]
-    fn prune_keeps_newest_complete() -> Result<()> {
-        let out = tempfile::tempdir()?;
-        for step in [1, 2, 3] {
-            write(out.path(), step)?;
-        }
-        std::fs::create_dir_all(out.path().join("checkpoint-4"))?; // incomplete, newer: untouched
-        let removed = prune(out.path(), 1)?;
-        assert_eq!(removed.len(), 2);
-        assert!(
-            out.path().join("checkpoint-3").exists() && out.path().join("checkpoint-4").exists()
-        );
-        // Only one complete checkpoint: nothing more to delete even if it is damaged later.
-        std::fs::remove_file(out.path().join("checkpoint-3").join("a.bin"))?;
-        assert!(prune(out.path(), 1)?.is_empty());
-        assert!(prune(out.path(), 0)?.is_empty());
+        // A failed fill leaves no folder.
+        let failed = out.path().join("checkpoint-14");
+        assert!(write_checkpoint(&failed, 14, |_| bail!("disk full")).is_err());
+        assert!(!failed.exists());
         Ok(())
     }
 

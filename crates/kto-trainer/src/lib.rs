@@ -3,12 +3,14 @@
 //! - [`config`]: the TOML config (TRL's key names and defaults), `--set` overrides, validation, `--print-config`.
 //! - [`run`]: config → model, adapters, tokenized data, resolved `"auto"` weights, cached reference log-probs →
 //!   [`train::train`] (`kto train`), or → [`evaluate::evaluate_batches`] (`kto eval`).
+//! - [`run_dir`]: the one owner of `output_dir`: its file names, the lock, how a run starts there (refuse,
+//!   `--overwrite`, the checkpoint `--resume` continues from), the `checkpoint-N` folders, metrics.jsonl.
 //! - [`train`]: the loop, one function that reads top to bottom, over any [`forward::PolicyModel`]
 //!   ([`llama_policy::LoraPolicy`] for `kto-model`'s LoRA Llama).
 //! - The pieces: [`loss`] (KTO / APO-zero-unpaired and TRL's batch metrics), [`optimizer`] (torch's AdamW and
 //!   `clip_grad_norm_`), [`schedule`] (transformers' schedules), [`plan`] (steps, epochs, accumulation groups),
-//!   [`metrics`] (metrics.jsonl rows averaged as TRL/transformers do), [`checkpoint`] (atomic, checksummed
-//!   folders, pruning, trainer state), [`reference_cache`] (precomputed reference log-probs on disk),
+//!   [`metrics`] (metrics.jsonl rows averaged as TRL/transformers do), [`checkpoint`] (one atomic, checksummed
+//!   checkpoint folder and its trainer state), [`reference_cache`] (precomputed reference log-probs on disk),
 //!   [`evaluate`] (held-out loss, rewards, reward accuracy, AUROC, pair accuracy), [`forward`] (what the loop asks
 //!   of a model and how one micro-batch is scored), [`progress`] (steps, precompute and evaluation reported to an
 //!   observer the program installs).
@@ -20,11 +22,18 @@ pub mod llama_policy;
 pub mod loss;
 pub mod metrics;
 pub mod optimizer;
-pub mod output_dir;
 pub mod plan;
 pub mod progress;
 pub mod reference_cache;
 pub mod run;
+pub mod run_dir;
 pub mod schedule;
 pub mod stop;
 pub mod train;
+
+/// The former name of [`run_dir`]'s lock, kept until `tests/trl_parity.rs` (changed elsewhere at the same time)
+/// names [`run_dir::RunLock`]; nothing else uses it.
+#[doc(hidden)]
+pub mod output_dir {
+    pub use crate::run_dir::RunLock;
+}

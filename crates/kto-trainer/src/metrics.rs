@@ -193,21 +193,36 @@ pub fn write_rows(path: &Path, rows: &[Map<String, Value>]) -> Result<()> {
         text.push_str(&serde_json::to_string(row)?);
         text.push('\n');
     }
-    crate::checkpoint::write_atomic(path, text.as_bytes())
+    kto_data::atomic::write_file(path, text.as_bytes())
 }
 
-/// Reads every row of a `metrics.jsonl`; errors name the line.
-pub fn read_rows(path: &Path) -> Result<Vec<Map<String, Value>>> {
+/// Reads every row of a `metrics.jsonl` with its line number (from 1; blank lines skipped): the one reader of the
+/// file, for the trainer, `kto train`'s summary and `kto plot`. Errors name the line.
+pub fn read_numbered_rows(path: &Path) -> Result<Vec<(usize, Map<String, Value>)>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| {
-            serde_json::from_str(l)
-                .with_context(|| format!("{}:{}: not a JSON object", path.display(), i + 1))
+            let row = serde_json::from_str(l).with_context(|| {
+                format!(
+                    "{}:{}: not a JSON object (one metrics row per line)",
+                    path.display(),
+                    i + 1
+                )
+            })?;
+            Ok((i + 1, row))
         })
         .collect()
+}
+
+/// Every row of a `metrics.jsonl` ([`read_numbered_rows`] without the line numbers).
+pub fn read_rows(path: &Path) -> Result<Vec<Map<String, Value>>> {
+    Ok(read_numbered_rows(path)?
+        .into_iter()
+        .map(|(_, row)| row)
+        .collect())
 }
 
 #[cfg(test)]
@@ -293,9 +308,11 @@ mod tests {
         let mut row = Map::new();
         row.insert("step".into(), Value::from(1));
         row.insert("loss".into(), json_f64(f64::NAN));
+        std::fs::write(&path, "\n")?;
         append_row(&path, &row)?;
         append_row(&path, &row)?;
-        assert_eq!(read_rows(&path)?.len(), 2);
+        let lines: Vec<usize> = read_numbered_rows(&path)?.iter().map(|r| r.0).collect();
+        assert_eq!(lines, vec![2, 3]);
         write_rows(&path, &[row.clone()])?;
         let rows = read_rows(&path)?;
         assert_eq!(rows, vec![row]);

@@ -16,15 +16,12 @@ use crate::config::{Config, Weight};
 use crate::evaluate::evaluate_batches;
 use crate::forward::{precompute_reference, Reference};
 use crate::llama_policy::LoraPolicy;
-use crate::output_dir::RunLock;
 use crate::plan::TrainingPlan;
 use crate::progress::{Pass, PassProgress};
 use crate::reference_cache::{self, CacheKeyBuilder, ReferenceLogps};
+use crate::run_dir::{check_resumable, plain, Begin, RunLock};
 use crate::stop::{self, Moment};
-use crate::train::{
-    loss_settings, micro_batches, refuse_earlier_checkpoints, train, GradientHook, TrainJob,
-    TrainSummary,
-};
+use crate::train::{loss_settings, micro_batches, train, GradientHook, TrainJob, TrainSummary};
 
 /// A loaded model with its tokenizer.
 pub struct Loaded {
@@ -298,7 +295,9 @@ fn stopped_before_training(
 }
 
 /// `kto train`: everything from the config, then the training loop. `lock` is the held lock of the config's
-/// `output_dir` (taken before anything is written there); `resume` is a `checkpoint-N` folder.
+/// `output_dir` (taken before anything is written there); `resume` is the checkpoint [`RunLock::begin`] chose
+/// ([`crate::run_dir::Start::checkpoint`]). A caller that did not begin the run begins it here (a fresh run is
+/// refused when the folder holds an earlier one), so its guard runs once either way.
 pub fn run_training(
     config: &Config,
     lock: &RunLock,
@@ -307,11 +306,17 @@ pub fn run_training(
 ) -> Result<TrainSummary> {
     config.require_for_training()?;
     ensure!(
-        config.train.output_dir.as_deref() == Some(lock.dir()),
+        config.train.output_dir.as_deref().map(plain).as_deref() == Some(lock.dir()),
         "the run lock is for {}, the config's output_dir is {:?}",
         lock.dir().display(),
         config.train.output_dir
     );
+    if !lock.has_begun() {
+        lock.begin(match resume {
+            Some(checkpoint) => Begin::Resume(Some(checkpoint.to_path_buf())),
+            None => Begin::Fresh,
+        })?;
+    }
     let mut config = config.clone();
     let mut loaded = load_model(&config, None)?;
     let train_file = config
@@ -341,23 +346,15 @@ pub fn run_training(
     } else {
         (None, None)
     };
-    let output_dir = config
-        .train
-        .output_dir
-        .clone()
-        .context("[train] output_dir is not set")?;
-    // Before config.toml is replaced: a refused run leaves the earlier run's files as they were.
+    // The resume guard needs the resolved config (`"auto"` weights); before config.toml is replaced, so that a
+    // refused run leaves the earlier run's files as they were.
     if let Some(checkpoint) = resume {
-        crate::train::check_resumable(&config, checkpoint)?;
-    } else {
-        refuse_earlier_checkpoints(&output_dir)?;
+        check_resumable(&config, checkpoint)?;
     }
-    crate::checkpoint::write_atomic(
-        &output_dir.join(crate::checkpoint::CONFIG),
-        config.to_toml_string().as_bytes(),
-    )?;
+    lock.write_config(&config)?;
     let job = TrainJob {
         config: &config,
+        run: lock,
         train: &train_samples,
         eval: eval_samples.as_deref(),
         pad_id: loaded.tokenizer.pad_id,

@@ -5,11 +5,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Tensor, Var};
 use kto_data::batch::{BatchConfig, BatchOrder, KlPairing, MicroBatches};
 use kto_data::tokenize::TokenizedSample;
 
-use crate::checkpoint::{self, TrainerState};
+use crate::checkpoint::{self, load_trainable, save_trainable, TrainerState};
 use crate::config::Config;
 use crate::evaluate::evaluate_batches;
 use crate::forward::{score_micro_batch, PolicyModel, Reference};
@@ -19,12 +19,9 @@ use crate::optimizer::{measure_grad_norm, scale_grads, AdamW, AdamWSettings};
 use crate::plan::TrainingPlan;
 use crate::progress::{Pass, PassProgress, TrainingProgress};
 use crate::reference_cache::ReferenceLogps;
+use crate::run_dir::RunLock;
 use crate::schedule::Schedule;
 use crate::stop::{self, Moment};
-
-pub const METRICS_FILE: &str = "metrics.jsonl";
-pub const FINAL_ADAPTER_DIR: &str = "adapter";
-const TRAINABLE_FILE: &str = "trainable.safetensors";
 
 /// Sees a step's gradients after clipping (step number, gradients by parameter name).
 pub type GradientHook<'a> = &'a dyn Fn(usize, &HashMap<String, Tensor>) -> Result<()>;
@@ -33,13 +30,16 @@ pub type GradientHook<'a> = &'a dyn Fn(usize, &HashMap<String, Tensor>) -> Resul
 pub struct TrainJob<'a> {
     /// The resolved config; both loss weights must be numbers (resolve `"auto"` first).
     pub config: &'a Config,
+    /// The held run folder, where the run has begun ([`RunLock::begin`]): checkpoints, metrics and the adapter go
+    /// there.
+    pub run: &'a RunLock,
     pub train: &'a [TokenizedSample],
     pub eval: Option<&'a [TokenizedSample]>,
     pub pad_id: u32,
     /// Precomputed reference log-probs (`precompute_ref_log_probs`), by sample index.
     pub train_reference: Option<&'a ReferenceLogps>,
     pub eval_reference: Option<&'a ReferenceLogps>,
-    /// A `checkpoint-N` folder to continue from.
+    /// A `checkpoint-N` folder to continue from, as [`RunLock::begin`] chose and verified it.
     pub resume_from: Option<&'a Path>,
     /// Stop (as if interrupted) once this many optimizer steps are done in total; the checkpoints stay as saved.
     pub stop_after_step: Option<usize>,
@@ -108,17 +108,8 @@ pub fn micro_batches<'a>(
 pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSummary> {
     let config = job.config;
     let t = &config.train;
-    let output_dir = config
-        .train
-        .output_dir
-        .clone()
-        .context("[train] output_dir is not set")?;
-    std::fs::create_dir_all(&output_dir)
-        .with_context(|| format!("creating {}", output_dir.display()))?;
-    for leftover in checkpoint::remove_stale_temporaries(&output_dir)? {
-        tracing::info!("removed {}, left by an interrupted run", leftover.display());
-    }
-    let metrics_path = output_dir.join(METRICS_FILE);
+    let run = job.run;
+    let output_dir = run.dir();
     let settings = loss_settings(config)?;
     let train_batches = micro_batches(config, job.train, job.pad_id, false)?;
     let eval_batches = match job.eval {
@@ -160,17 +151,14 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
     // Fresh start or exact resume.
     let (mut optimizer, mut state) = match job.resume_from {
         None => {
-            refuse_earlier_checkpoints(&output_dir)?;
-            metrics::write_rows(&metrics_path, &[])?;
+            run.reset_metrics(&[])?;
             (AdamW::new(adamw), fresh_state(t.seed))
         }
         Some(dir) => {
-            checkpoint::check_complete(dir, true)?;
             let state = TrainerState::load(dir)?;
-            check_resumable(config, dir)?;
-            load_trainable(&params, &dir.join(TRAINABLE_FILE))?;
+            load_trainable(&params, &dir.join(checkpoint::TRAINABLE))?;
             let optimizer = AdamW::load(&dir.join(checkpoint::OPTIMIZER), adamw, &params)?;
-            metrics::write_rows(&metrics_path, &state.metrics_rows)?;
+            run.reset_metrics(&state.metrics_rows)?;
             tracing::info!(
                 "resuming from {} at step {}",
                 dir.display(),
@@ -221,7 +209,7 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
             }
             let figures = figures?;
             row.extend(figures);
-            metrics::append_row(&metrics_path, &row)?;
+            run.append_metrics(&row)?;
             tracing::debug!("{}", serde_json::to_string(&row)?);
             progress.metrics_logged(&row);
             state.metrics_rows.push(row);
@@ -267,7 +255,7 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
                 let scaled = scored.loss.loss.broadcast_div(&divisor)?;
                 let scaled_value = scaled.to_scalar::<f32>()?;
                 if !scaled_value.is_finite() {
-                    bail!(non_finite_message("loss", step, &output_dir));
+                    bail!(non_finite_message("loss", step, output_dir));
                 }
                 let step_grads = scaled.backward()?;
                 for (name, var) in &params {
@@ -291,7 +279,7 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
             let clipping = measure_grad_norm(&grads, max_norm)?;
             let grad_norm = clipping.norm;
             if !grad_norm.is_finite() {
-                bail!(non_finite_message("gradient norm", step, &output_dir));
+                bail!(non_finite_message("gradient norm", step, output_dir));
             }
             if let Some(hook) = job.gradient_hook {
                 hook(step, &scale_grads(&grads, clipping.coefficient)?)?;
@@ -316,7 +304,7 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
                 };
                 let row = pending.take_train_row(info, since_log.elapsed().as_secs_f64());
                 since_log = Instant::now();
-                metrics::append_row(&metrics_path, &row)?;
+                run.append_metrics(&row)?;
                 tracing::debug!("{}", serde_json::to_string(&row)?);
                 progress.metrics_logged(&row);
                 state.metrics_rows.push(row);
@@ -330,7 +318,7 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
             let save_now = t.save_steps > 0 && (step % t.save_steps == 0 || is_last);
             if save_now || stopped_by.is_some() {
                 state.metrics_pending = pending.clone();
-                save_checkpoint(model, &params, &optimizer, &state, config, &output_dir)?;
+                save_checkpoint(model, &params, &optimizer, &state, config, run)?;
                 saved_step = step;
             }
         }
@@ -340,13 +328,7 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
 
     let finished = state.global_step >= plan.max_steps && stopped_by.is_none();
     let final_adapter = if finished {
-        let dir = output_dir.join(FINAL_ADAPTER_DIR);
-        kto_data::atomic::write_dir(&dir, |tmp| {
-            model.save_adapter(tmp)?;
-            checkpoint::fault_pause();
-            Ok(())
-        })?;
-        Some(dir)
+        Some(run.save_final_adapter(|tmp| model.save_adapter(tmp))?)
     } else {
         None
     };
@@ -356,73 +338,6 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
         final_adapter,
         stopped_by,
     })
-}
-
-/// A fresh run refuses a folder with a complete checkpoint of another run (the CLI refuses any earlier run file
-/// before this; a run killed before its first checkpoint may be started again).
-pub fn refuse_earlier_checkpoints(output_dir: &Path) -> Result<()> {
-    if let Some(existing) = checkpoint::latest_complete(output_dir)? {
-        bail!(
-            "{} holds checkpoints of an earlier run ({}): resume it with --resume, replace it with --overwrite \
-             ([train] overwrite_output_dir = true), or choose another [train] output_dir",
-            output_dir.display(),
-            existing.display()
-        );
-    }
-    Ok(())
-}
-
-/// Settings that may change between a run and its resumption; any other change would make the continuation differ
-/// from the run that was interrupted.
-const CHANGEABLE_ON_RESUME: &[&str] = &[
-    "model.device",
-    "data.eval_file",
-    "kto.precompute_ref_log_probs",
-    "kto.precompute_ref_batch_size",
-    "train.output_dir",
-    "train.per_device_eval_batch_size",
-    "train.logging_steps",
-    "train.eval_steps",
-    "train.save_steps",
-    "train.save_total_limit",
-    "train.overwrite_output_dir",
-];
-
-pub(crate) fn check_resumable(config: &Config, checkpoint_dir: &Path) -> Result<()> {
-    let path = checkpoint_dir.join(checkpoint::CONFIG);
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    // The saved config holds resolved paths; relative ones (from --set) stay relative, as they are now.
-    let saved = Config::from_toml_str(&text, Path::new(""), &[])
-        .with_context(|| format!("{}", path.display()))?;
-    let (now, then) = (
-        crate::config::flatten(config),
-        crate::config::flatten(&saved),
-    );
-    for (key, value) in &now {
-        if CHANGEABLE_ON_RESUME.contains(&key.as_str()) {
-            continue;
-        }
-        let before = then.get(key);
-        if before != Some(value) {
-            let before = before.map_or("(not set)".to_string(), |v| v.to_string());
-            bail!(
-                "cannot resume from {}: {key} was {before} and is now {value}; only {} may change",
-                checkpoint_dir.display(),
-                CHANGEABLE_ON_RESUME.join(", ")
-            );
-        }
-    }
-    if let Some(key) = then
-        .keys()
-        .find(|k| !now.contains_key(*k) && !CHANGEABLE_ON_RESUME.contains(&k.as_str()))
-    {
-        bail!(
-            "cannot resume from {}: {key} was set and is now unset",
-            checkpoint_dir.display()
-        );
-    }
-    Ok(())
 }
 
 fn fresh_state(seed: u64) -> TrainerState {
@@ -456,50 +371,20 @@ fn save_checkpoint<M: PolicyModel>(
     optimizer: &AdamW,
     state: &TrainerState,
     config: &Config,
-    output_dir: &Path,
+    run: &RunLock,
 ) -> Result<()> {
-    let dir = checkpoint::write_checkpoint(output_dir, state.global_step, |tmp| {
+    let limit = config.train.save_total_limit;
+    run.save_checkpoint(state.global_step, limit, |tmp| {
         let adapter = tmp.join(checkpoint::ADAPTER_DIR);
         std::fs::create_dir_all(&adapter)?;
         model.save_adapter(&adapter)?;
-        save_trainable(params, &tmp.join(TRAINABLE_FILE))?;
+        save_trainable(params, &tmp.join(checkpoint::TRAINABLE))?;
         optimizer.save(&tmp.join(checkpoint::OPTIMIZER))?;
         state.save(tmp)?;
-        checkpoint::write_atomic(
+        kto_data::atomic::write_file(
             &tmp.join(checkpoint::CONFIG),
             config.to_toml_string().as_bytes(),
         )
     })?;
-    tracing::info!("saved {}", dir.display());
-    checkpoint::prune(output_dir, config.train.save_total_limit)?;
-    Ok(())
-}
-
-/// The trainable tensors bit for bit (the PEFT adapter may be written in another dtype).
-fn save_trainable(params: &[(String, Var)], path: &Path) -> Result<()> {
-    let tensors: Vec<(String, Tensor)> = params
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-        .collect();
-    kto_model::files::write_safetensors(path, &tensors, None)
-}
-
-fn load_trainable(params: &[(String, Var)], path: &Path) -> Result<()> {
-    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
-        .with_context(|| format!("reading {}", path.display()))?;
-    for (name, var) in params {
-        let t = tensors
-            .get(name)
-            .with_context(|| format!("{}: no tensor {name}", path.display()))?;
-        if t.dims() != var.dims() {
-            bail!(
-                "{}: {name} has shape {:?}, the model's {:?}",
-                path.display(),
-                t.dims(),
-                var.dims()
-            );
-        }
-        var.set(&t.to_device(var.device())?.to_dtype(var.dtype())?)?;
-    }
     Ok(())
 }

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use candle_core::Device;
 use kto_trainer::config::{Config, Override};
-use kto_trainer::output_dir::RunLock;
 use kto_trainer::run::{load_model, load_samples, run_training};
+use kto_trainer::run_dir::RunLock;
 use kto_trainer::train::{train, TrainJob};
 use serde_json::{Map, Value};
 
@@ -45,8 +45,10 @@ fn run(config: &Config, resume: Option<&Path>, stop: Option<usize>) -> Result<()
         &loaded.tokenizer,
         config.data.eval_file.as_ref().unwrap(),
     )?;
+    let lock = RunLock::acquire(config.train.output_dir.as_deref().expect("output_dir set"))?;
     let job = TrainJob {
         config,
+        run: &lock,
         train: &samples,
         eval: Some(&eval),
         pad_id: loaded.tokenizer.pad_id,

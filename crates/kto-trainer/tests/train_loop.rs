@@ -8,6 +8,7 @@ use kto_data::batch::SequenceBatch;
 use kto_data::tokenize::TokenizedSample;
 use kto_trainer::config::{Config, LossType, Override};
 use kto_trainer::forward::{precompute_reference, PolicyModel, RowLogps, Weights};
+use kto_trainer::run_dir::{RunDir, RunLock};
 use kto_trainer::train::{micro_batches, train, TrainJob};
 use serde_json::{Map, Value};
 
@@ -152,8 +153,10 @@ fn run(out: &Path, extra: &[&str], resume: Option<&Path>, stop: Option<usize>) -
     let config = config(out, extra)?;
     let (train_set, eval_set) = (samples(10, 0), samples(5, 3));
     let mut model = Bigram::new(1)?;
+    let lock = RunLock::acquire(out)?;
     let job = TrainJob {
         config: &config,
+        run: &lock,
         train: &train_set,
         eval: Some(&eval_set),
         pad_id: 0,
@@ -213,7 +216,7 @@ fn resumed_runs_match_an_uninterrupted_one() -> Result<()> {
             !out.path().join("adapter").exists(),
             "an interrupted run writes no final adapter"
         );
-        let checkpoint = kto_trainer::checkpoint::latest_complete(out.path())?.unwrap();
+        let checkpoint = RunDir::new(out.path()).latest_complete().unwrap();
         assert_eq!(checkpoint, out.path().join(format!("checkpoint-{k}")));
         run(out.path(), &[], Some(&checkpoint), None)?;
         let rows = without_timing(kto_trainer::metrics::read_rows(
@@ -277,8 +280,10 @@ fn precomputed_reference_equals_online() -> Result<()> {
     )?;
     let eval_ref =
         precompute_reference(&model, eval_batches.epoch(0), eval_set.len(), true, "eval")?;
+    let lock = RunLock::acquire(pre.path())?;
     let job = TrainJob {
         config: &config,
+        run: &lock,
         train: &train_set,
         eval: Some(&eval_set),
         pad_id: 0,
@@ -338,8 +343,10 @@ fn non_finite_loss_stops_with_the_step_and_keeps_checkpoints() -> Result<()> {
     let mut model = Bigram::new(1)?;
     model.poison = true;
     let checkpoint = out.path().join("checkpoint-2");
+    let lock = RunLock::acquire(out.path())?;
     let job = TrainJob {
         config: &config,
+        run: &lock,
         train: &train_set,
         eval: None,
         pad_id: 0,

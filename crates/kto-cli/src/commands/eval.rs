@@ -45,7 +45,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             .train
             .output_dir
             .as_ref()
-            .map(|d| d.join("eval_results.json"))
+            .map(|d| kto_trainer::run_dir::RunDir::new(d).eval_results_file())
     });
     if let Some(path) = out {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Args;
-use kto_trainer::train::FINAL_ADAPTER_DIR;
+use kto_trainer::run_dir::RunDir;
 
 use super::model_source::ModelSource;
 
@@ -43,7 +43,12 @@ pub fn run(args: ExportArgs) -> Result<()> {
     let Some(adapter_dir) = adapter_dir else {
         let expected = config.train.output_dir.as_ref().map_or_else(
             || "[train] output_dir is not set".to_string(),
-            |d| format!("{} does not exist", d.join(FINAL_ADAPTER_DIR).display()),
+            |d| {
+                format!(
+                    "{} does not exist",
+                    RunDir::new(d).final_adapter().display()
+                )
+            },
         );
         bail!(
             "no adapter to merge ({expected}): train first with `kto train --config {}` or pass --adapter DIR",

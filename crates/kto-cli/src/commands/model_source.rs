@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use kto_model::Checkpoint;
 use kto_trainer::config::{Config, Override};
-use kto_trainer::train::FINAL_ADAPTER_DIR;
+use kto_trainer::run_dir::{RunDir, FINAL_ADAPTER_DIR};
 
 /// Which config, overrides and adapter a command works on.
 #[derive(Debug, Args)]
@@ -52,7 +52,7 @@ impl ModelSource {
             .train
             .output_dir
             .as_ref()
-            .map(|d| d.join(FINAL_ADAPTER_DIR))
+            .map(|d| RunDir::new(d).final_adapter())
             .filter(|d| is_adapter(d));
         Ok(trained.or_else(|| config.lora.init_adapter.clone()))
     }

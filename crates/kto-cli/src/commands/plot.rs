@@ -4,6 +4,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
+use kto_trainer::run_dir::RunDir;
+
 use crate::plot::plot_run;
 
 const EXAMPLES: &str = "\
@@ -28,7 +30,7 @@ pub struct PlotArgs {
 }
 
 pub fn run(args: PlotArgs) -> Result<()> {
-    let outputs = plot_run(&args.run_dir, args.out.as_deref())?;
+    let outputs = plot_run(&RunDir::new(&args.run_dir), args.out.as_deref())?;
     println!(
         "wrote {} and {}",
         outputs.svg.display(),

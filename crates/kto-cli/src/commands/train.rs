@@ -1,12 +1,11 @@
 //! `kto train`: KTO training of a LoRA adapter from a TOML config.
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use clap::Args;
-use kto_trainer::checkpoint::{latest_verified, MANIFEST};
 use kto_trainer::config::{Config, Override};
-use kto_trainer::output_dir::{refuse_earlier_run, RunLock};
-use kto_trainer::train::{TrainSummary, METRICS_FILE};
+use kto_trainer::run_dir::{Begin, RunLock, Start};
+use kto_trainer::train::TrainSummary;
 use serde_json::{Map, Value};
 
 use crate::plot::PlotOutputs;
@@ -75,28 +74,26 @@ pub fn run(args: TrainArgs) -> Result<()> {
     kto_trainer::stop::install()?;
     // Held until the process ends; nothing is written to output_dir before it is taken.
     let lock = RunLock::acquire(&output_dir)?;
-    let resume = match &args.resume {
-        None if args.overwrite || config.train.overwrite_output_dir => {
-            let removed = lock.remove_earlier_run()?;
-            if !removed.is_empty() {
-                eprintln!(
-                    "--overwrite: removed the earlier run's {} from {}",
-                    removed.join(", "),
-                    output_dir.display()
-                );
-            }
-            None
-        }
-        None => {
-            refuse_earlier_run(&output_dir)?;
-            None
-        }
-        Some(Some(dir)) if !dir.exists() => {
-            bail!("--resume {}: no such folder", dir.display())
-        }
-        Some(dir) => resolve_checkpoint(dir.as_deref().unwrap_or(&output_dir))?,
+    let begin = match &args.resume {
+        Some(from) => Begin::Resume(from.clone()),
+        None if args.overwrite || config.train.overwrite_output_dir => Begin::Overwrite,
+        None => Begin::Fresh,
     };
-    let summary = kto_trainer::run::run_training(&config, &lock, resume.as_deref(), None)?;
+    let start = lock.begin(begin)?;
+    match &start {
+        Start::Overwrote(removed) if !removed.is_empty() => eprintln!(
+            "--overwrite: removed the earlier run's {} from {}",
+            removed.join(", "),
+            lock.dir().display()
+        ),
+        Start::NothingToResume => eprintln!(
+            "--resume: no checkpoint in {} yet: starting from the beginning",
+            lock.dir().display()
+        ),
+        _ => {}
+    }
+    let resume = start.checkpoint();
+    let summary = kto_trainer::run::run_training(&config, &lock, resume, None)?;
     if let Some(signal) = summary.stopped_by {
         eprintln!(
             "stopped at step {} of {}; continue with --resume",
@@ -106,7 +103,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         std::process::exit(kto_trainer::stop::exit_status(signal));
     }
     // The learning curves; a plotting failure does not fail the finished training.
-    let plots = match crate::plot::plot_run(&output_dir, None) {
+    let run_dir = lock.run_dir();
+    let plots = match crate::plot::plot_run(run_dir, None) {
         Ok(plots) => {
             eprintln!(
                 "learning curves: {} and {}",
@@ -120,25 +118,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
             None
         }
     };
-    let rows = read_metrics(&output_dir.join(METRICS_FILE))?;
+    let rows = run_dir.read_metrics()?;
     print!("{}", summary_table(&summary, &rows, plots.as_ref()));
     Ok(())
-}
-
-/// The rows of metrics.jsonl (absent file: none).
-fn read_metrics(path: &Path) -> Result<Vec<Map<String, Value>>> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    };
-    text.lines()
-        .enumerate()
-        .filter(|(_, line)| !line.trim().is_empty())
-        .map(|(i, line)| {
-            serde_json::from_str(line).with_context(|| format!("{}:{}", path.display(), i + 1))
-        })
-        .collect()
 }
 
 /// The end-of-training table: the last logged training figures, the last held-out figures, where things are.
@@ -202,45 +184,4 @@ fn summary_table(
         table.push_str(&format!("  {key:width$}  {value}\n"));
     }
     table
-}
-
-/// A checkpoint folder itself (checked in full by the trainer), or the newest intact one inside `dir`: newer ones
-/// that are incomplete or damaged are reported and skipped. `None` (start from the beginning, said on stderr) when
-/// `dir` holds no checkpoint at all, e.g. a run killed before its first save.
-fn resolve_checkpoint(dir: &Path) -> Result<Option<PathBuf>> {
-    if dir.join(MANIFEST).is_file() {
-        return Ok(Some(dir.to_path_buf()));
-    }
-    let named_checkpoint = dir
-        .file_name()
-        .is_some_and(|n| n.to_string_lossy().starts_with("checkpoint-"));
-    if named_checkpoint && dir.is_dir() {
-        bail!(
-            "--resume {}: no {MANIFEST}, an incomplete checkpoint; resume from the folder holding the \
-             checkpoints to use the newest complete one",
-            dir.display()
-        );
-    }
-    match latest_verified(dir)? {
-        Some(checkpoint) => Ok(Some(checkpoint)),
-        None if has_checkpoint_folders(dir) => bail!(
-            "--resume: no intact checkpoint-N folder in {} (every one is incomplete or damaged, see above)",
-            dir.display()
-        ),
-        None => {
-            eprintln!(
-                "--resume: no checkpoint in {} yet: starting from the beginning",
-                dir.display()
-            );
-            Ok(None)
-        }
-    }
-}
-
-fn has_checkpoint_folders(dir: &Path) -> bool {
-    std::fs::read_dir(dir).is_ok_and(|entries| {
-        entries.flatten().any(|e| {
-            e.file_name().to_string_lossy().starts_with("checkpoint-") && e.path().is_dir()
-        })
-    })
 }
