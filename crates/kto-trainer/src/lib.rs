@@ -30,10 +30,3 @@ pub mod run_dir;
 pub mod schedule;
 pub mod stop;
 pub mod train;
-
-/// The former name of [`run_dir`]'s lock, kept until `tests/trl_parity.rs` (changed elsewhere at the same time)
-/// names [`run_dir::RunLock`]; nothing else uses it.
-#[doc(hidden)]
-pub mod output_dir {
-    pub use crate::run_dir::RunLock;
-}

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use kto_trainer::config::Config;
-use kto_trainer::output_dir::RunLock;
+use kto_trainer::run_dir::RunLock;
 use kto_trainer::run::run_training;
 use serde_json::Value;
 
