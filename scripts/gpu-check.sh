@@ -10,7 +10,7 @@
 #
 # Sections, verdict first; each runs whatever happened before it (no set -e across sections) under its own time
 # limit, and all of them under GPU_CHECK_SECONDS (default 530 s from the start, unpacking included, so one 600 s
-# device call holds it):
+# device call holds it; the dry run allows 4 times as long everywhere, the CPU standing in for the GPU):
 #   a. the GPU, the driver, the CUDA libraries, and `kto --version` saying it is the cuda build
 #   b. the kernels against their CPU twins (kernels-gpu-test, KTO_REQUIRE_GPU=1: no device is a failure)
 #   c. the TRL parity fixture on CUDA in f32, bf16, f16 (trl-parity-test)
@@ -24,6 +24,9 @@ if [ "${1:-}" = "--dry-run" ]; then dry=1; shift; fi
 pack=${1:-.gpu}
 steps=${STEPS:-20}
 deadline=${GPU_CHECK_SECONDS:-530}
+# The dry run stands the CPU (2 busy cores here) in for the GPU machine's 16: its limits are 4 times longer.
+slack=1
+[ $dry = 1 ] && slack=4 && deadline=$((deadline * slack))
 start=$(date +%s)
 cd "$(dirname "$0")/.." || exit 2
 root=$PWD
@@ -57,8 +60,9 @@ fi
 # ---- the CUDA libraries: searched for, not assumed ------------------------------------------------------------------
 # The binaries need cuBLAS, cuRAND, NVRTC, cudart (13) and the driver's libcuda.so.1. Where they are differs by machine:
 # a CUDA install, the distribution's lib dir, the loader cache, or the nvidia-* wheels torch ships in site-packages.
-python_sites=$(python3 -c 'import site, sys; print("\n".join(site.getsitepackages() + [site.getusersitepackages()]))' \
-  2>/dev/null)
+python_sites=$(for py in python3 ${PYTHON:-}; do
+  "$py" -c 'import site; print("\n".join(site.getsitepackages() + [site.getusersitepackages()]))' 2> /dev/null
+done)
 lib_places() {
   local d
   for d in /usr/local/cuda*/targets/*/lib /usr/local/cuda*/lib64 /usr/lib/x86_64-linux-gnu /usr/lib64; do
@@ -81,10 +85,9 @@ for lib in $missing; do
     export LD_LIBRARY_PATH=$hit:${LD_LIBRARY_PATH:-}
   fi
 done
-# Where each CUDA library resolves now (or "not found"), for the report.
+# Where each CUDA library resolves now (or "not found"), for the report: "libcublas.so.13 => /path".
 libs_found=$(for b in kto kernels-gpu-test trl-parity-test; do ldd "$bin/$b" 2>/dev/null; done |
-  awk '/lib(cuda|cublas|cublasLt|curand|nvrtc|cudart)[.]/ {print $1, $3, $4}' | sort -u |
-  sed -E 's/ not found/ NOT FOUND/')
+  awk '/lib(cuda|cublas|cublasLt|curand|nvrtc|cudart)[.]/ {print $1, "=>", ($3 == "not" ? "NOT FOUND" : $3)}' | sort -u)
 export LD_LIBRARY_PATH libs_found
 
 # ---- sections -----------------------------------------------------------------------------------------------------
@@ -101,6 +104,7 @@ section() {
     echo "(not started)" > "$log"
     last_verdict="TIMEOUT (not started)"; write_report; return
   fi
+  budget=$((budget * slack))
   limit=$((budget < left ? budget : left))
   export VERDICT=$logs/$id.verdict
   : > "$VERDICT"
@@ -213,7 +217,7 @@ sec_a() {
   fi
   echo "CUDA libraries:"; echo "$libs_found"
   if grep -q "NOT FOUND" <<< "$libs_found"; then say "a CUDA library was not found (see the list)"; return 1; fi
-  grep -q "^libcuda.so.1 " <<< "$libs_found" || { say "the binaries link no libcuda.so.1: not a cuda build"; return 1; }
+  grep -q "^libcuda.so.1 => /" <<< "$libs_found" || { say "the binaries link no libcuda.so.1: not a cuda build"; return 1; }
   local v
   v=$("$bin/kto" --version 2>&1)
   echo "kto --version: $v"
@@ -348,7 +352,14 @@ sec_g() {
   fi
   [ -f "$adapter/adapter_model.safetensors" ] || { say "no adapter at $adapter: its run failed"; return 3; }
   [ -n "$py" ] || { say "no Python with torch, transformers and peft (set PYTHON, or make .bench-venv: scripts/bench-cpu.sh)"; return 3; }
-  "$py" "$root/scripts/peft_check.py" "$base" "$adapter" "$device" || { say "PEFT check failed"; return 1; }
+  echo "python: $py"
+  local result
+  result=$("$py" "$root/scripts/peft_check.py" "$base" "$adapter" "$device")
+  local rc=$?
+  echo "$result"
+  [ "$rc" = 0 ] || { say "PEFT check failed: $result"; return 1; }
+  say "$(tail -1 <<< "$result" | python3 -c 'import json, sys; r = json.loads(sys.stdin.read())
+print("%d LoRA tensors loaded exactly, logits change by %.3g" % (r["tensors"], r["max_logit_change"]))')"
 }
 export -f sec_g
 
