@@ -7,6 +7,7 @@
 #   on the GPU machine:  bash scripts/gpu-check.sh [.gpu]           (device tool: carry [".gpu"], timeout_s 600)
 #   here, without GPU:   bash scripts/gpu-check.sh --dry-run [.gpu]  (runs what a CPU can; PYTHON: an interpreter
 #                        with torch, transformers and peft for the PEFT check, else .bench-venv/bin/python)
+#   STEPS (default 20): training steps of d and e; KEEP_WORK=1 keeps the work folder (binaries, checkpoint, runs).
 #
 # Sections, verdict first; each runs whatever happened before it (no set -e across sections) under its own time
 # limit, and all of them under GPU_CHECK_SECONDS (default 530 s from the start, unpacking included, so one 600 s
@@ -36,6 +37,8 @@ out=${OUT:-$pack}
 mkdir -p "$out"
 report=$out/gpu-report.md
 logs=$(mktemp -d /tmp/kto-gpu-check.XXXX)
+# The unpacked binaries and the 2.2 GB checkpoint go with it; the report and small logs are copied to $out first.
+[ "${KEEP_WORK:-0}" = 1 ] || trap 'rm -rf "$logs"' EXIT
 bin=$logs/bin
 work=${BENCH_WORK:-$logs/bench}
 mkdir -p "$bin" "$work"
