@@ -43,6 +43,8 @@ bin=$logs/bin
 work=${BENCH_WORK:-$logs/bench}
 mkdir -p "$bin" "$work"
 export dry pack steps root bin work logs
+# Error messages name the failure; backtraces would fill the report's output tails (the full logs come back too).
+export RUST_BACKTRACE=0
 
 # ---- the pack ---------------------------------------------------------------------------------------------------
 for f in kto.xz kernels-gpu-test.xz trl-parity-test.xz trl_kto_bench.py; do
@@ -245,10 +247,10 @@ sec_b() {
   if [ "$dry" = 1 ]; then
     if [ "$rc" = 0 ]; then
       say "the binary passed without a device: KTO_REQUIRE_GPU=1 is not honoured (an old test binary?)"; return 1
-    elif grep -q "test result: FAILED" "$logs/b.tests"; then
+    elif grep -q "test result: FAILED" "$logs/b.tests" && grep -q "no CUDA device" "$logs/b.tests"; then
       say "dry run: KTO_REQUIRE_GPU=1 refused to pass without a device, as it must"; return 3
     fi
-    say "the binary failed before running its tests (exit $rc)"; return 1
+    say "the binary failed, but not for want of a device (exit $rc)"; return 1
   fi
   [ "$rc" = 0 ] || return "$rc"
   if grep -q "SKIPPED" "$logs/b.tests"; then say "a comparison was skipped on the GPU machine"; return 1; fi
