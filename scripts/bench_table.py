@@ -1,46 +1,84 @@
-"""Table of scripts/bench-gpu.sh: TRL plain / precompute and kto, same checkpoint, data and settings.
+"""The benchmark table of scripts/gpu-check.sh: kto and TRL, plain and precompute, same checkpoint, data, settings.
 
-s/step is the mean over steps 6..STEPS (the first 5 are warm-up). Tokens per step are the real (unpadded) prompt +
-completion tokens of the batch. Peak memory: TRL reports torch.cuda.max_memory_allocated; for kto it is the peak of
-nvidia-smi's used memory above what was in use before it started (so it includes the CUDA context, ~0.5 GiB).
-MFU counts useful FLOPs only: 2 * P * (4 * T + 2 * K) per step, where P = 1.034e9 matmul parameters of TinyLlama
-(layers' linears + lm_head), T the target tokens and K the KL tokens of the step (policy forward + backward of the
-targets = 3 T, reference forward of the targets = T, policy and reference forwards of the KL pairs = 2 K),
-against the H100's dense bf16 peak of 989 TFLOP/s.
+usage: python3 scripts/bench_table.py WORK STEPS
+
+Reads, for each run NAME in kto-plain, trl-plain, kto-precompute, trl-precompute:
+  WORK/NAME.status  the section's outcome (PASS, FAIL (...), TIMEOUT, SKIPPED (...)), written by gpu-check.sh
+  WORK/NAME.mem     nvidia-smi's used memory (MiB), one sample every 100 ms while the run lasted
+  WORK/NAME.base    the used memory (MiB) just before the run started
+  kto: WORK/NAME/metrics.jsonl (logging_steps = 1); TRL: the JSON line trl_kto_bench.py prints, in WORK/NAME.out
+
+s/step is the mean over the steps after the first 5 (warm-up). For kto it is 16 / samples_per_second of each step,
+so a run cut short by its time limit still gives the figure of the steps it finished (shown as "n/STEPS").
+Peak memory is measured the same way for both (nvidia-smi peak minus the memory in use before the run: CUDA
+context and allocator cache included; a 100 ms sample can miss a short peak); TRL's own
+torch.cuda.max_memory_allocated is given beside it. Ratios are kto / TRL of the same variant: samples/s above 1 means
+kto is faster, peak memory below 1 means kto needs less. Prints one Markdown table.
 """
-import json, os, sys
+import json
+import math
+import os
+import sys
 
 work, steps = sys.argv[1], int(sys.argv[2])
-WARM, BATCH, PARAMS, PEAK = 5, 16, 1.034e9, 989e12
+WARM, BATCH = 5, 16
+
+
+def read(name, default=None):
+    try:
+        with open(os.path.join(work, name)) as f:
+            return f.read().strip()
+    except OSError:
+        return default
+
 
 def peak_gib(name):
     try:
-        base = float(open(os.path.join(work, name + ".base")).read().split()[0])
-        used = [float(x) for x in open(os.path.join(work, name + ".mem")).read().split()]
+        base = float(read(name + ".base").split()[0])
+        used = [float(x) for x in read(name + ".mem", "").split()]
         return (max(used) - base) / 1024
-    except (OSError, ValueError):
-        return float("nan")
+    except (AttributeError, ValueError, IndexError):
+        return math.nan
 
-rows = []
-for variant in ("plain", "precompute"):
-    out = [l for l in open(os.path.join(work, f"trl-{variant}.out")) if l.startswith("{")]
-    r = json.loads(out[-1])
-    rows.append((f"TRL {variant}", r["step_s"], r["tokens_per_s"] * r["step_s"], r["peak_gib"]))
 
-for name, run in (("kto", "kto-run"), ("kto-precompute", "kto-run-pre")):
-    path = os.path.join(work, run, "metrics.jsonl")
+def kto_run(name):
+    """(s/step, timed steps) from metrics.jsonl, or None."""
+    path = os.path.join(work, name, "metrics.jsonl")
     if not os.path.exists(path):
-        continue
-    m = [json.loads(l) for l in open(path)]
-    train = [r for r in m if "loss" in r and "step" in r]
-    timed = [r for r in train if r["step"] > WARM]
-    step_s = sum(BATCH / r["samples_per_second"] for r in timed) / len(timed)
-    toks = (train[-1]["num_tokens"] - train[WARM - 1]["num_tokens"]) / len(timed)
-    rows.append((name, step_s, toks, peak_gib(name)))
+        return None
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    timed = [r for r in rows if "loss" in r and r.get("step", 0) > WARM and r.get("samples_per_second", 0) > 0]
+    if not timed:
+        return None
+    return sum(BATCH / r["samples_per_second"] for r in timed) / len(timed), max(r["step"] for r in timed)
 
-trl_plain = rows[0][1]
-print(f"{'run':<16} {'s/step':>8} {'samples/s':>10} {'tokens/s':>10} {'peak GiB':>9} {'MFU %':>6} {'TRL plain / this':>17}")
-for name, step_s, toks, peak in rows:
-    flops = 2 * PARAMS * (4 * toks + 2 * toks)  # K ≈ T: the KL pairs reuse the batch's completions
-    print(f"{name:<16} {step_s:8.3f} {BATCH / step_s:10.1f} {toks / step_s:10.0f} {peak:9.1f} "
-          f"{100 * flops / step_s / PEAK:6.1f} {trl_plain / step_s:17.2f}")
+
+def trl_run(name):
+    """(s/step, steps, torch peak GiB) from trl_kto_bench.py's JSON line, or None."""
+    lines = [line for line in (read(name + ".out", "") or "").splitlines() if line.startswith("{")]
+    if not lines:
+        return None
+    r = json.loads(lines[-1])
+    return r["step_s"], r["steps"], r["peak_gib"]
+
+
+def fmt(x, spec):
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+print("| run | outcome | steps | s/step | samples/s | peak GiB (nvidia-smi) | samples/s kto/TRL | peak kto/TRL |")
+print("|---|---|---|---|---|---|---|---|")
+for variant in ("plain", "precompute"):
+    kto_name, trl_name = f"kto-{variant}", f"trl-{variant}"
+    kto, trl = kto_run(kto_name), trl_run(trl_name)
+    kto_peak, trl_peak = peak_gib(kto_name), peak_gib(trl_name)
+    kto_sps = BATCH / kto[0] if kto else None
+    trl_sps = BATCH / trl[0] if trl else None
+    ratio = kto_sps / trl_sps if kto_sps and trl_sps else None
+    mem_ratio = kto_peak / trl_peak if not math.isnan(kto_peak) and not math.isnan(trl_peak) and trl_peak > 0 else None
+    print(f"| kto {variant} | {read(kto_name + '.status', 'not run')} | {f'{kto[1]}/{steps}' if kto else '—'} "
+          f"| {fmt(kto and kto[0], '.3f')} | {fmt(kto_sps, '.1f')} | {fmt(kto_peak, '.1f')} "
+          f"| {fmt(ratio, '.2f')} | {fmt(mem_ratio, '.2f')} |")
+    torch_peak = f" (torch: {trl[2]:.1f})" if trl else ""
+    print(f"| TRL {variant} | {read(trl_name + '.status', 'not run')} | {f'{trl[1]}/{steps}' if trl else '—'} "
+          f"| {fmt(trl and trl[0], '.3f')} | {fmt(trl_sps, '.1f')} | {fmt(trl_peak, '.1f')}{torch_peak} | | |")

@@ -9,7 +9,8 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(
     name = "kto",
-    version,
+    // "0.1.0 (cpu only)" or "0.1.0 (cuda: PTX compute_80, CUDA 13.0)" (build.rs): which build this binary is.
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("KTO_BUILD"), ")"),
     about = "KTO (Kahneman-Tversky Optimization) training with LoRA adapters",
     after_help = EXAMPLES
 )]

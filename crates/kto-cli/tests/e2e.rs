@@ -66,6 +66,15 @@ fn read_rows(path: &Path) -> Vec<serde_json::Map<String, Value>> {
         .collect()
 }
 
+/// `kto --version` names the build first (scripts/gpu-check.sh relies on it to prove it runs the cuda build).
+#[test]
+fn version_names_the_build() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = text(&kto_ok(dir.path(), &["--version"]).stdout);
+    let build = if cfg!(feature = "cuda") { "(cuda: PTX compute_80, CUDA 13." } else { "(cpu only)" };
+    assert!(out.starts_with(&format!("kto {} {build}", env!("CARGO_PKG_VERSION"))), "{out}");
+}
+
 #[test]
 fn prepare_train_kill_resume_eval_plot_export_generate_chat() {
     let tmp = tempfile::tempdir().unwrap();
