@@ -10,7 +10,10 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     let build = if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
         // What kto-kernels' build.rs watches, and only in a cuda build (a cpu build never looks for nvcc).
-        println!("cargo:rerun-if-changed={}", kernels.join("kernels/nvcc.flags").display());
+        println!(
+            "cargo:rerun-if-changed={}",
+            kernels.join("kernels/nvcc.flags").display()
+        );
         for var in ["NVCC", "CUDA_ROOT", "CUDA_PATH", "CUDA_HOME"] {
             println!("cargo:rerun-if-env-changed={var}");
         }
@@ -20,10 +23,18 @@ fn main() {
             .unwrap_or_else(|| "unknown arch".into());
         // "Cuda compilation tools, release 13.0, V13.0.88" -> "13.0". kto-kernels' build fails without nvcc.
         let release = find_nvcc()
-            .and_then(|nvcc| std::process::Command::new(nvcc).arg("--version").output().ok())
+            .and_then(|nvcc| {
+                std::process::Command::new(nvcc)
+                    .arg("--version")
+                    .output()
+                    .ok()
+            })
             .and_then(|o| {
                 let text = String::from_utf8_lossy(&o.stdout).to_string();
-                text.split("release ").nth(1).and_then(|r| r.split(',').next()).map(String::from)
+                text.split("release ")
+                    .nth(1)
+                    .and_then(|r| r.split(',').next())
+                    .map(String::from)
             })
             .unwrap_or_else(|| "unknown".into());
         format!("cuda: PTX {arch}, CUDA {release}")

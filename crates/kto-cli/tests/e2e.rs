@@ -71,8 +71,15 @@ fn read_rows(path: &Path) -> Vec<serde_json::Map<String, Value>> {
 fn version_names_the_build() {
     let dir = tempfile::tempdir().unwrap();
     let out = text(&kto_ok(dir.path(), &["--version"]).stdout);
-    let build = if cfg!(feature = "cuda") { "(cuda: PTX compute_80, CUDA 13." } else { "(cpu only)" };
-    assert!(out.starts_with(&format!("kto {} {build}", env!("CARGO_PKG_VERSION"))), "{out}");
+    let build = if cfg!(feature = "cuda") {
+        "(cuda: PTX compute_80, CUDA 13."
+    } else {
+        "(cpu only)"
+    };
+    assert!(
+        out.starts_with(&format!("kto {} {build}", env!("CARGO_PKG_VERSION"))),
+        "{out}"
+    );
 }
 
 #[test]

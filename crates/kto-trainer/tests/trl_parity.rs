@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use kto_trainer::config::Config;
-use kto_trainer::run_dir::RunLock;
 use kto_trainer::run::run_training;
+use kto_trainer::run_dir::RunLock;
 use serde_json::Value;
 
 /// The fixture folder: `KTO_FIXTURE_DIR` when set (a test binary carried to another machine), else the checkout's.
