@@ -117,6 +117,34 @@ fn assert_same_run(dir: &Path, reference: &Path) {
     assert_eq!(rows, deterministic(metrics_rows(reference)));
 }
 
+/// The same with `[train] gradient_checkpointing` on (and LoRA dropout drawing masks, which the recompute replays):
+/// stopped at a seeded step and resumed, the run equals an uninterrupted one with it on.
+#[test]
+fn with_gradient_checkpointing_a_stopped_and_resumed_run_equals_an_uninterrupted_one() {
+    let checkpointing = |mut cmd: Command| {
+        cmd.args(["--set", "train.gradient_checkpointing=true"])
+            .args(["--set", "kto.disable_dropout=false"]);
+        cmd
+    };
+    let reference = run_folder();
+    let out = checkpointing(train_command(reference.path(), false, 0))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let dir = run_folder();
+    let step = StdRng::seed_from_u64(SEED).random_range(1..MAX_STEPS);
+    let mut cmd = checkpointing(train_command(dir.path(), false, 0));
+    cmd.env("KTO_TEST_SIGNAL", format!("SIGTERM@step:{step}"));
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(143), "{}", stderr(&out));
+    let out = checkpointing(train_command(dir.path(), true, 0))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_same_run(dir.path(), reference.path());
+}
+
 #[test]
 fn second_process_on_one_folder_is_refused() {
     let alone = uninterrupted_run();

@@ -31,6 +31,17 @@ pub enum AdapterChoice {
     Reference,
 }
 
+impl AdapterChoice {
+    /// The weights of the KL pass that goes with a pass over the targets: the same weights, never a graph (TRL
+    /// computes the KL terms under `torch.no_grad()`).
+    pub fn for_kl(self) -> Self {
+        match self {
+            AdapterChoice::Policy => AdapterChoice::PolicyNoGrad,
+            other => other,
+        }
+    }
+}
+
 /// Cached keys and values of earlier positions, one entry per layer (generation).
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
@@ -208,6 +219,11 @@ impl LlamaModel {
         self.checkpointing = on;
     }
 
+    /// Whether [`LlamaModel::set_gradient_checkpointing`] turned recomputation on.
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.checkpointing
+    }
+
     /// `loss.backward()`, plus the LoRA gradients computed inside checkpointed layers.
     pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
         self.checkpoint_grads.clear();
@@ -339,10 +355,7 @@ impl LlamaModel {
         kl: &SequenceBatch,
         choice: AdapterChoice,
     ) -> Result<(SequenceLogps, SequenceLogps)> {
-        let kl_choice = match choice {
-            AdapterChoice::Policy => AdapterChoice::PolicyNoGrad,
-            other => other,
-        };
+        let kl_choice = choice.for_kl();
         let pass = self.pass(choice)?;
         let kl_pass = self.pass(kl_choice)?;
         logprobs::check_batch(target)?;

@@ -70,6 +70,7 @@ pub const SECTIONS: &[(&str, &[&str])] = &[
             "num_train_epochs",
             "weight_decay",
             "max_grad_norm",
+            "gradient_checkpointing",
             "adam_beta1",
             "adam_beta2",
             "adam_epsilon",
@@ -83,6 +84,15 @@ pub const SECTIONS: &[(&str, &[&str])] = &[
         ],
     ),
 ];
+
+/// What a key costs and saves, shown above it by `--print-config` (keys whose trade-off is not obvious).
+const KEY_NOTES: &[(&str, &str, &str)] = &[(
+    "train",
+    "gradient_checkpointing",
+    "true: recompute each decoder layer in backward (TRL's gradient_checkpointing). Costs about one more forward\n\
+     pass of compute per step; saves the layers' activations between forward and backward (only their inputs stay).\n\
+     The same gradients, except that LoRA dropout (disable_dropout = false) then draws other masks.",
+)];
 
 /// Keys holding paths, resolved against the config file's folder.
 const PATH_KEYS: &[(&str, &str)] = &[
@@ -334,6 +344,11 @@ pub struct TrainSection {
     pub weight_decay: f64,
     /// `0` disables clipping (transformers clips only when `max_grad_norm > 0`).
     pub max_grad_norm: f64,
+    /// transformers' `gradient_checkpointing`: keep only each decoder layer's input from the policy pass and
+    /// recompute the layer in backward. The same gradients (LoRA dropout aside: its masks are drawn per layer then)
+    /// for about one more forward pass of compute, with the layers' activations no longer held between forward and
+    /// backward. Off by default, as kto has run so far (TRL's `KTOConfig` turns it on; transformers' default is off).
+    pub gradient_checkpointing: bool,
     pub adam_beta1: f64,
     pub adam_beta2: f64,
     pub adam_epsilon: f64,
@@ -364,6 +379,7 @@ impl Default for TrainSection {
             num_train_epochs: 3.0,
             weight_decay: 0.0,
             max_grad_norm: 1.0,
+            gradient_checkpointing: false,
             adam_beta1: 0.9,
             adam_beta2: 0.999,
             adam_epsilon: 1e-8,
@@ -618,6 +634,13 @@ impl Config {
             for key in *keys {
                 match values.and_then(|t| t.get(*key)) {
                     Some(v) => {
+                        if let Some((_, _, note)) =
+                            KEY_NOTES.iter().find(|(s, k, _)| s == section && k == key)
+                        {
+                            for line in note.lines() {
+                                let _ = writeln!(out, "# {line}");
+                            }
+                        }
                         let _ = writeln!(out, "{key} = {}", format_value(v));
                     }
                     None => {
@@ -896,5 +919,25 @@ mod tests {
         }
         assert!(printed.contains("learning_rate = 1e-6"), "{printed}");
         assert_eq!(parse(&printed).unwrap(), c);
+    }
+
+    #[test]
+    fn gradient_checkpointing_is_read_and_printed_with_its_cost() {
+        assert!(!Config::default().train.gradient_checkpointing);
+        let c = parse("[train]\ngradient_checkpointing = true\n").unwrap();
+        assert!(c.train.gradient_checkpointing);
+        let printed = c.to_toml_string();
+        let at = printed
+            .find("gradient_checkpointing = true")
+            .expect("the key printed");
+        let note = &printed[..at];
+        assert!(
+            note.contains("# true: recompute each decoder layer in backward")
+                && note.contains("one more forward"),
+            "the cost and the saving above the key:\n{printed}"
+        );
+        assert_eq!(parse(&printed).unwrap(), c);
+        let set: Override = "train.gradient_checkpointing=true".parse().unwrap();
+        assert_eq!(set.key, "gradient_checkpointing");
     }
 }

@@ -4,8 +4,10 @@
 use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
+use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use kto_data::batch::{MicroBatch, SequenceBatch};
+pub use kto_model::{AdapterChoice, SequenceLogps};
 
 use crate::loss::{
     batch_metrics, kto_loss, LossInputs, LossOutput, LossSettings, MicroBatchMetrics, RowStats,
@@ -13,48 +15,26 @@ use crate::loss::{
 use crate::progress::{Pass, PassProgress};
 use crate::reference_cache::ReferenceLogps;
 
-/// Which weights a forward pass uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Weights {
-    /// The trained adapter, recording the graph for its gradient.
-    Policy,
-    /// The trained adapter, no graph.
-    PolicyNoGrad,
-    /// The frozen reference: a copy of the initial adapter, or the base model with the adapter disabled.
-    Reference,
-}
-
-/// Per-row results of a forward pass over a [`SequenceBatch`].
-#[derive(Debug, Clone)]
-pub struct RowLogps {
-    /// Summed completion log-probs, f32 `[rows]`; carries the gradient for [`Weights::Policy`].
-    pub logps: Tensor,
-    pub token_counts: Vec<usize>,
-    pub mean_logit_sums: Vec<f64>,
-    pub entropy_sums: Vec<f64>,
-    /// Tokens the pass pushed through the model (padding included).
-    pub forward_tokens: usize,
-}
-
-/// What the training loop needs from a model with a trainable adapter.
+/// What the training loop needs from a model with a trainable adapter, in kto-model's own terms.
 pub trait PolicyModel {
-    fn sequence_logps(&self, batch: &SequenceBatch, weights: Weights) -> Result<RowLogps>;
-    /// The targets' log-probs with `weights`, and the KL sequences' with the same weights and no graph. A model may
-    /// share work between the two (the KL sequences repeat the targets' prompts); by default they are two passes,
-    /// in TRL's order (KL first).
+    /// Completion log-probs of every row of `batch` with the weights `choice` selects.
+    fn sequence_logps(&self, batch: &SequenceBatch, choice: AdapterChoice)
+        -> Result<SequenceLogps>;
+    /// The targets' log-probs with `choice`, and the KL sequences' with [`AdapterChoice::for_kl`] (no graph). A
+    /// model may share work between the two (the KL sequences repeat the targets' prompts); by default they are two
+    /// passes, in TRL's order (KL first).
     fn sequence_logps_with_kl(
         &self,
         target: &SequenceBatch,
         kl: &SequenceBatch,
-        weights: Weights,
-    ) -> Result<(RowLogps, RowLogps)> {
-        let kl_weights = match weights {
-            Weights::Policy => Weights::PolicyNoGrad,
-            other => other,
-        };
-        let kl = self.sequence_logps(kl, kl_weights)?;
-        Ok((self.sequence_logps(target, weights)?, kl))
+        choice: AdapterChoice,
+    ) -> Result<(SequenceLogps, SequenceLogps)> {
+        let kl = self.sequence_logps(kl, choice.for_kl())?;
+        Ok((self.sequence_logps(target, choice)?, kl))
     }
+    /// The gradients of `loss` (a scalar over [`AdapterChoice::Policy`] passes) with respect to the trainable
+    /// tensors. The model decides how: with gradient checkpointing it recomputes layers here.
+    fn backward(&self, loss: &Tensor) -> Result<GradStore>;
     /// The trainable tensors with stable (PEFT) names; the optimizer updates them in place.
     fn trainable_parameters(&self) -> Vec<(String, Var)>;
     /// Writes the trained adapter in PEFT format into `dir`.
@@ -73,7 +53,7 @@ pub trait PolicyModel {
 /// Where the reference log-probs come from.
 #[derive(Debug, Clone, Copy)]
 pub enum Reference<'a> {
-    /// Forward passes with [`Weights::Reference`].
+    /// Forward passes with [`AdapterChoice::Reference`].
     Online,
     /// Precomputed per sample (indexed by the sample's position in the dataset).
     Precomputed(&'a ReferenceLogps),
@@ -96,19 +76,20 @@ pub fn score_micro_batch<M: PolicyModel>(
 ) -> Result<ScoredBatch> {
     // TRL's order: the policy's passes, then the reference's (each model runs its KL sequences as it sees fit).
     let kl_batch = batch.kl.as_ref().filter(|_| settings.loss_type.uses_kl());
-    let policy_weights = if with_grad {
-        Weights::Policy
+    let policy_choice = if with_grad {
+        AdapterChoice::Policy
     } else {
-        Weights::PolicyNoGrad
+        AdapterChoice::PolicyNoGrad
     };
-    let (policy, policy_kl) = target_and_kl(model, &batch.target, kl_batch, policy_weights)?;
+    let (policy, policy_kl) = target_and_kl(model, &batch.target, kl_batch, policy_choice)?;
     let mut forward_tokens =
         policy.forward_tokens + policy_kl.as_ref().map_or(0, |kl| kl.forward_tokens);
     let policy_kl = policy_kl.map(|kl| kl.logps);
     let device = policy.logps.device().clone();
     let (reference_targets, reference_kl) = match reference {
         Reference::Online => {
-            let (targets, kl) = target_and_kl(model, &batch.target, kl_batch, Weights::Reference)?;
+            let (targets, kl) =
+                target_and_kl(model, &batch.target, kl_batch, AdapterChoice::Reference)?;
             forward_tokens +=
                 targets.forward_tokens + kl.as_ref().map_or(0, |kl| kl.forward_tokens);
             (targets.logps, kl.map(|kl| kl.logps))
@@ -158,19 +139,19 @@ pub fn score_micro_batch<M: PolicyModel>(
     Ok(ScoredBatch { loss, metrics })
 }
 
-/// The targets' log-probs with `weights`, and the KL sequences' when there are any.
+/// The targets' log-probs with `choice`, and the KL sequences' when there are any.
 fn target_and_kl<M: PolicyModel>(
     model: &M,
     target: &SequenceBatch,
     kl: Option<&SequenceBatch>,
-    weights: Weights,
-) -> Result<(RowLogps, Option<RowLogps>)> {
+    choice: AdapterChoice,
+) -> Result<(SequenceLogps, Option<SequenceLogps>)> {
     Ok(match kl {
         Some(kl) => {
-            let (target, kl) = model.sequence_logps_with_kl(target, kl, weights)?;
+            let (target, kl) = model.sequence_logps_with_kl(target, kl, choice)?;
             (target, Some(kl))
         }
-        None => (model.sequence_logps(target, weights)?, None),
+        None => (model.sequence_logps(target, choice)?, None),
     })
 }
 
@@ -194,7 +175,7 @@ pub fn precompute_reference<M: PolicyModel>(
     for batch in batches {
         let kl_batch = batch.kl.as_ref().filter(|_| kl.is_some());
         let (target_logps, kl_logps) =
-            target_and_kl(model, &batch.target, kl_batch, Weights::Reference)?;
+            target_and_kl(model, &batch.target, kl_batch, AdapterChoice::Reference)?;
         for (&i, v) in batch
             .indices
             .iter()

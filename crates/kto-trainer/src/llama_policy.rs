@@ -3,11 +3,12 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use candle_core::Var;
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
 use kto_data::batch::SequenceBatch;
 use kto_model::{AdapterChoice, LlamaModel, SequenceLogps};
 
-use crate::forward::{PolicyModel, RowLogps, Weights};
+use crate::forward::PolicyModel;
 
 /// A Llama with its trained (policy) adapter and, optionally, a frozen reference adapter.
 pub struct LoraPolicy {
@@ -18,41 +19,28 @@ pub struct LoraPolicy {
     pub dropout_active: bool,
 }
 
-fn adapter_choice(weights: Weights) -> AdapterChoice {
-    match weights {
-        Weights::Policy => AdapterChoice::Policy,
-        Weights::PolicyNoGrad => AdapterChoice::PolicyNoGrad,
-        Weights::Reference => AdapterChoice::Reference,
-    }
-}
-
-fn row_logps(out: SequenceLogps) -> RowLogps {
-    RowLogps {
-        logps: out.logps,
-        token_counts: out.token_counts,
-        mean_logit_sums: out.mean_logit_sums,
-        entropy_sums: out.entropy_sums,
-        forward_tokens: out.forward_tokens,
-    }
-}
-
 impl PolicyModel for LoraPolicy {
-    fn sequence_logps(&self, batch: &SequenceBatch, weights: Weights) -> Result<RowLogps> {
-        Ok(row_logps(
-            self.model.sequence_logps(batch, adapter_choice(weights))?,
-        ))
+    fn sequence_logps(
+        &self,
+        batch: &SequenceBatch,
+        choice: AdapterChoice,
+    ) -> Result<SequenceLogps> {
+        self.model.sequence_logps(batch, choice)
     }
 
     fn sequence_logps_with_kl(
         &self,
         target: &SequenceBatch,
         kl: &SequenceBatch,
-        weights: Weights,
-    ) -> Result<(RowLogps, RowLogps)> {
-        let (target, kl) =
-            self.model
-                .sequence_logps_with_kl(target, kl, adapter_choice(weights))?;
-        Ok((row_logps(target), row_logps(kl)))
+        choice: AdapterChoice,
+    ) -> Result<(SequenceLogps, SequenceLogps)> {
+        self.model.sequence_logps_with_kl(target, kl, choice)
+    }
+
+    /// [`LlamaModel::backward`]: with gradient checkpointing on, the checkpointed layers are recomputed here and
+    /// their LoRA gradients merged in.
+    fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        self.model.backward(loss)
     }
 
     fn trainable_parameters(&self) -> Vec<(String, Var)> {

@@ -79,6 +79,7 @@ pub fn load_model(config: &Config, adapter_override: Option<&Path>) -> Result<Lo
     let dropout_active = !config.kto.disable_dropout && policy.config().dropout > 0.0;
     model.set_padding_free(config.kto.padding_free);
     model.set_kl_prefix_sharing(config.kto.kl_prefix_sharing);
+    model.set_gradient_checkpointing(config.train.gradient_checkpointing);
     model.set_policy_adapter(Some(policy))?;
     model.set_reference_adapter(reference)?;
     // Evaluation mode until training starts (the reference precompute runs without dropout, as in TRL).

@@ -257,7 +257,7 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
                 if !scaled_value.is_finite() {
                     bail!(non_finite_message("loss", step, output_dir));
                 }
-                let step_grads = scaled.backward()?;
+                let step_grads = model.backward(&scaled)?;
                 for (name, var) in &params {
                     if let Some(g) = step_grads.get(var.as_tensor()) {
                         let summed = match grads.remove(name) {

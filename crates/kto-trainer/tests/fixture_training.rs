@@ -1,14 +1,16 @@
 //! The LoRA Llama of the TRL fixture through the whole loop: exact resume (with gradient accumulation, a partial
-//! accumulation group at the epoch end, LoRA dropout on) and precomputed reference log-probs equal to online ones.
+//! accumulation group at the epoch end, LoRA dropout on, gradient checkpointing off and on), checkpointed gradients
+//! equal to plain ones, and precomputed reference log-probs equal to online ones.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
-use candle_core::Device;
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
 use kto_trainer::config::{Config, Override};
+use kto_trainer::forward::{score_micro_batch, PolicyModel, Reference};
 use kto_trainer::run::{load_model, load_samples, run_training};
 use kto_trainer::run_dir::RunLock;
-use kto_trainer::train::{train, TrainJob};
+use kto_trainer::train::{loss_settings, micro_batches, train, TrainJob};
 use serde_json::{Map, Value};
 
 fn fixture() -> PathBuf {
@@ -97,10 +99,19 @@ fn adapter_bits(out: &Path) -> Result<AdapterBits> {
     Ok(out)
 }
 
+/// Exact resume with gradient checkpointing off (the default) and on: the recompute replays LoRA dropout, so a
+/// resumed run still equals an uninterrupted one bit for bit.
 #[test]
 fn resume_is_exact_on_the_lora_llama() -> Result<()> {
+    for extra in [&[][..], &["train.gradient_checkpointing=true"][..]] {
+        resume_is_exact(extra).with_context(|| format!("with {extra:?}"))?;
+    }
+    Ok(())
+}
+
+fn resume_is_exact(extra: &[&str]) -> Result<()> {
     let straight = tempfile::tempdir()?;
-    run(&config(straight.path(), &[])?, None, None)?;
+    run(&config(straight.path(), extra)?, None, None)?;
     let expected_rows = rows(straight.path())?;
     // 12 samples, batch 4: 3 micro-batches per epoch; accumulation 2: steps of 2 and 1 micro-batches; 2 epochs.
     assert_eq!(
@@ -121,7 +132,7 @@ fn resume_is_exact_on_the_lora_llama() -> Result<()> {
     let expected_adapter = adapter_bits(straight.path())?;
     for k in [1usize, 2] {
         let out = tempfile::tempdir()?;
-        let config = config(out.path(), &[])?;
+        let config = config(out.path(), extra)?;
         run(&config, None, Some(k))?;
         run(
             &config,
@@ -138,6 +149,94 @@ fn resume_is_exact_on_the_lora_llama() -> Result<()> {
             "adapter after resuming at step {k}"
         );
     }
+    Ok(())
+}
+
+/// `[train] gradient_checkpointing` reaches the model, the model then recomputes (a plain `Tensor::backward` no
+/// longer finds the LoRA gradients, which arrive through `PolicyModel::backward`), and the gradients equal the
+/// plain path's, with a KL pass in the loss: for the fixture's initial adapter (B not zero, so every LoRA tensor
+/// has a gradient) and for a fresh one (B zero: only the B tensors have one). Without LoRA dropout: with it, the
+/// checkpointed layers draw their masks from per-layer seeds, so the two paths see different masks (each replays
+/// its own exactly, which `resume_is_exact_on_the_lora_llama` checks).
+#[test]
+fn gradient_checkpointing_gives_the_plain_gradients() -> Result<()> {
+    let init = format!(
+        "lora.init_adapter={}",
+        fixture().join("adapter_init").display()
+    );
+    checkpointed_gradients_equal_plain(&[&init], true)?;
+    checkpointed_gradients_equal_plain(&["kto.disable_dropout=true"], false)
+}
+
+fn checkpointed_gradients_equal_plain(extra: &[&str], every_nonzero: bool) -> Result<()> {
+    let mut grads = Vec::new();
+    for on in [false, true] {
+        let out = tempfile::tempdir()?;
+        let switch = format!("train.gradient_checkpointing={on}");
+        let sets: Vec<&str> = extra.iter().copied().chain([switch.as_str()]).collect();
+        let config = config(out.path(), &sets)?;
+        let mut loaded = load_model(&config, None)?;
+        assert_eq!(loaded.policy.model.gradient_checkpointing(), on);
+        let samples = load_samples(
+            &config,
+            &loaded.tokenizer,
+            config.data.train_file.as_ref().unwrap(),
+        )?;
+        let settings = loss_settings(&config)?;
+        let batch = micro_batches(&config, &samples, loaded.tokenizer.pad_id, false)?
+            .batch(0, 0)
+            .expect("a first micro-batch");
+        let params = loaded.policy.trainable_parameters();
+        let score = |policy: &mut kto_trainer::llama_policy::LoraPolicy| -> Result<Tensor> {
+            policy.begin_step(7)?;
+            let scored = score_micro_batch(&*policy, &batch, Reference::Online, &settings, true)?;
+            Ok(scored.loss.loss)
+        };
+        let loss = score(&mut loaded.policy)?;
+        let store = loaded.policy.backward(&loss)?;
+        let step: Vec<(String, Vec<f32>)> = params
+            .iter()
+            .map(|(name, var)| {
+                let g = store
+                    .get(var.as_tensor())
+                    .expect("a gradient for every LoRA tensor");
+                Ok((name.clone(), g.flatten_all()?.to_vec1::<f32>()?))
+            })
+            .collect::<Result<_>>()?;
+        grads.push(step);
+        // Last: the model refuses a further forward while gradients of a plain backward wait uncollected.
+        let plain = score(&mut loaded.policy)?.backward()?;
+        let plain_found = params
+            .iter()
+            .filter(|(_, v)| plain.get(v.as_tensor()).is_some())
+            .count();
+        if on {
+            assert_eq!(
+                plain_found, 0,
+                "checkpointed layers hand their LoRA gradients to the model"
+            );
+        } else {
+            assert_eq!(plain_found, params.len());
+        }
+    }
+    let (plain, recomputed) = (&grads[0], &grads[1]);
+    assert_eq!(plain.len(), recomputed.len());
+    for ((name, a), (_, b)) in plain.iter().zip(recomputed) {
+        let worst = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(worst <= 1e-5, "{name}: gradients differ by {worst}");
+        assert!(
+            !every_nonzero || a.iter().any(|&x| x != 0.0),
+            "{name}: a gradient to compare"
+        );
+    }
+    assert!(
+        plain.iter().any(|(_, a)| a.iter().any(|&x| x != 0.0)),
+        "gradients to compare"
+    );
     Ok(())
 }
 

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use kto_data::batch::SequenceBatch;
 use kto_data::tokenize::TokenizedSample;
 use kto_trainer::config::{Config, LossType, Override};
-use kto_trainer::forward::{precompute_reference, PolicyModel, RowLogps, Weights};
+use kto_trainer::forward::{precompute_reference, AdapterChoice, PolicyModel, SequenceLogps};
 use kto_trainer::run_dir::{RunDir, RunLock};
 use kto_trainer::train::{micro_batches, train, TrainJob};
 use serde_json::{Map, Value};
@@ -36,11 +36,15 @@ impl Bigram {
 }
 
 impl PolicyModel for Bigram {
-    fn sequence_logps(&self, batch: &SequenceBatch, weights: Weights) -> Result<RowLogps> {
-        let table = match weights {
-            Weights::Policy => self.table.as_tensor().clone(),
-            Weights::PolicyNoGrad => self.table.as_tensor().detach(),
-            Weights::Reference => self.reference.clone(),
+    fn sequence_logps(
+        &self,
+        batch: &SequenceBatch,
+        choice: AdapterChoice,
+    ) -> Result<SequenceLogps> {
+        let table = match choice {
+            AdapterChoice::Policy => self.table.as_tensor().clone(),
+            AdapterChoice::PolicyNoGrad => self.table.as_tensor().detach(),
+            AdapterChoice::Reference => self.reference.clone(),
         };
         let (mut prev, mut next, mut counts) = (vec![], vec![], vec![]);
         for r in 0..batch.rows {
@@ -76,13 +80,17 @@ impl PolicyModel for Bigram {
         if self.poison {
             logps = (logps * f64::NAN)?;
         }
-        Ok(RowLogps {
+        Ok(SequenceLogps {
             logps,
             token_counts: counts,
             mean_logit_sums: means,
             entropy_sums: ents,
             forward_tokens: batch.rows * batch.width,
         })
+    }
+
+    fn backward(&self, loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
+        Ok(loss.backward()?)
     }
 
     fn trainable_parameters(&self) -> Vec<(String, Var)> {

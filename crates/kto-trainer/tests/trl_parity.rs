@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
-use kto_trainer::config::Config;
+use kto_trainer::config::{Config, Override};
 use kto_trainer::run::run_training;
 use kto_trainer::run_dir::RunLock;
 use serde_json::Value;
@@ -51,7 +51,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
     Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
 }
 
-fn check_run(name: &str, kto_section: &str) -> Result<()> {
+fn check_run(name: &str, kto_section: &str, switches: &[&str]) -> Result<()> {
     let fx = fixture();
     let run_dir = fx.join("runs").join(name);
     let out = tempfile::tempdir()?;
@@ -72,7 +72,8 @@ fn check_run(name: &str, kto_section: &str) -> Result<()> {
             data = rel(fx.join("data.jsonl"))?,
         ),
     )?;
-    let config = Config::load(&config_path, &[])?;
+    let sets: Vec<Override> = switches.iter().map(|s| s.parse()).collect::<Result<_>>()?;
+    let config = Config::load(&config_path, &sets)?;
     assert_eq!(config.train.output_dir, Some(out.path().join("out")));
 
     let step1: RefCell<HashMap<String, Tensor>> = RefCell::new(HashMap::new());
@@ -124,7 +125,7 @@ fn check_run(name: &str, kto_section: &str) -> Result<()> {
         }
     }
     println!(
-        "{name} on {device_name} in {dtype} ([kto] {kto_section:?}): worst metric {}, {:.1} % of its tolerance",
+        "{name} on {device_name} in {dtype} ([kto] {kto_section:?}, {switches:?}): worst metric {}, {:.1} % of its tolerance",
         worst.1,
         100.0 * worst.0
     );
@@ -179,26 +180,32 @@ fn check_run(name: &str, kto_section: &str) -> Result<()> {
     }
     assert!(
         failures.is_empty(),
-        "{name} ([kto] {kto_section:?}): {} mismatches:\n{}",
+        "{name} ([kto] {kto_section:?}, {switches:?}): {} mismatches:\n{}",
         failures.len(),
         failures.join("\n")
     );
     Ok(())
 }
 
-/// Each run with padding-free batches and prefix-shared KL on (the defaults), each off, and both off: the switches
-/// change the work, never TRL's numbers.
-const SWITCHES: [&str; 4] = [
-    "",
-    "padding_free = false",
-    "kl_prefix_sharing = false",
-    "padding_free = false\nkl_prefix_sharing = false",
+/// Each run with padding-free batches and prefix-shared KL on (the defaults), each off, and both off, and with
+/// gradient checkpointing on (`--set` overrides): the switches change the work, never TRL's numbers.
+const SWITCHES: [&[&str]; 6] = [
+    &[],
+    &["kto.padding_free=false"],
+    &["kto.kl_prefix_sharing=false"],
+    &["kto.padding_free=false", "kto.kl_prefix_sharing=false"],
+    &["train.gradient_checkpointing=true"],
+    &[
+        "train.gradient_checkpointing=true",
+        "kto.padding_free=false",
+        "kto.kl_prefix_sharing=false",
+    ],
 ];
 
 fn check_run_every_switch(name: &str, kto_section: &str) -> Result<()> {
     for switches in SWITCHES {
-        check_run(name, &format!("{kto_section}\n{switches}"))
-            .with_context(|| format!("{name} with [kto] {switches:?}"))?;
+        check_run(name, kto_section, switches)
+            .with_context(|| format!("{name} with {switches:?}"))?;
     }
     Ok(())
 }
