@@ -148,25 +148,7 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
         weight_decay: t.weight_decay,
     };
 
-    // Fresh start or exact resume.
-    let (mut optimizer, mut state) = match job.resume_from {
-        None => {
-            run.reset_metrics(&[])?;
-            (AdamW::new(adamw), fresh_state(t.seed))
-        }
-        Some(dir) => {
-            let state = TrainerState::load(dir)?;
-            load_trainable(&params, &dir.join(checkpoint::TRAINABLE))?;
-            let optimizer = AdamW::load(&dir.join(checkpoint::OPTIMIZER), adamw, &params)?;
-            run.reset_metrics(&state.metrics_rows)?;
-            tracing::info!(
-                "resuming from {} at step {}",
-                dir.display(),
-                state.global_step
-            );
-            (optimizer, state)
-        }
-    };
+    let (mut optimizer, mut state) = start_or_resume(job, &params, adamw)?;
     let mut pending: MetricsAccumulator = std::mem::take(&mut state.metrics_pending);
     let mut since_log = Instant::now();
     tracing::info!(
@@ -178,45 +160,14 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
     );
 
     let progress = TrainingProgress::start(state.global_step, plan.max_steps);
-    let evaluate =
-        |model: &mut M, state: &mut TrainerState, pending: &MetricsAccumulator| -> Result<bool> {
-            let Some(eval) = &eval_batches else {
-                state.evaluation_pending = false;
-                return Ok(true);
-            };
-            model.begin_evaluation()?;
-            let pass = PassProgress::start(Pass::Evaluation, job.eval.map_or(0, <[_]>::len));
-            let mut row = serde_json::Map::new();
-            row.insert("step".into(), state.global_step.into());
-            row.insert("epoch".into(), metrics::json_f64(state.epoch));
-            // A stop request ends the pass after the batch in progress; the partial figures are not logged.
-            let figures = evaluate_batches(
-                model,
-                eval.epoch(0)
-                    .take_while(|_| stop::requested().is_none())
-                    .inspect(|b| {
-                        stop::test_moment(Moment::EvalBatch);
-                        pass.advance(b.indices.len())
-                    }),
-                eval_reference,
-                &settings,
-                pending.total_tokens,
-            );
-            drop(pass);
-            state.evaluation_pending = stop::requested().is_some();
-            if state.evaluation_pending {
-                return Ok(false);
-            }
-            let figures = figures?;
-            row.extend(figures);
-            run.append_metrics(&row)?;
-            tracing::debug!("{}", serde_json::to_string(&row)?);
-            progress.metrics_logged(&row);
-            state.metrics_rows.push(row);
-            Ok(true)
-        };
+    let evaluation = Evaluation {
+        batches: eval_batches.as_ref(),
+        samples: job.eval.map_or(0, <[_]>::len),
+        reference: eval_reference,
+        settings: &settings,
+    };
     if state.evaluation_pending {
-        evaluate(model, &mut state, &pending)?;
+        evaluate(model, &evaluation, &mut state, &pending, run, &progress)?;
     }
     let mut stopped_by = stop::requested();
     // The step whose state is on disk (a fresh run's step 0 needs none): a stop request seen before the next step
@@ -304,14 +255,11 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
                 };
                 let row = pending.take_train_row(info, since_log.elapsed().as_secs_f64());
                 since_log = Instant::now();
-                run.append_metrics(&row)?;
-                tracing::debug!("{}", serde_json::to_string(&row)?);
-                progress.metrics_logged(&row);
-                state.metrics_rows.push(row);
+                log_row(row, &mut state, run, &progress)?;
             }
             let evaluate_now = (t.eval_steps > 0 && step % t.eval_steps == 0) || is_last;
             if evaluate_now {
-                evaluate(model, &mut state, &pending)?;
+                evaluate(model, &evaluation, &mut state, &pending, run, &progress)?;
             }
             // After a stop request the step just finished is saved whatever save_steps says.
             stopped_by = stop::requested();
@@ -338,6 +286,93 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
         final_adapter,
         stopped_by,
     })
+}
+
+/// A fresh start (empty metrics, a new optimizer and state) or the exact state of the checkpoint `job.resume_from`
+/// (trainable weights, optimizer, trainer state, and metrics.jsonl as the checkpoint saw it).
+fn start_or_resume(
+    job: &TrainJob,
+    params: &[(String, Var)],
+    adamw: AdamWSettings,
+) -> Result<(AdamW, TrainerState)> {
+    let Some(dir) = job.resume_from else {
+        job.run.reset_metrics(&[])?;
+        return Ok((AdamW::new(adamw), fresh_state(job.config.train.seed)));
+    };
+    let state = TrainerState::load(dir)?;
+    load_trainable(params, &dir.join(checkpoint::TRAINABLE))?;
+    let optimizer = AdamW::load(&dir.join(checkpoint::OPTIMIZER), adamw, params)?;
+    job.run.reset_metrics(&state.metrics_rows)?;
+    tracing::info!(
+        "resuming from {} at step {}",
+        dir.display(),
+        state.global_step
+    );
+    Ok((optimizer, state))
+}
+
+/// What a held-out evaluation runs on; `batches` is None without an eval set.
+struct Evaluation<'a> {
+    batches: Option<&'a MicroBatches<'a>>,
+    samples: usize,
+    reference: Reference<'a>,
+    settings: &'a LossSettings,
+}
+
+/// The held-out evaluation at the current step, logged as one metrics row. A stop request ends the pass after the
+/// batch in progress: nothing is logged, the state says the evaluation is still due, and Ok(false) is returned.
+fn evaluate<M: PolicyModel>(
+    model: &mut M,
+    evaluation: &Evaluation,
+    state: &mut TrainerState,
+    pending: &MetricsAccumulator,
+    run: &RunLock,
+    progress: &TrainingProgress,
+) -> Result<bool> {
+    let Some(batches) = evaluation.batches else {
+        state.evaluation_pending = false;
+        return Ok(true);
+    };
+    model.begin_evaluation()?;
+    let pass = PassProgress::start(Pass::Evaluation, evaluation.samples);
+    let mut row = serde_json::Map::new();
+    row.insert("step".into(), state.global_step.into());
+    row.insert("epoch".into(), metrics::json_f64(state.epoch));
+    let figures = evaluate_batches(
+        model,
+        batches
+            .epoch(0)
+            .take_while(|_| stop::requested().is_none())
+            .inspect(|b| {
+                stop::test_moment(Moment::EvalBatch);
+                pass.advance(b.indices.len())
+            }),
+        evaluation.reference,
+        evaluation.settings,
+        pending.total_tokens,
+    );
+    drop(pass);
+    state.evaluation_pending = stop::requested().is_some();
+    if state.evaluation_pending {
+        return Ok(false);
+    }
+    row.extend(figures?);
+    log_row(row, state, run, progress)?;
+    Ok(true)
+}
+
+/// Appends a metrics row to metrics.jsonl, shows it, and keeps it in the state a checkpoint saves.
+fn log_row(
+    row: serde_json::Map<String, serde_json::Value>,
+    state: &mut TrainerState,
+    run: &RunLock,
+    progress: &TrainingProgress,
+) -> Result<()> {
+    run.append_metrics(&row)?;
+    tracing::debug!("{}", serde_json::to_string(&row)?);
+    progress.metrics_logged(&row);
+    state.metrics_rows.push(row);
+    Ok(())
 }
 
 fn fresh_state(seed: u64) -> TrainerState {
