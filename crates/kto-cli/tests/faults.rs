@@ -135,10 +135,13 @@ fn killed_and_resumed_run_equals_an_uninterrupted_one() {
         }
         kills += 1;
         kills_in_write += matches!(moment, Moment::InWrite { .. }) as usize;
-        // Whatever the moment, every sealed checkpoint is intact.
+        // Whatever the moment, every sealed checkpoint is intact. Temporaries (`.NAME.tmp-PID`: a write in progress,
+        // or an old checkpoint renamed aside to be deleted) are no checkpoints; the next start removes them (below).
         for entry in std::fs::read_dir(&out).into_iter().flatten().flatten() {
             let path = entry.path();
-            if path.join("manifest.json").exists() {
+            let temporary =
+                kto_data::atomic::is_temporary_name(&entry.file_name().to_string_lossy());
+            if !temporary && path.join("manifest.json").exists() {
                 kto_trainer::checkpoint::check_complete(&path, true)
                     .unwrap_or_else(|e| panic!("after {moment:?}: {e:#}"));
             }

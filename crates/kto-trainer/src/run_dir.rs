@@ -466,8 +466,14 @@ impl RunLock {
             } else if complete_seen == 0 {
                 continue;
             }
-            std::fs::remove_dir_all(&dir)
+            // Renamed aside (atomically) before it is deleted: a process killed while deleting leaves a temporary
+            // that the next start removes, never a sealed checkpoint with some of its files gone.
+            let aside = atomic::temp_sibling(&dir);
+            std::fs::rename(&dir, &aside)
                 .with_context(|| format!("removing old checkpoint {}", dir.display()))?;
+            atomic::sync_dir(&self.run.path)?;
+            std::fs::remove_dir_all(&aside)
+                .with_context(|| format!("removing old checkpoint {}", aside.display()))?;
             removed.push(dir);
         }
         Ok(removed)
