@@ -19,7 +19,7 @@ use crate::llama_policy::LoraPolicy;
 use crate::plan::TrainingPlan;
 use crate::progress::{Pass, PassProgress};
 use crate::reference_cache::{self, CacheKeyBuilder, ReferenceLogps};
-use crate::run_dir::{check_resumable, plain, Begin, RunLock};
+use crate::run_dir::{check_resumable, plain, RunLock, Start};
 use crate::stop::{self, Moment};
 use crate::train::{loss_settings, micro_batches, train, GradientHook, TrainJob, TrainSummary};
 
@@ -296,15 +296,15 @@ fn stopped_before_training(
 }
 
 /// `kto train`: everything from the config, then the training loop. `lock` is the held lock of the config's
-/// `output_dir` (taken before anything is written there); `resume` is the checkpoint [`RunLock::begin`] chose
-/// ([`crate::run_dir::Start::checkpoint`]). A caller that did not begin the run begins it here (a fresh run is
-/// refused when the folder holds an earlier one), so its guard runs once either way.
+/// `output_dir` (taken before anything is written there) and `start` what [`RunLock::begin`] chose there, once:
+/// a fresh run, or the checkpoint to continue from.
 pub fn run_training(
     config: &Config,
     lock: &RunLock,
-    resume: Option<&Path>,
+    start: &Start,
     gradient_hook: Option<GradientHook>,
 ) -> Result<TrainSummary> {
+    let resume = start.checkpoint();
     config.require_for_training()?;
     ensure!(
         config.train.output_dir.as_deref().map(plain).as_deref() == Some(lock.dir()),
@@ -312,12 +312,6 @@ pub fn run_training(
         lock.dir().display(),
         config.train.output_dir
     );
-    if !lock.has_begun() {
-        lock.begin(match resume {
-            Some(checkpoint) => Begin::Resume(Some(checkpoint.to_path_buf())),
-            None => Begin::Fresh,
-        })?;
-    }
     let mut config = config.clone();
     let mut loaded = load_model(&config, None)?;
     let train_file = config

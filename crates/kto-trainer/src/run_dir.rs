@@ -13,7 +13,6 @@
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Context, Result};
 use kto_data::atomic;
@@ -295,7 +294,6 @@ impl RunDir {
                 run: self.clone(),
                 _file: file,
                 created_dir,
-                begun: AtomicBool::new(false),
             });
         }
     }
@@ -351,7 +349,6 @@ pub struct RunLock {
     // Held open for the lock's life: closing the file releases the lock.
     _file: File,
     created_dir: bool,
-    begun: AtomicBool,
 }
 
 impl RunLock {
@@ -388,13 +385,7 @@ impl RunLock {
                 .with_context(|| format!("removing the leftover {}", leftover.display()))?;
             tracing::info!("removed {}, left by an interrupted run", leftover.display());
         }
-        self.begun.store(true, Ordering::Relaxed);
         Ok(start)
-    }
-
-    /// Whether [`RunLock::begin`] chose the start.
-    pub fn has_begun(&self) -> bool {
-        self.begun.load(Ordering::Relaxed)
     }
 
     /// `--overwrite`: removes the earlier run's files (checkpoints, metrics, adapter, config, curves, temporaries)
@@ -647,7 +638,6 @@ mod tests {
             Start::Overwrote(vec!["checkpoint-2".into(), "metrics.jsonl".into()])
         );
         assert_eq!(sorted_names(out), vec![LOCK_FILE, "notes"]);
-        assert!(lock.has_begun());
         RunDir::new(out).refuse_earlier_run()
     }
 
@@ -665,7 +655,6 @@ mod tests {
                 && interrupted.contains("--overwrite"),
             "{interrupted}"
         );
-        assert!(!lock.has_begun());
 
         std::fs::create_dir_all(run.final_adapter())?;
         let finished = lock.begin(Begin::Fresh).unwrap_err().to_string();

@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use kto_trainer::config::{Config, Override};
 use kto_trainer::forward::{score_micro_batch, PolicyModel, Reference};
 use kto_trainer::run::{load_model, load_samples, run_training};
-use kto_trainer::run_dir::RunLock;
+use kto_trainer::run_dir::{Begin, RunLock};
 use kto_trainer::train::{loss_settings, micro_batches, train, TrainJob};
 use serde_json::{Map, Value};
 
@@ -243,7 +243,8 @@ fn checkpointed_gradients_equal_plain(extra: &[&str], every_nonzero: bool) -> Re
 /// `run_training` as `kto train` calls it: holding the output folder's lock.
 fn train_locked(config: &Config) -> Result<()> {
     let lock = RunLock::acquire(config.train.output_dir.as_deref().expect("output_dir set"))?;
-    run_training(config, &lock, None, None)?;
+    let start = lock.begin(Begin::Fresh)?;
+    run_training(config, &lock, &start, None)?;
     Ok(())
 }
 

@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use kto_trainer::config::{Config, Override};
 use kto_trainer::run::run_training;
-use kto_trainer::run_dir::RunLock;
+use kto_trainer::run_dir::{Begin, RunLock};
 use serde_json::Value;
 
 /// The fixture folder: `KTO_FIXTURE_DIR` when set (a test binary carried to another machine), else the checkout's.
@@ -84,7 +84,8 @@ fn check_run(name: &str, kto_section: &str, switches: &[&str]) -> Result<()> {
         Ok(())
     };
     let lock = RunLock::acquire(out.path().join("out").as_path())?;
-    let summary = run_training(&config, &lock, None, Some(&hook))?;
+    let start = lock.begin(Begin::Fresh)?;
+    let summary = run_training(&config, &lock, &start, Some(&hook))?;
     assert_eq!(summary.global_step, 3);
 
     // Per-step metrics.

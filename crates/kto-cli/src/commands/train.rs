@@ -92,8 +92,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         ),
         _ => {}
     }
-    let resume = start.checkpoint();
-    let summary = kto_trainer::run::run_training(&config, &lock, resume, None)?;
+    let summary = kto_trainer::run::run_training(&config, &lock, &start, None)?;
     if let Some(signal) = summary.stopped_by {
         eprintln!(
             "stopped at step {} of {}; continue with --resume",
