@@ -332,12 +332,19 @@ fn is_run_file(name: &str) -> bool {
         || name.starts_with(CHECKPOINT_PREFIX)
 }
 
-fn remove_entry(path: &Path) -> std::io::Result<()> {
-    if path.is_dir() {
-        std::fs::remove_dir_all(path)
-    } else {
-        std::fs::remove_file(path)
+/// Removes a file, or a folder whole: a folder is first renamed aside to a temporary (atomically, the parent
+/// fsynced), so that a process killed while deleting leaves a leftover the next start removes, never a sealed
+/// checkpoint or adapter with some of its files gone.
+fn remove_entry(path: &Path) -> Result<()> {
+    if !path.is_dir() {
+        return Ok(std::fs::remove_file(path)?);
     }
+    let aside = atomic::temp_sibling(path);
+    std::fs::rename(path, &aside)?;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        atomic::sync_dir(parent)?;
+    }
+    Ok(std::fs::remove_dir_all(&aside)?)
 }
 
 /// The held lock of a run folder, and the only way to write there. Dropping it removes the lock file (and the
@@ -457,14 +464,8 @@ impl RunLock {
             } else if complete_seen == 0 {
                 continue;
             }
-            // Renamed aside (atomically) before it is deleted: a process killed while deleting leaves a temporary
-            // that the next start removes, never a sealed checkpoint with some of its files gone.
-            let aside = atomic::temp_sibling(&dir);
-            std::fs::rename(&dir, &aside)
+            remove_entry(&dir)
                 .with_context(|| format!("removing old checkpoint {}", dir.display()))?;
-            atomic::sync_dir(&self.run.path)?;
-            std::fs::remove_dir_all(&aside)
-                .with_context(|| format!("removing old checkpoint {}", aside.display()))?;
             removed.push(dir);
         }
         Ok(removed)
