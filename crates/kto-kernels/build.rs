@@ -15,15 +15,20 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     println!("cargo:rerun-if-changed=kernels");
     println!("cargo:rerun-if-changed=emulation");
-    println!("cargo:rerun-if-env-changed=NVCC");
-    println!("cargo:rerun-if-env-changed=CUDA_ROOT");
+    for var in ["NVCC", "CUDA_ROOT", "CUDA_PATH", "CUDA_HOME"] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
     let sources = cuda_sources(&root.join("kernels"));
     if std::env::var_os("CARGO_FEATURE_EMULATION").is_some() {
         build_emulation(&root, &sources);
     }
-    if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
-        build_ptx(&root, &out, &sources);
-    }
+    // `kto_kernels::BUILD`, which `kto --version` shows: which kernels this build carries.
+    let build = if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        build_ptx(&root, &out, &sources)
+    } else {
+        "cpu only".into()
+    };
+    println!("cargo:rustc-env=KTO_KERNELS_BUILD={build}");
 }
 
 /// `kernels/*.cu`, sorted (headers are `.cuh` / `.hpp`).
@@ -67,7 +72,8 @@ fn build_emulation(root: &Path, sources: &[PathBuf]) {
     build.compile("kto_simt");
 }
 
-fn build_ptx(root: &Path, out: &Path, sources: &[PathBuf]) {
+/// Compiles every source to PTX; returns "cuda: PTX <arch>, CUDA <nvcc release>".
+fn build_ptx(root: &Path, out: &Path, sources: &[PathBuf]) -> String {
     let nvcc = find_nvcc().unwrap_or_else(|| {
         panic!(
             "the `cuda` feature needs nvcc 13.0: run `bash scripts/cuda-toolchain.sh` and `source /opt/cuda13/env.sh` \
@@ -99,4 +105,20 @@ fn build_ptx(root: &Path, out: &Path, sources: &[PathBuf]) {
     }
     table.push_str("];\n");
     std::fs::write(out.join("ptx.rs"), table).unwrap();
+    let arch = nvcc_flags(root)
+        .iter()
+        .find_map(|f| f.strip_prefix("-arch=").map(String::from))
+        .unwrap_or_else(|| "unknown arch".into());
+    // "Cuda compilation tools, release 13.0, V13.0.88" -> "13.0"
+    let version = Command::new(&nvcc)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let release = version
+        .split("release ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .unwrap_or("unknown");
+    format!("cuda: PTX {arch}, CUDA {release}")
 }

@@ -6,11 +6,15 @@ mod progress;
 
 use clap::{Parser, Subcommand};
 
+/// "0.1.0 (cpu only)" or "0.1.0 (cuda: PTX compute_80, CUDA 13.0)": which build this binary is, so that a GPU
+/// check proves first that it runs the cuda build.
+static VERSION: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("{} ({})", env!("CARGO_PKG_VERSION"), kto_kernels::BUILD));
+
 #[derive(Parser)]
 #[command(
     name = "kto",
-    // "0.1.0 (cpu only)" or "0.1.0 (cuda: PTX compute_80, CUDA 13.0)" (build.rs): which build this binary is.
-    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("KTO_BUILD"), ")"),
+    version = VERSION.as_str(),
     about = "KTO (Kahneman-Tversky Optimization) training with LoRA adapters",
     after_help = EXAMPLES
 )]

@@ -32,6 +32,10 @@ pub mod cuda;
 #[cfg(feature = "emulation")]
 pub mod emulation;
 
+/// Which kernels this build carries: "cpu only", or "cuda: PTX compute_80, CUDA 13.0" (the PTX target of
+/// `kernels/nvcc.flags` and the release of the nvcc that compiled them; build.rs).
+pub const BUILD: &str = env!("KTO_KERNELS_BUILD");
+
 /// Every kernel of the crate (for the PTX checks and the launch-declaration tests).
 pub fn all_kernels() -> Vec<&'static kernel::Kernel> {
     vec![
