@@ -53,11 +53,11 @@ Each command has its own examples: kto help train, kto train --help.";
 fn main() -> std::process::ExitCode {
     cpu_threads::share_cores();
     let cli = Cli::parse();
-    progress::init(cli.quiet);
+    let progress = progress::init(cli.quiet);
     let result = match cli.command {
         Command::Prepare(args) => commands::prepare::run(args),
-        Command::Train(args) => commands::train::run(args),
-        Command::Eval(args) => commands::eval::run(args),
+        Command::Train(args) => commands::train::run(args, progress),
+        Command::Eval(args) => commands::eval::run(args, progress),
         Command::Plot(args) => commands::plot::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Chat(args) => commands::chat::run(args),

@@ -6,12 +6,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use kto_trainer::progress::{set_observer, Observer, Pass};
+use kto_trainer::progress::{DataPass, Observer, Silent};
 use serde_json::{Map, Value};
 
-/// Sets up logging and progress for the whole process. `quiet` keeps warnings and errors only (`RUST_LOG` still
-/// wins for logging).
-pub fn init(quiet: bool) {
+/// Sets up logging for the whole process and returns what shows the progress of training, precompute and
+/// evaluation. `quiet` keeps warnings and errors only (`RUST_LOG` still wins for logging).
+pub fn init(quiet: bool) -> Arc<dyn Observer> {
     let terminal = std::io::stderr().is_terminal();
     let bars =
         (terminal && !quiet).then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
@@ -26,12 +26,11 @@ pub fn init(quiet: bool) {
         .without_time()
         .with_target(false)
         .try_init();
-    let observer: Option<Arc<dyn Observer>> = match (quiet, bars) {
-        (true, _) => None,
-        (false, Some(bars)) => Some(Arc::new(Bars::new(bars))),
-        (false, None) => Some(Arc::new(LogLines::default())),
-    };
-    set_observer(observer);
+    match (quiet, bars) {
+        (true, _) => Arc::new(Silent),
+        (false, Some(bars)) => Arc::new(Bars::new(bars)),
+        (false, None) => Arc::new(LogLines::default()),
+    }
 }
 
 /// Writes log lines to stderr, hiding the bars while it does.
@@ -232,7 +231,7 @@ impl Observer for Bars {
         }
     }
 
-    fn pass_started(&self, pass: &Pass, samples: usize) {
+    fn pass_started(&self, pass: &DataPass, samples: usize) {
         let bar = self.bars.add(ProgressBar::new(samples as u64));
         bar.set_style(style(
             "{prefix} [{bar:30}] {pos}/{len} samples  [{elapsed_precise} < {eta_precise}]",
@@ -247,7 +246,7 @@ impl Observer for Bars {
         }
     }
 
-    fn pass_finished(&self, _pass: &Pass) {
+    fn pass_finished(&self, _pass: &DataPass) {
         if let Some(bar) = self.state().pass.take() {
             bar.finish_and_clear();
             self.bars.remove(&bar);
@@ -319,7 +318,7 @@ impl Observer for LogLines {
         );
     }
 
-    fn pass_started(&self, pass: &Pass, samples: usize) {
+    fn pass_started(&self, pass: &DataPass, samples: usize) {
         tracing::info!("{pass}: {samples} samples");
         let now = Instant::now();
         self.state().pass = Some(PassLog {
@@ -340,7 +339,7 @@ impl Observer for LogLines {
         }
     }
 
-    fn pass_finished(&self, pass: &Pass) {
+    fn pass_finished(&self, pass: &DataPass) {
         if let Some(p) = self.state().pass.take() {
             tracing::info!(
                 "{pass}: {}/{} samples in {}",

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::{kto, kto_command, kto_ok};
-use kto_trainer::checkpoint::{FAULT_DELAY_ENV, MANIFEST};
+use kto_data::faults::SEAL_DELAY_ENV;
+use kto_trainer::checkpoint::MANIFEST;
 use safetensors::SafeTensors;
 use serde_json::Value;
 
@@ -134,7 +135,7 @@ fn prepare_train_kill_resume_eval_plot_export_generate_chat() {
     let checkpoint_2 = dir.join("run/checkpoint-2");
     let log = std::fs::File::create(dir.join("train-killed.log")).unwrap();
     let mut child = kto_command(dir, &with_config(&["train"], &config))
-        .env(FAULT_DELAY_ENV, "500")
+        .env(SEAL_DELAY_ENV, "500")
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()

@@ -3,18 +3,11 @@
 //! after a crash of the process *or the machine* a reader sees either the old version or the complete new one.
 //! A failed write removes its temporary and reports the OS error once.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use anyhow::{anyhow, bail, Context, Result};
-
-/// Test hook (`crates/kto-cli/tests/stop_and_lock.rs`): `KTO_FAULT_WRITE_ERROR=NAME@N` makes the N-th (1-based)
-/// atomic write of a file named NAME in this process fail after its temporary is written, with the OS error of a
-/// full disk. Unset, it costs one environment lookup per write.
-pub const FAULT_WRITE_ERROR_ENV: &str = "KTO_FAULT_WRITE_ERROR";
 
 /// The sibling that a write of `path` goes to before its rename. Leftovers of a killed process match
 /// [`is_temporary_name`].
@@ -41,7 +34,7 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
 pub fn write_file_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let tmp = temp_sibling(path);
     let written = write(&tmp)
-        .and_then(|()| injected_fault(path))
+        .and_then(|()| crate::faults::write_error(path).map_err(anyhow::Error::from))
         .and_then(|()| sync_file(&tmp));
     if let Err(err) = written {
         let _ = std::fs::remove_file(&tmp);
@@ -59,7 +52,7 @@ pub fn write_files(files: &[(&Path, &[u8])]) -> Result<()> {
         temporaries.push(tmp.clone());
         std::fs::write(&tmp, bytes)
             .map_err(anyhow::Error::from)
-            .and_then(|()| injected_fault(path))
+            .and_then(|()| crate::faults::write_error(path).map_err(anyhow::Error::from))
             .and_then(|()| sync_file(&tmp))
             .map_err(|err| once(err, path))
     });
@@ -150,32 +143,6 @@ fn once(err: anyhow::Error, path: &Path) -> anyhow::Error {
         Some(os) => anyhow!("cannot write {}: {os}", path.display()),
         None => err.context(format!("cannot write {}", path.display())),
     }
-}
-
-/// The failure [`FAULT_WRITE_ERROR_ENV`] asks for at this write of `path`, if any.
-fn injected_fault(path: &Path) -> Result<()> {
-    let Ok(spec) = std::env::var(FAULT_WRITE_ERROR_ENV) else {
-        return Ok(());
-    };
-    let (name, nth) = spec
-        .rsplit_once('@')
-        .and_then(|(name, n)| Some((name.to_string(), n.parse::<usize>().ok()?)))
-        .ok_or_else(|| anyhow!("{FAULT_WRITE_ERROR_ENV}={spec}: expected NAME@N"))?;
-    if path.file_name() != Some(std::ffi::OsStr::new(&name)) {
-        return Ok(());
-    }
-    static WRITES: Mutex<Option<HashMap<String, usize>>> = Mutex::new(None);
-    let mut writes = WRITES.lock().unwrap_or_else(|e| e.into_inner());
-    let count = writes
-        .get_or_insert_with(HashMap::new)
-        .entry(name)
-        .or_default();
-    *count += 1;
-    if *count == nth {
-        // ENOSPC: what a full disk reports.
-        return Err(io::Error::from_raw_os_error(28).into());
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -7,9 +7,9 @@
 //! undesirable_weight in `[round(n_D·λ_D/n_U/1.33, 2), round(n_D·λ_D/n_U, 2)]`, and warns when the counts differ and
 //! neither weight is in its range.
 //!
-//! `desirable_weight = "auto"` resolves to the middle of eq. 8's interval: `n_U·λ_U/n_D · 7/6`. The middle, rather
-//! than the lower end (weighted classes exactly balanced), stays inside TRL's rounded range whatever the rounding,
-//! so TRL would not warn about it.
+//! `desirable_weight = "auto"` resolves to the middle of TRL's interval: `n_U·λ_U/n_D · (1 + 1.33)/2`, and
+//! `undesirable_weight = "auto"` to the middle of its own: `n_D·λ_D/n_U · (1/1.33 + 1)/2`. The middle, rather than
+//! an end (weighted classes exactly balanced), stays inside TRL's rounded range, so TRL would not warn about it.
 use std::fmt;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -82,6 +82,24 @@ impl WeightRanges {
     }
 }
 
+/// The upper end of eq. 8's interval as TRL writes it: `λ_D·n_D / (λ_U·n_U) ∈ [1, 1.33]` (the paper's 4/3).
+const EQ8_UPPER: f64 = 1.33;
+
+/// Eq. 8's intervals before TRL rounds them: for the desirable weight given the undesirable one, and the reverse.
+fn eq8_intervals(
+    counts: ClassCounts,
+    desirable_weight: f64,
+    undesirable_weight: f64,
+) -> WeightRanges {
+    let (n_d, n_u) = counts.trl_counts();
+    let desirable = n_u * undesirable_weight / n_d;
+    let undesirable = n_d * desirable_weight / n_u;
+    WeightRanges {
+        desirable: (desirable, desirable * EQ8_UPPER),
+        undesirable: (undesirable / EQ8_UPPER, undesirable),
+    }
+}
+
 /// The ranges exactly as TRL computes them; `None` when TRL skips the check (equal counts).
 pub fn recommended_ranges(
     counts: ClassCounts,
@@ -92,15 +110,11 @@ pub fn recommended_ranges(
     if n_d == n_u {
         return None;
     }
+    let exact = eq8_intervals(counts, desirable_weight, undesirable_weight);
+    let round = |(low, high): (f64, f64)| (round2(low), round2(high));
     Some(WeightRanges {
-        desirable: (
-            round2((n_u * undesirable_weight / n_d) * 1.0),
-            round2((n_u * undesirable_weight / n_d) * 1.33),
-        ),
-        undesirable: (
-            round2((n_d * desirable_weight / n_u) / 1.33),
-            round2((n_d * desirable_weight / n_u) / 1.0),
-        ),
+        desirable: round(exact.desirable),
+        undesirable: round(exact.undesirable),
     })
 }
 
@@ -126,83 +140,18 @@ pub fn balance_warning(
     ))
 }
 
-/// The value of `desirable_weight = "auto"`: the middle of eq. 8's interval.
+/// The value of `desirable_weight = "auto"`: the middle of eq. 8's interval for it.
 pub fn auto_desirable_weight(counts: ClassCounts, undesirable_weight: f64) -> f64 {
-    let (n_d, n_u) = counts.trl_counts();
-    n_u * undesirable_weight / n_d * (1.0 + 4.0 / 3.0) / 2.0
+    middle(eq8_intervals(counts, 0.0, undesirable_weight).desirable)
 }
 
-/// The config's `desirable_weight`: a number, or `"auto"` (see [`auto_desirable_weight`]).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum DesirableWeight {
-    Value(f64),
-    Auto,
+/// The value of `undesirable_weight = "auto"`: the middle of eq. 8's interval for it.
+pub fn auto_undesirable_weight(counts: ClassCounts, desirable_weight: f64) -> f64 {
+    middle(eq8_intervals(counts, desirable_weight, 0.0).undesirable)
 }
 
-impl Default for DesirableWeight {
-    fn default() -> Self {
-        DesirableWeight::Value(1.0)
-    }
-}
-
-impl DesirableWeight {
-    /// The weight to train with, given the training set's counts.
-    pub fn resolve(self, counts: ClassCounts, undesirable_weight: f64) -> f64 {
-        match self {
-            DesirableWeight::Value(weight) => weight,
-            DesirableWeight::Auto => auto_desirable_weight(counts, undesirable_weight),
-        }
-    }
-}
-
-impl fmt::Display for DesirableWeight {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            DesirableWeight::Value(weight) => write!(f, "{weight}"),
-            DesirableWeight::Auto => f.write_str("auto"),
-        }
-    }
-}
-
-impl std::str::FromStr for DesirableWeight {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, String> {
-        if text == "auto" {
-            return Ok(DesirableWeight::Auto);
-        }
-        match text.parse::<f64>() {
-            Ok(weight) if weight.is_finite() && weight >= 0.0 => Ok(DesirableWeight::Value(weight)),
-            _ => Err(format!(
-                "desirable_weight must be a non-negative number or \"auto\", got {text:?}"
-            )),
-        }
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for DesirableWeight {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        #[derive(serde::Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Number(f64),
-            Text(String),
-        }
-        match Raw::deserialize(deserializer)? {
-            Raw::Number(weight) => weight.to_string().parse(),
-            Raw::Text(text) => text.parse(),
-        }
-        .map_err(serde::de::Error::custom)
-    }
-}
-
-impl serde::Serialize for DesirableWeight {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        match self {
-            DesirableWeight::Value(weight) => serializer.serialize_f64(*weight),
-            DesirableWeight::Auto => serializer.serialize_str("auto"),
-        }
-    }
+fn middle((low, high): (f64, f64)) -> f64 {
+    (low + high) / 2.0
 }
 
 /// Python's `round(x, 2)`: the double nearest to x rounded half-to-even on its exact decimal value, which is what
@@ -301,29 +250,6 @@ mod tests {
     }
 
     #[test]
-    fn desirable_weight_setting() {
-        let weight: DesirableWeight = serde_json::from_str("1.5").unwrap();
-        assert_eq!(weight, DesirableWeight::Value(1.5));
-        let weight: DesirableWeight = serde_json::from_str("\"auto\"").unwrap();
-        let counts = ClassCounts {
-            desirable: 10,
-            undesirable: 5,
-        };
-        assert!((weight.resolve(counts, 1.0) - 0.5 * 7.0 / 6.0).abs() < 1e-12);
-        assert_eq!(DesirableWeight::Value(2.0).resolve(counts, 1.0), 2.0);
-        let error = serde_json::from_str::<DesirableWeight>("\"half\"")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            error.contains(
-                "desirable_weight must be a non-negative number or \"auto\", got \"half\""
-            ),
-            "{error}"
-        );
-        assert!(serde_json::from_str::<DesirableWeight>("-1").is_err());
-    }
-
-    #[test]
     fn rounding_is_pythons() {
         assert_eq!(round2(2.675), 2.67); // 2.675 is 2.67499999... in binary
         assert_eq!(round2(0.125), 0.12); // an exact tie rounds to even
@@ -347,7 +273,16 @@ mod tests {
                 "{counts} → {auto}"
             );
             let ratio = auto * desirable as f64 / (undesirable_weight * undesirable as f64);
-            assert!((ratio - 7.0 / 6.0).abs() < 1e-12);
+            assert!((ratio - (1.0 + 1.33) / 2.0).abs() < 1e-12);
+            let desirable_weight = 1.2;
+            let auto = auto_undesirable_weight(counts, desirable_weight);
+            assert_eq!(
+                balance_warning(counts, desirable_weight, auto),
+                None,
+                "{counts} → undesirable {auto}"
+            );
+            let ratio = desirable_weight * desirable as f64 / (auto * undesirable as f64);
+            assert!((1.0..=1.33).contains(&ratio), "{ratio}");
         }
     }
 }

@@ -7,13 +7,14 @@ pub mod balance;
 pub mod batch;
 pub mod chat_template;
 pub mod drops;
+pub mod faults;
 pub mod formats;
 pub mod hh;
 pub mod prepare;
 pub mod sample;
 pub mod tokenize;
 
-pub use balance::{ClassCounts, DesirableWeight};
+pub use balance::ClassCounts;
 pub use batch::{BatchConfig, BatchOrder, KlPairing, MicroBatch, MicroBatches, SequenceBatch};
 pub use formats::{Format, ReadOptions, ReadReport};
 pub use sample::{Message, Sample, Text};

@@ -72,7 +72,7 @@ pub fn write_checkpoint(
     let final_dir = final_dir.to_path_buf();
     atomic::write_dir(&final_dir, |tmp_dir| {
         fill(tmp_dir).with_context(|| format!("writing checkpoint {}", final_dir.display()))?;
-        fault_pause();
+        kto_data::faults::pause_before_seal();
         let manifest = Manifest {
             step,
             files: list_files(tmp_dir)?,
@@ -83,20 +83,6 @@ pub fn write_checkpoint(
         )
     })?;
     Ok(final_dir)
-}
-
-/// The fault-injection hook of the kill-anywhere test (`crates/kto-cli/tests/faults.rs`): with
-/// `KTO_FAULT_DELAY_MS=N` set, every checkpoint and final-adapter write sleeps N ms after its files are written and
-/// before it is sealed, so that a test can kill the process mid-write. Unset, it costs one environment lookup.
-pub const FAULT_DELAY_ENV: &str = "KTO_FAULT_DELAY_MS";
-
-pub fn fault_pause() {
-    if let Some(ms) = std::env::var(FAULT_DELAY_ENV)
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        std::thread::sleep(std::time::Duration::from_millis(ms));
-    }
 }
 
 /// Every file under `dir` (recursively, manifest excluded) with size and checksum, sorted by path.

@@ -12,7 +12,6 @@ pub use kto_model::{AdapterChoice, SequenceLogps};
 use crate::loss::{
     batch_metrics, kto_loss, LossInputs, LossOutput, LossSettings, MicroBatchMetrics, RowStats,
 };
-use crate::progress::{Pass, PassProgress};
 use crate::reference_cache::ReferenceLogps;
 
 /// What the training loop needs from a model with a trainable adapter, in kto-model's own terms.
@@ -166,12 +165,6 @@ pub fn precompute_reference<M: PolicyModel>(
 ) -> Result<ReferenceLogps> {
     let mut targets = vec![f32::NAN; num_samples];
     let mut kl = with_kl.then(|| vec![f32::NAN; num_samples]);
-    let progress = PassProgress::start(
-        Pass::ReferencePrecompute {
-            dataset: label.to_string(),
-        },
-        num_samples,
-    );
     for batch in batches {
         let kl_batch = batch.kl.as_ref().filter(|_| kl.is_some());
         let (target_logps, kl_logps) =
@@ -188,9 +181,7 @@ pub fn precompute_reference<M: PolicyModel>(
                 kl_out[i] = v;
             }
         }
-        progress.advance(batch.indices.len());
     }
-    drop(progress);
     ensure!(
         targets.iter().all(|v| !v.is_nan()),
         "reference precompute missed samples ({label})"

@@ -13,11 +13,13 @@
 //!   checkpoint folder and its trainer state), [`reference_cache`] (precomputed reference log-probs on disk),
 //!   [`evaluate`] (held-out loss, rewards, reward accuracy, AUROC, pair accuracy), [`forward`] (what the loop asks
 //!   of a model and how one micro-batch is scored), [`progress`] (steps, precompute and evaluation reported to an
-//!   observer the program installs).
+//!   observer), [`stop`] (graceful stop on request or signal).
+//! - [`hooks`]: what a caller passes to watch and steer a run (progress, stop, test probes); nothing is global.
 pub mod checkpoint;
 pub mod config;
 pub mod evaluate;
 pub mod forward;
+pub mod hooks;
 pub mod llama_policy;
 pub mod loss;
 pub mod metrics;

@@ -1,26 +1,28 @@
-//! Progress of the long-running parts (training steps, the reference precompute, evaluation), reported to an
-//! [`Observer`] that the program installs once, as `tracing` does with its subscriber: the loop says what
-//! happened, the binary decides how to show it (a terminal bar, log lines, or nothing). Without an installed
-//! observer nothing is shown, which keeps library users and tests quiet.
+//! Progress of the long-running parts (training steps, the reference precompute, evaluation), reported to the
+//! [`Observer`] the caller passes in its [`crate::hooks::Hooks`]: the loop says what happened, the binary decides
+//! how to show it (a terminal bar, log lines, or nothing). The default observer shows nothing, which keeps library
+//! users and tests quiet.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
-/// A pass over a dataset that is not a training step.
+/// A pass over a data set that is not a training step.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Pass {
+pub enum DataPass {
     /// Reference log-probs computed once before training (`precompute_ref_log_probs`), of one dataset.
     ReferencePrecompute { dataset: String },
     /// The held-out evaluation.
     Evaluation,
 }
 
-impl std::fmt::Display for Pass {
+impl std::fmt::Display for DataPass {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Pass::ReferencePrecompute { dataset } => write!(f, "reference log-probs ({dataset})"),
-            Pass::Evaluation => write!(f, "evaluation"),
+            DataPass::ReferencePrecompute { dataset } => {
+                write!(f, "reference log-probs ({dataset})")
+            }
+            DataPass::Evaluation => write!(f, "evaluation"),
         }
     }
 }
@@ -36,31 +38,16 @@ pub trait Observer: Send + Sync {
     /// Training stopped (finished, interrupted by `stop_after_step`, or failed).
     fn training_finished(&self) {}
     /// A pass over `samples` samples begins.
-    fn pass_started(&self, _pass: &Pass, _samples: usize) {}
+    fn pass_started(&self, _pass: &DataPass, _samples: usize) {}
     /// `samples` more samples of the current pass are done.
     fn pass_advanced(&self, _samples: usize) {}
     /// The current pass ended (done or failed).
-    fn pass_finished(&self, _pass: &Pass) {}
+    fn pass_finished(&self, _pass: &DataPass) {}
 }
 
-struct Silent;
+/// Shows nothing.
+pub struct Silent;
 impl Observer for Silent {}
-
-static OBSERVER: RwLock<Option<Arc<dyn Observer>>> = RwLock::new(None);
-
-/// Installs the process-wide observer (`None` silences progress again).
-pub fn set_observer(observer: Option<Arc<dyn Observer>>) {
-    *OBSERVER.write().unwrap_or_else(|e| e.into_inner()) = observer;
-}
-
-/// The installed observer, or one that shows nothing.
-pub fn observer() -> Arc<dyn Observer> {
-    OBSERVER
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone()
-        .unwrap_or_else(|| Arc::new(Silent))
-}
 
 /// Reports a training run; tells the observer that training ended when dropped, on every exit path.
 pub struct TrainingProgress {
@@ -68,10 +55,11 @@ pub struct TrainingProgress {
 }
 
 impl TrainingProgress {
-    pub fn start(first_step: usize, max_steps: usize) -> Self {
-        let observer = observer();
+    pub fn start(observer: &Arc<dyn Observer>, first_step: usize, max_steps: usize) -> Self {
         observer.training_started(first_step, max_steps);
-        Self { observer }
+        Self {
+            observer: observer.clone(),
+        }
     }
 
     pub fn step_finished(&self, step: usize, samples: usize) {
@@ -92,14 +80,16 @@ impl Drop for TrainingProgress {
 /// Reports one pass; tells the observer that it ended when dropped, on every exit path.
 pub struct PassProgress {
     observer: Arc<dyn Observer>,
-    pass: Pass,
+    pass: DataPass,
 }
 
 impl PassProgress {
-    pub fn start(pass: Pass, samples: usize) -> Self {
-        let observer = observer();
+    pub fn start(observer: &Arc<dyn Observer>, pass: DataPass, samples: usize) -> Self {
         observer.pass_started(&pass, samples);
-        Self { observer, pass }
+        Self {
+            observer: observer.clone(),
+            pass,
+        }
     }
 
     pub fn advance(&self, samples: usize) {

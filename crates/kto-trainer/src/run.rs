@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
-use kto_data::balance::{auto_desirable_weight, balance_warning, ClassCounts};
+use kto_data::balance::{
+    auto_desirable_weight, auto_undesirable_weight, balance_warning, ClassCounts,
+};
 use kto_data::formats::{read_file, ReadOptions};
 use kto_data::tokenize::{tokenize_dataset, TokenizationConfig, TokenizedSample, TokenizerBundle};
 use kto_model::lora::{LoraAdapter, LoraConfig, LoraTarget};
@@ -15,13 +17,14 @@ use crate::checkpoint::TrainerState;
 use crate::config::{Config, Weight};
 use crate::evaluate::evaluate_batches;
 use crate::forward::{precompute_reference, Reference};
+use crate::hooks::Hooks;
 use crate::llama_policy::LoraPolicy;
 use crate::plan::TrainingPlan;
-use crate::progress::{Pass, PassProgress};
+use crate::progress::{DataPass, PassProgress};
 use crate::reference_cache::{self, CacheKeyBuilder, ReferenceLogps};
 use crate::run_dir::{check_resumable, plain, RunLock, Start};
-use crate::stop::{self, Moment};
-use crate::train::{loss_settings, micro_batches, train, GradientHook, TrainJob, TrainSummary};
+use crate::train::{loss_settings, micro_batches, train, TrainJob, TrainSummary};
+use kto_data::faults::{self, Moment};
 
 /// A loaded model with its tokenizer.
 pub struct Loaded {
@@ -163,12 +166,7 @@ pub fn resolve_weights(config: &mut Config, train: &[TokenizedSample]) {
             k.desirable_weight = Weight::Value(auto_desirable_weight(counts, u))
         }
         (Weight::Value(d), Weight::Auto) => {
-            // The middle of eq. 8's interval for the undesirable weight: [n_d·w_d / n_u · 3/4, n_d·w_d / n_u].
-            let (n_d, n_u) = (
-                counts.desirable.max(1) as f64,
-                (counts.undesirable).max(1) as f64,
-            );
-            k.undesirable_weight = Weight::Value(n_d * d / n_u * (1.0 + 0.75) / 2.0);
+            k.undesirable_weight = Weight::Value(auto_undesirable_weight(counts, d))
         }
         _ => {}
     }
@@ -198,6 +196,7 @@ fn reference_for(
     data_file: &Path,
     samples: &[TokenizedSample],
     eval: bool,
+    hooks: &Hooks,
 ) -> Result<Option<ReferenceLogps>> {
     let t = &config.train;
     let batch_size = config.kto.precompute_ref_batch_size.unwrap_or(if eval {
@@ -250,17 +249,28 @@ fn reference_for(
     precompute_config.train.per_device_eval_batch_size = batch_size;
     let batches = micro_batches(&precompute_config, samples, loaded.tokenizer.pad_id, true)?;
     let label = if eval { "eval" } else { "train" };
+    let pass = PassProgress::start(
+        &hooks.progress,
+        DataPass::ReferencePrecompute {
+            dataset: label.to_string(),
+        },
+        samples.len(),
+    );
     let logps = precompute_reference(
         &loaded.policy,
         batches
             .epoch(0)
-            .take_while(|_| stop::requested().is_none())
-            .inspect(|_| stop::test_moment(Moment::PrecomputeBatch)),
+            .take_while(|_| hooks.stop.requested().is_none())
+            .inspect(|batch| {
+                faults::signal_at(Moment::PrecomputeBatch);
+                pass.advance(batch.indices.len())
+            }),
         samples.len(),
         config.kto.loss_type.uses_kl(),
         label,
     );
-    if stop::requested().is_some() {
+    drop(pass);
+    if hooks.stop.requested().is_some() {
         return Ok(None);
     }
     let logps = logps?;
@@ -302,7 +312,7 @@ pub fn run_training(
     config: &Config,
     lock: &RunLock,
     start: &Start,
-    gradient_hook: Option<GradientHook>,
+    hooks: &Hooks,
 ) -> Result<TrainSummary> {
     let resume = start.checkpoint();
     config.require_for_training()?;
@@ -327,14 +337,14 @@ pub fn run_training(
     require_both_classes(&train_file, &train_samples)?;
     resolve_weights(&mut config, &train_samples);
     let (train_reference, eval_reference) = if config.kto.precompute_ref_log_probs {
-        let train_ref = reference_for(&config, &loaded, &train_file, &train_samples, false)?;
+        let train_ref = reference_for(&config, &loaded, &train_file, &train_samples, false, hooks)?;
         let eval_ref = match (&config.data.eval_file, &eval_samples, &train_ref) {
             (Some(path), Some(samples), Some(_)) => {
-                reference_for(&config, &loaded, path, samples, true)?
+                reference_for(&config, &loaded, path, samples, true, hooks)?
             }
             _ => None,
         };
-        if let Some(signal) = stop::requested() {
+        if let Some(signal) = hooks.stop.requested() {
             return stopped_before_training(&config, train_samples.len(), resume, signal);
         }
         (train_ref, eval_ref)
@@ -356,14 +366,16 @@ pub fn run_training(
         train_reference: train_reference.as_ref(),
         eval_reference: eval_reference.as_ref(),
         resume_from: resume,
-        stop_after_step: None,
-        gradient_hook,
     };
-    train(&mut loaded.policy, &job)
+    train(&mut loaded.policy, &job, hooks)
 }
 
 /// `kto eval`: the held-out metrics of the config's model and adapter (or `adapter`) on `[data] eval_file`.
-pub fn run_evaluation(config: &Config, adapter: Option<&Path>) -> Result<Map<String, Value>> {
+pub fn run_evaluation(
+    config: &Config,
+    adapter: Option<&Path>,
+    hooks: &Hooks,
+) -> Result<Map<String, Value>> {
     let mut config = config.clone();
     let loaded = load_model(&config, adapter)?;
     let eval_file = config
@@ -385,7 +397,7 @@ pub fn run_evaluation(config: &Config, adapter: Option<&Path>) -> Result<Map<Str
         "a weight is \"auto\": set [data] train_file so it can be resolved, or give a number",
     )?;
     let batches = micro_batches(&config, &samples, loaded.tokenizer.pad_id, true)?;
-    let pass = PassProgress::start(Pass::Evaluation, samples.len());
+    let pass = PassProgress::start(&hooks.progress, DataPass::Evaluation, samples.len());
     evaluate_batches(
         &loaded.policy,
         batches.epoch(0).inspect(|b| pass.advance(b.indices.len())),

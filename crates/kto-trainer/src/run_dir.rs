@@ -441,7 +441,7 @@ impl RunLock {
         let dir = self.run.final_adapter();
         atomic::write_dir(&dir, |tmp| {
             fill(tmp)?;
-            checkpoint::fault_pause();
+            kto_data::faults::pause_before_seal();
             Ok(())
         })?;
         Ok(dir)

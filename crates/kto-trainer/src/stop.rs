@@ -1,60 +1,62 @@
-//! Graceful stop on SIGINT/SIGTERM: the first signal only records a request, which the training loop honours after
-//! the optimizer step in progress (evaluation and the reference precompute after their current batch); a second
-//! signal ends the process at once, with the exit status of that signal (128 + its number).
-//!
-//! Nothing here is active until [`install`] is called (`kto train` does), so library users and other commands keep
-//! the default behaviour of these signals.
+//! Graceful stop: a [`StopRequest`] is what the loop asks between steps (evaluation and the reference precompute:
+//! between batches); the step in progress finishes, is saved, and the run ends. `kto train` ties it to SIGINT and
+//! SIGTERM with [`StopRequest::on_signals`]: the first signal only requests, a second ends the process at once
+//! with the exit status of that signal (128 + its number). A library caller makes its own and calls
+//! [`StopRequest::request`]; nothing here is global.
 
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::Result;
 use signal_hook::consts::{SIGINT, SIGTERM};
 
-/// The signal of the first stop request; 0 while none came.
-static REQUESTED: AtomicI32 = AtomicI32::new(0);
+/// A shared flag: the signal (or other reason, as a number) that asked the run to stop, once asked.
+#[derive(Debug, Clone, Default)]
+pub struct StopRequest(Arc<AtomicI32>);
 
-/// Test hook (`crates/kto-cli/tests/stop_and_lock.rs`): `KTO_TEST_SIGNAL=SIG@MOMENT[,SIG@MOMENT...]` makes the
-/// process send itself SIGINT or SIGTERM at deterministic moments, so the tests do not depend on timing. A moment is
-/// `step:N` (when optimizer step N begins), `eval:N` (when the N-th evaluation batch of the process begins) or
-/// `precompute:N` (the N-th reference-precompute batch). Unset, it costs one lookup per moment.
-pub const TEST_SIGNAL_ENV: &str = "KTO_TEST_SIGNAL";
-
-/// The moments [`TEST_SIGNAL_ENV`] schedules: (signal, kind, N).
-type TestPlan = Vec<(i32, String, usize)>;
-static TEST_PLAN: OnceLock<TestPlan> = OnceLock::new();
-
-/// Installs the handlers for SIGINT and SIGTERM (and reads [`TEST_SIGNAL_ENV`]). Idempotent.
-pub fn install() -> Result<()> {
-    static INSTALLED: OnceLock<()> = OnceLock::new();
-    if INSTALLED.get().is_some() {
-        return Ok(());
+impl StopRequest {
+    /// A request that nothing has made yet.
+    pub fn new() -> Self {
+        Self::default()
     }
-    if let Ok(spec) = std::env::var(TEST_SIGNAL_ENV) {
-        let _ = TEST_PLAN.set(parse_test_plan(&spec)?);
-    }
-    let first_came = Arc::new(AtomicBool::new(false));
-    for signal in [SIGINT, SIGTERM] {
-        // Registered first, so it runs before the flag below is set: it ends the process only on a later signal.
-        signal_hook::flag::register_conditional_shutdown(signal, 128 + signal, first_came.clone())?;
-        let first_came = first_came.clone();
-        // SAFETY: the action only stores to atomics, which is async-signal-safe.
-        unsafe {
-            signal_hook::low_level::register(signal, move || {
-                let _ = REQUESTED.compare_exchange(0, signal, Ordering::SeqCst, Ordering::SeqCst);
-                first_came.store(true, Ordering::SeqCst);
-            })?;
+
+    /// A request made by the first SIGINT or SIGTERM to this process; a second such signal exits at once.
+    pub fn on_signals() -> Result<Self> {
+        let stop = Self::new();
+        let first_came = Arc::new(AtomicBool::new(false));
+        for signal in [SIGINT, SIGTERM] {
+            // Registered first, so it runs before the flag below is set: it ends the process only on a later signal.
+            signal_hook::flag::register_conditional_shutdown(
+                signal,
+                128 + signal,
+                first_came.clone(),
+            )?;
+            let (first_came, requested) = (first_came.clone(), stop.0.clone());
+            // SAFETY: the action only stores to atomics, which is async-signal-safe.
+            unsafe {
+                signal_hook::low_level::register(signal, move || {
+                    let _ =
+                        requested.compare_exchange(0, signal, Ordering::SeqCst, Ordering::SeqCst);
+                    first_came.store(true, Ordering::SeqCst);
+                })?;
+            }
         }
+        Ok(stop)
     }
-    let _ = INSTALLED.set(());
-    Ok(())
-}
 
-/// The signal that asked to stop, if one did.
-pub fn requested() -> Option<i32> {
-    match REQUESTED.load(Ordering::SeqCst) {
-        0 => None,
-        signal => Some(signal),
+    /// Asks the run to stop; `signal` is what [`StopRequest::requested`] reports (the first request wins).
+    pub fn request(&self, signal: i32) {
+        let _ = self
+            .0
+            .compare_exchange(0, signal, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    /// The signal that asked to stop, if one did.
+    pub fn requested(&self) -> Option<i32> {
+        match self.0.load(Ordering::SeqCst) {
+            0 => None,
+            signal => Some(signal),
+        }
     }
 }
 
@@ -63,75 +65,18 @@ pub fn exit_status(signal: i32) -> i32 {
     128 + signal
 }
 
-/// Where [`TEST_SIGNAL_ENV`] may raise a signal.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Moment {
-    /// Optimizer step N (1-based) begins.
-    Step(usize),
-    /// The process's N-th evaluation batch begins.
-    EvalBatch,
-    /// The process's N-th reference-precompute batch begins.
-    PrecomputeBatch,
-}
-
-/// The test hook: raises the signals that [`TEST_SIGNAL_ENV`] schedules for this moment (none unless [`install`]
-/// read a plan).
-pub fn test_moment(moment: Moment) {
-    static EVAL_BATCHES: AtomicUsize = AtomicUsize::new(0);
-    static PRECOMPUTE_BATCHES: AtomicUsize = AtomicUsize::new(0);
-    let Some(plan) = TEST_PLAN.get() else {
-        return;
-    };
-    let (kind, n) = match moment {
-        Moment::Step(n) => ("step", n),
-        Moment::EvalBatch => ("eval", EVAL_BATCHES.fetch_add(1, Ordering::SeqCst) + 1),
-        Moment::PrecomputeBatch => (
-            "precompute",
-            PRECOMPUTE_BATCHES.fetch_add(1, Ordering::SeqCst) + 1,
-        ),
-    };
-    for (signal, at_kind, at_n) in plan {
-        if at_kind == kind && *at_n == n {
-            signal_hook::low_level::raise(*signal).expect("raise a signal on this process");
-        }
-    }
-}
-
-fn parse_test_plan(spec: &str) -> Result<TestPlan> {
-    spec.split(',')
-        .map(|item| {
-            let bad = || {
-                anyhow!("{TEST_SIGNAL_ENV}={spec}: expected SIGINT|SIGTERM@step|eval|precompute:N")
-            };
-            let (signal, moment) = item.trim().split_once('@').ok_or_else(bad)?;
-            let signal = match signal {
-                "SIGINT" => SIGINT,
-                "SIGTERM" => SIGTERM,
-                _ => bail!(bad()),
-            };
-            let (kind, n) = moment.split_once(':').ok_or_else(bad)?;
-            if !["step", "eval", "precompute"].contains(&kind) {
-                bail!(bad());
-            }
-            Ok((signal, kind.to_string(), n.parse().map_err(|_| bad())?))
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn test_plan_parses_and_rejects_typos() -> Result<()> {
-        assert_eq!(
-            parse_test_plan("SIGTERM@step:3,SIGINT@eval:2")?,
-            vec![(SIGTERM, "step".into(), 3), (SIGINT, "eval".into(), 2)]
-        );
-        for bad in ["SIGHUP@step:1", "SIGINT@steps:1", "SIGINT@step", "SIGINT"] {
-            assert!(parse_test_plan(bad).is_err(), "{bad}");
-        }
+    fn first_request_wins() {
+        let stop = StopRequest::new();
+        assert_eq!(stop.requested(), None);
+        let seen_by_the_loop = stop.clone();
+        stop.request(SIGTERM);
+        stop.request(SIGINT);
+        assert_eq!(seen_by_the_loop.requested(), Some(SIGTERM));
         assert_eq!((exit_status(SIGINT), exit_status(SIGTERM)), (130, 143));
-        Ok(())
     }
 }

@@ -4,27 +4,25 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{Tensor, Var};
-use kto_data::batch::{BatchConfig, BatchOrder, KlPairing, MicroBatches};
+use kto_data::batch::{BatchConfig, BatchOrder, KlPairing, MicroBatch, MicroBatches};
 use kto_data::tokenize::TokenizedSample;
 
 use crate::checkpoint::{self, load_trainable, save_trainable, TrainerState};
 use crate::config::Config;
 use crate::evaluate::evaluate_batches;
 use crate::forward::{score_micro_batch, PolicyModel, Reference};
+use crate::hooks::Hooks;
 use crate::loss::LossSettings;
 use crate::metrics::{self, MetricsAccumulator, StepInfo};
 use crate::optimizer::{measure_grad_norm, scale_grads, AdamW, AdamWSettings};
 use crate::plan::TrainingPlan;
-use crate::progress::{Pass, PassProgress, TrainingProgress};
+use crate::progress::{DataPass, PassProgress, TrainingProgress};
 use crate::reference_cache::ReferenceLogps;
 use crate::run_dir::RunLock;
 use crate::schedule::Schedule;
-use crate::stop::{self, Moment};
-
-/// Sees a step's gradients after clipping (step number, gradients by parameter name).
-pub type GradientHook<'a> = &'a dyn Fn(usize, &HashMap<String, Tensor>) -> Result<()>;
+use kto_data::faults::{self, Moment};
 
 /// Everything a training run needs besides the model.
 pub struct TrainJob<'a> {
@@ -41,10 +39,6 @@ pub struct TrainJob<'a> {
     pub eval_reference: Option<&'a ReferenceLogps>,
     /// A `checkpoint-N` folder to continue from, as [`RunLock::begin`] chose and verified it.
     pub resume_from: Option<&'a Path>,
-    /// Stop (as if interrupted) once this many optimizer steps are done in total; the checkpoints stay as saved.
-    pub stop_after_step: Option<usize>,
-    /// Sees every step's gradients after clipping, before the optimizer (step number, gradients by name).
-    pub gradient_hook: Option<GradientHook<'a>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -101,15 +95,13 @@ pub fn micro_batches<'a>(
     )
 }
 
-/// Trains the model's adapter. Per optimizer step: for each micro-batch of the accumulation group, the policy
-/// log-probs of the targets (with gradient), the policy and reference log-probs of the KL pairs (no gradient), the
-/// reference log-probs of the targets; the loss divided by the group size; backward; gradients summed. Then
-/// clipping, AdamW, the schedule, logging, evaluation and saving.
-pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSummary> {
+/// Trains the model's adapter, as transformers' `Trainer` loop runs `KTOTrainer`: each optimizer step accumulates
+/// the gradients of its micro-batches, clips them and steps AdamW; then the step is logged, evaluated and saved as
+/// `logging_steps`, `eval_steps` and `save_steps` say, and the run stops at `max_steps` or when `hooks.stop` asks.
+pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob, hooks: &Hooks) -> Result<TrainSummary> {
     let config = job.config;
     let t = &config.train;
     let run = job.run;
-    let output_dir = run.dir();
     let settings = loss_settings(config)?;
     let train_batches = micro_batches(config, job.train, job.pad_id, false)?;
     let eval_batches = match job.eval {
@@ -118,12 +110,6 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
         }
         _ => None,
     };
-    let train_reference = job
-        .train_reference
-        .map_or(Reference::Online, Reference::Precomputed);
-    let eval_reference = job
-        .eval_reference
-        .map_or(Reference::Online, Reference::Precomputed);
     let plan = TrainingPlan::new(
         job.train.len(),
         t.per_device_train_batch_size,
@@ -141,16 +127,32 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
     if params.is_empty() {
         bail!("the model has no trainable parameters (no LoRA adapter installed)");
     }
-    let adamw = AdamWSettings {
-        beta1: t.adam_beta1,
-        beta2: t.adam_beta2,
-        eps: t.adam_epsilon,
-        weight_decay: t.weight_decay,
+    let stepping = Stepping {
+        params: &params,
+        max_grad_norm: if t.max_grad_norm > 0.0 {
+            t.max_grad_norm
+        } else {
+            f64::INFINITY
+        },
+        reference: job
+            .train_reference
+            .map_or(Reference::Online, Reference::Precomputed),
+        settings: &settings,
+        output_dir: run.dir(),
+        hooks,
+    };
+    let evaluation = Evaluation {
+        batches: eval_batches.as_ref(),
+        samples: job.eval.map_or(0, <[_]>::len),
+        reference: job
+            .eval_reference
+            .map_or(Reference::Online, Reference::Precomputed),
+        settings: &settings,
+        hooks,
     };
 
-    let (mut optimizer, mut state) = start_or_resume(job, &params, adamw)?;
+    let (mut optimizer, mut state) = start_or_resume(job, &params)?;
     let mut pending: MetricsAccumulator = std::mem::take(&mut state.metrics_pending);
-    let mut since_log = Instant::now();
     tracing::info!(
         "{} samples, {} micro-batches per epoch, {} steps per epoch, {} steps",
         job.train.len(),
@@ -158,18 +160,12 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
         plan.steps_per_epoch,
         plan.max_steps
     );
-
-    let progress = TrainingProgress::start(state.global_step, plan.max_steps);
-    let evaluation = Evaluation {
-        batches: eval_batches.as_ref(),
-        samples: job.eval.map_or(0, <[_]>::len),
-        reference: eval_reference,
-        settings: &settings,
-    };
+    let progress = TrainingProgress::start(&hooks.progress, state.global_step, plan.max_steps);
     if state.evaluation_pending {
         evaluate(model, &evaluation, &mut state, &pending, run, &progress)?;
     }
-    let mut stopped_by = stop::requested();
+    let mut since_log = Instant::now();
+    let mut stopped_by = hooks.stop.requested();
     // The step whose state is on disk (a fresh run's step 0 needs none): a stop request seen before the next step
     // begins ends the run there; otherwise the step in progress finishes and is saved.
     let mut saved_step = state.global_step;
@@ -181,71 +177,40 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
         let mut epoch_batches = train_batches.epoch(epoch as u64).skip(skip);
         for step_in_epoch in first_step_in_epoch..plan.steps_per_epoch {
             if state.global_step == saved_step {
-                stopped_by = stopped_by.or(stop::requested());
+                stopped_by = stopped_by.or(hooks.stop.requested());
             }
-            if state.global_step >= plan.max_steps
-                || job.stop_after_step.is_some_and(|s| state.global_step >= s)
-                || stopped_by.is_some()
+            if stopped_by.is_some()
+                || state.global_step >= plan.max_steps
+                || hooks
+                    .stop_after_step
+                    .is_some_and(|s| state.global_step >= s)
             {
                 break 'epochs;
             }
+            // Step: the gradients of the step's micro-batches, clipped, then AdamW.
             let step = state.global_step + 1;
-            stop::test_moment(Moment::Step(step));
+            faults::signal_at(Moment::Step(step));
             model.begin_step(t.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step as u64)?;
             let group = plan.micro_batches_of_step(step_in_epoch);
-            let group_size = group.len();
-            let mut grads: HashMap<String, Tensor> = HashMap::new();
-            let mut samples_in_step = 0;
-            for micro in group.clone() {
-                let batch = epoch_batches
-                    .next()
-                    .with_context(|| format!("epoch {epoch} has no micro-batch {micro}"))?;
-                let scored = score_micro_batch(model, &batch, train_reference, &settings, true)?;
-                // transformers divides by the number of micro-batches in this accumulation group.
-                let divisor = Tensor::new(group_size as f32, scored.loss.loss.device())?;
-                let scaled = scored.loss.loss.broadcast_div(&divisor)?;
-                let scaled_value = scaled.to_scalar::<f32>()?;
-                if !scaled_value.is_finite() {
-                    bail!(non_finite_message("loss", step, output_dir));
-                }
-                let step_grads = model.backward(&scaled)?;
-                for (name, var) in &params {
-                    if let Some(g) = step_grads.get(var.as_tensor()) {
-                        let summed = match grads.remove(name) {
-                            Some(acc) => (acc + g)?,
-                            None => g.clone(),
-                        };
-                        grads.insert(name.clone(), summed);
-                    }
-                }
-                pending.add_micro_batch(&scored.metrics, scaled_value, batch.indices.len());
-                samples_in_step += batch.indices.len();
-            }
-            let max_norm = if t.max_grad_norm > 0.0 {
-                t.max_grad_norm
-            } else {
-                f64::INFINITY
-            };
-            // Measured once; the coefficient is applied inside the fused AdamW step, the gradients stay as they are.
-            let clipping = measure_grad_norm(&grads, max_norm)?;
-            let grad_norm = clipping.norm;
-            if !grad_norm.is_finite() {
-                bail!(non_finite_message("gradient norm", step, output_dir));
-            }
-            if let Some(hook) = job.gradient_hook {
-                hook(step, &scale_grads(&grads, clipping.coefficient)?)?;
-            }
+            let micro_batches = (&mut epoch_batches).take(group.len());
+            let (grads, samples) = accumulate_gradients(
+                model,
+                micro_batches,
+                group.len(),
+                step,
+                &stepping,
+                &mut pending,
+            )?;
             let learning_rate = schedule.learning_rate_at(state.global_step);
-            optimizer.step_scaled(&params, &grads, learning_rate, clipping.coefficient)?;
-            drop(grads);
-
+            let grad_norm = apply_gradients(&mut optimizer, grads, learning_rate, step, &stepping)?;
             state.global_step = step;
             state.epoch = plan.epoch_progress(epoch, group.end - 1);
             (state.epoch_index, state.micro_batches_done) = (epoch, group.end);
             pending.end_step();
-            progress.step_finished(step, samples_in_step);
+            progress.step_finished(step, samples);
             let is_last = step >= plan.max_steps;
 
+            // Log.
             if step % t.logging_steps == 0 {
                 let info = StepInfo {
                     step,
@@ -257,12 +222,12 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
                 since_log = Instant::now();
                 log_row(row, &mut state, run, &progress)?;
             }
-            let evaluate_now = (t.eval_steps > 0 && step % t.eval_steps == 0) || is_last;
-            if evaluate_now {
+            // Evaluate.
+            if (t.eval_steps > 0 && step % t.eval_steps == 0) || is_last {
                 evaluate(model, &evaluation, &mut state, &pending, run, &progress)?;
             }
-            // After a stop request the step just finished is saved whatever save_steps says.
-            stopped_by = stop::requested();
+            // Save; after a stop request the step just finished is saved whatever save_steps says.
+            stopped_by = hooks.stop.requested();
             let save_now = t.save_steps > 0 && (step % t.save_steps == 0 || is_last);
             if save_now || stopped_by.is_some() {
                 state.metrics_pending = pending.clone();
@@ -288,16 +253,95 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob) -> Result<TrainSumma
     })
 }
 
+/// What every optimizer step of a run shares.
+struct Stepping<'a> {
+    params: &'a [(String, Var)],
+    /// `max_grad_norm`, or infinity for no clipping.
+    max_grad_norm: f64,
+    reference: Reference<'a>,
+    settings: &'a LossSettings,
+    output_dir: &'a Path,
+    hooks: &'a Hooks<'a>,
+}
+
+/// The summed gradients of one accumulation group, by parameter name, and the number of samples it held. Each
+/// micro-batch's loss is divided by the group size, as transformers does before `backward`.
+fn accumulate_gradients<M: PolicyModel>(
+    model: &mut M,
+    micro_batches: impl Iterator<Item = MicroBatch>,
+    group_size: usize,
+    step: usize,
+    stepping: &Stepping,
+    pending: &mut MetricsAccumulator,
+) -> Result<(HashMap<String, Tensor>, usize)> {
+    let mut grads: HashMap<String, Tensor> = HashMap::new();
+    let (mut samples, mut micro_batches_seen) = (0, 0);
+    for batch in micro_batches {
+        let scored = score_micro_batch(model, &batch, stepping.reference, stepping.settings, true)?;
+        let divisor = Tensor::new(group_size as f32, scored.loss.loss.device())?;
+        let scaled = scored.loss.loss.broadcast_div(&divisor)?;
+        let scaled_value = scaled.to_scalar::<f32>()?;
+        if !scaled_value.is_finite() {
+            bail!(non_finite_message("loss", step, stepping.output_dir));
+        }
+        let batch_grads = model.backward(&scaled)?;
+        for (name, var) in stepping.params {
+            if let Some(g) = batch_grads.get(var.as_tensor()) {
+                let summed = match grads.remove(name) {
+                    Some(acc) => (acc + g)?,
+                    None => g.clone(),
+                };
+                grads.insert(name.clone(), summed);
+            }
+        }
+        pending.add_micro_batch(&scored.metrics, scaled_value, batch.indices.len());
+        samples += batch.indices.len();
+        micro_batches_seen += 1;
+    }
+    if micro_batches_seen != group_size {
+        bail!("step {step} expected {group_size} micro-batches, the epoch had {micro_batches_seen} left");
+    }
+    Ok((grads, samples))
+}
+
+/// Clips the gradients to `max_grad_norm` (the coefficient is applied inside the fused AdamW step; the gradients
+/// themselves stay as they are), shows them to the gradient hook, and steps AdamW. Returns the norm before
+/// clipping, as transformers logs it.
+fn apply_gradients(
+    optimizer: &mut AdamW,
+    grads: HashMap<String, Tensor>,
+    learning_rate: f64,
+    step: usize,
+    stepping: &Stepping,
+) -> Result<f32> {
+    let clipping = measure_grad_norm(&grads, stepping.max_grad_norm)?;
+    if !clipping.norm.is_finite() {
+        bail!(non_finite_message(
+            "gradient norm",
+            step,
+            stepping.output_dir
+        ));
+    }
+    if let Some(hook) = stepping.hooks.gradients {
+        hook(step, &scale_grads(&grads, clipping.coefficient)?)?;
+    }
+    optimizer.step_scaled(stepping.params, &grads, learning_rate, clipping.coefficient)?;
+    Ok(clipping.norm)
+}
+
 /// A fresh start (empty metrics, a new optimizer and state) or the exact state of the checkpoint `job.resume_from`
 /// (trainable weights, optimizer, trainer state, and metrics.jsonl as the checkpoint saw it).
-fn start_or_resume(
-    job: &TrainJob,
-    params: &[(String, Var)],
-    adamw: AdamWSettings,
-) -> Result<(AdamW, TrainerState)> {
+fn start_or_resume(job: &TrainJob, params: &[(String, Var)]) -> Result<(AdamW, TrainerState)> {
+    let t = &job.config.train;
+    let adamw = AdamWSettings {
+        beta1: t.adam_beta1,
+        beta2: t.adam_beta2,
+        eps: t.adam_epsilon,
+        weight_decay: t.weight_decay,
+    };
     let Some(dir) = job.resume_from else {
         job.run.reset_metrics(&[])?;
-        return Ok((AdamW::new(adamw), fresh_state(job.config.train.seed)));
+        return Ok((AdamW::new(adamw), fresh_state(t.seed)));
     };
     let state = TrainerState::load(dir)?;
     load_trainable(params, &dir.join(checkpoint::TRAINABLE))?;
@@ -317,6 +361,7 @@ struct Evaluation<'a> {
     samples: usize,
     reference: Reference<'a>,
     settings: &'a LossSettings,
+    hooks: &'a Hooks<'a>,
 }
 
 /// The held-out evaluation at the current step, logged as one metrics row. A stop request ends the pass after the
@@ -334,7 +379,12 @@ fn evaluate<M: PolicyModel>(
         return Ok(true);
     };
     model.begin_evaluation()?;
-    let pass = PassProgress::start(Pass::Evaluation, evaluation.samples);
+    let stop = &evaluation.hooks.stop;
+    let pass = PassProgress::start(
+        &evaluation.hooks.progress,
+        DataPass::Evaluation,
+        evaluation.samples,
+    );
     let mut row = serde_json::Map::new();
     row.insert("step".into(), state.global_step.into());
     row.insert("epoch".into(), metrics::json_f64(state.epoch));
@@ -342,9 +392,9 @@ fn evaluate<M: PolicyModel>(
         model,
         batches
             .epoch(0)
-            .take_while(|_| stop::requested().is_none())
+            .take_while(|_| stop.requested().is_none())
             .inspect(|b| {
-                stop::test_moment(Moment::EvalBatch);
+                faults::signal_at(Moment::EvalBatch);
                 pass.advance(b.indices.len())
             }),
         evaluation.reference,
@@ -352,7 +402,7 @@ fn evaluate<M: PolicyModel>(
         pending.total_tokens,
     );
     drop(pass);
-    state.evaluation_pending = stop::requested().is_some();
+    state.evaluation_pending = stop.requested().is_some();
     if state.evaluation_pending {
         return Ok(false);
     }

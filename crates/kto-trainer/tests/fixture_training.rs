@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use kto_trainer::config::{Config, Override};
 use kto_trainer::forward::{score_micro_batch, PolicyModel, Reference};
+use kto_trainer::hooks::Hooks;
 use kto_trainer::run::{load_model, load_samples, run_training};
 use kto_trainer::run_dir::{Begin, RunLock};
 use kto_trainer::train::{loss_settings, micro_batches, train, TrainJob};
@@ -57,10 +58,12 @@ fn run(config: &Config, resume: Option<&Path>, stop: Option<usize>) -> Result<()
         train_reference: None,
         eval_reference: None,
         resume_from: resume,
-        stop_after_step: stop,
-        gradient_hook: None,
     };
-    train(&mut loaded.policy, &job)?;
+    let hooks = Hooks {
+        stop_after_step: stop,
+        ..Hooks::default()
+    };
+    train(&mut loaded.policy, &job, &hooks)?;
     Ok(())
 }
 
@@ -244,7 +247,7 @@ fn checkpointed_gradients_equal_plain(extra: &[&str], every_nonzero: bool) -> Re
 fn train_locked(config: &Config) -> Result<()> {
     let lock = RunLock::acquire(config.train.output_dir.as_deref().expect("output_dir set"))?;
     let start = lock.begin(Begin::Fresh)?;
-    run_training(config, &lock, &start, None)?;
+    run_training(config, &lock, &start, &Hooks::default())?;
     Ok(())
 }
 

@@ -8,6 +8,7 @@ use kto_data::batch::SequenceBatch;
 use kto_data::tokenize::TokenizedSample;
 use kto_trainer::config::{Config, LossType, Override};
 use kto_trainer::forward::{precompute_reference, AdapterChoice, PolicyModel, SequenceLogps};
+use kto_trainer::hooks::Hooks;
 use kto_trainer::run_dir::{RunDir, RunLock};
 use kto_trainer::train::{micro_batches, train, TrainJob};
 use serde_json::{Map, Value};
@@ -171,10 +172,12 @@ fn run(out: &Path, extra: &[&str], resume: Option<&Path>, stop: Option<usize>) -
         train_reference: None,
         eval_reference: None,
         resume_from: resume,
-        stop_after_step: stop,
-        gradient_hook: None,
     };
-    train(&mut model, &job)?;
+    let hooks = Hooks {
+        stop_after_step: stop,
+        ..Hooks::default()
+    };
+    train(&mut model, &job, &hooks)?;
     Ok(())
 }
 
@@ -298,10 +301,8 @@ fn precomputed_reference_equals_online() -> Result<()> {
         train_reference: Some(&train_ref),
         eval_reference: Some(&eval_ref),
         resume_from: None,
-        stop_after_step: None,
-        gradient_hook: None,
     };
-    train(&mut model, &job)?;
+    train(&mut model, &job, &Hooks::default())?;
     // Every number the same except the work: the precomputed run's steps skip the reference passes.
     let read = |p: &Path| -> Result<Vec<Map<String, Value>>> {
         let rows = kto_trainer::metrics::read_rows(&p.join("metrics.jsonl")).map(without_timing)?;
@@ -361,10 +362,10 @@ fn non_finite_loss_stops_with_the_step_and_keeps_checkpoints() -> Result<()> {
         train_reference: None,
         eval_reference: None,
         resume_from: Some(&checkpoint),
-        stop_after_step: None,
-        gradient_hook: None,
     };
-    let err = train(&mut model, &job).unwrap_err().to_string();
+    let err = train(&mut model, &job, &Hooks::default())
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("step 3") && err.contains("non-finite"),
         "{err}"

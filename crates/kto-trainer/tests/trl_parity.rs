@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use kto_trainer::config::{Config, Override};
+use kto_trainer::hooks::Hooks;
 use kto_trainer::run::run_training;
 use kto_trainer::run_dir::{Begin, RunLock};
 use serde_json::Value;
@@ -85,7 +86,11 @@ fn check_run(name: &str, kto_section: &str, switches: &[&str]) -> Result<()> {
     };
     let lock = RunLock::acquire(out.path().join("out").as_path())?;
     let start = lock.begin(Begin::Fresh)?;
-    let summary = run_training(&config, &lock, &start, Some(&hook))?;
+    let hooks = Hooks {
+        gradients: Some(&hook),
+        ..Hooks::default()
+    };
+    let summary = run_training(&config, &lock, &start, &hooks)?;
     assert_eq!(summary.global_step, 3);
 
     // Per-step metrics.

@@ -1,8 +1,11 @@
 //! `kto eval`: held-out KTO metrics of an adapter: loss, KL, rewards, reward accuracy, AUROC, pair accuracy.
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use kto_trainer::hooks::Hooks;
+use kto_trainer::progress::Observer;
 
 use super::model_source::ModelSource;
 
@@ -30,9 +33,13 @@ pub struct EvalArgs {
     pub out: Option<PathBuf>,
 }
 
-pub fn run(args: EvalArgs) -> Result<()> {
+pub fn run(args: EvalArgs, progress: Arc<dyn Observer>) -> Result<()> {
     let (config, adapter) = args.source.load(false)?;
-    let results = kto_trainer::run::run_evaluation(&config, adapter.as_deref())?;
+    let hooks = Hooks {
+        progress,
+        ..Hooks::default()
+    };
+    let results = kto_trainer::run::run_evaluation(&config, adapter.as_deref(), &hooks)?;
     let width = results.keys().map(String::len).max().unwrap_or(0);
     for (key, value) in &results {
         match value.as_f64() {

@@ -1,10 +1,14 @@
 //! `kto train`: KTO training of a LoRA adapter from a TOML config.
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Result;
 use clap::Args;
 use kto_trainer::config::{Config, Override};
+use kto_trainer::hooks::Hooks;
+use kto_trainer::progress::Observer;
 use kto_trainer::run_dir::{Begin, RunLock, Start};
+use kto_trainer::stop::StopRequest;
 use kto_trainer::train::TrainSummary;
 use serde_json::{Map, Value};
 
@@ -58,7 +62,7 @@ pub struct TrainArgs {
     pub print_config: bool,
 }
 
-pub fn run(args: TrainArgs) -> Result<()> {
+pub fn run(args: TrainArgs, progress: Arc<dyn Observer>) -> Result<()> {
     let config = Config::load(&args.config, &args.sets)?;
     if args.print_config {
         print!("{}", config.to_toml_string());
@@ -70,8 +74,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
         .output_dir
         .clone()
         .expect("checked by require_for_training");
+    kto_data::faults::check_environment()?;
     // Before the lock: a Ctrl-C while the model loads already stops gracefully.
-    kto_trainer::stop::install()?;
+    let hooks = Hooks {
+        progress,
+        stop: StopRequest::on_signals()?,
+        ..Hooks::default()
+    };
     // Held until the process ends; nothing is written to output_dir before it is taken.
     let lock = RunLock::acquire(&output_dir)?;
     let begin = match &args.resume {
@@ -92,7 +101,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         ),
         _ => {}
     }
-    let summary = kto_trainer::run::run_training(&config, &lock, &start, None)?;
+    let summary = kto_trainer::run::run_training(&config, &lock, &start, &hooks)?;
     if let Some(signal) = summary.stopped_by {
         eprintln!(
             "stopped at step {} of {}; continue with --resume",
