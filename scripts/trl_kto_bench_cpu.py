@@ -172,7 +172,8 @@ TRL_LABELS = {"trl-gc": "TRL (gc: its default)", "trl-nogc": "TRL (no gc)"}
 TRL_SHORT = {"trl-gc": "gc", "trl-nogc": "no gc"}
 
 
-KTO_LABELS = {"kto": "kto", "kto-plain": "kto, padding_free and kl_prefix_sharing off"}
+KTO_LABELS = {"kto": "kto", "kto-plain": "kto, padding_free and kl_prefix_sharing off",
+              "kto-gc": "kto, gradient_checkpointing on"}
 
 
 def cmd_table(work, steps, warmup, threads, datasets, models, runs):
