@@ -38,6 +38,8 @@ COMMON = {
     "adam_epsilon": 1e-8,
     "logging_steps": 1,
     "seed": 0,
+    # TRL's configs default bf16 to True (autocast, on the CPU too): the fixture is f32 like kto's runs.
+    "bf16": False,
 }
 
 # name -> settings that differ between runs (TRL's KTOConfig names).

@@ -14,6 +14,7 @@
 //!   [`evaluate`] (held-out loss, rewards, reward accuracy, AUROC, pair accuracy), [`forward`] (what the loop asks
 //!   of a model and how one micro-batch is scored), [`progress`] (steps, precompute and evaluation reported to an
 //!   observer), [`stop`] (graceful stop on request or signal).
+//! - [`world`]: the processes training one run together (data parallelism) and the sums the step gathers over them.
 //! - [`hooks`]: what a caller passes to watch and steer a run (progress, stop, test probes); nothing is global.
 pub mod checkpoint;
 pub mod config;
@@ -32,3 +33,4 @@ pub mod run_dir;
 pub mod schedule;
 pub mod stop;
 pub mod train;
+pub mod world;

@@ -24,6 +24,7 @@ use crate::progress::{DataPass, PassProgress};
 use crate::reference_cache::{self, CacheKeyBuilder, ReferenceLogps};
 use crate::run_dir::{check_resumable, plain, RunLock, Start};
 use crate::train::{loss_settings, micro_batches, train, TrainJob, TrainSummary};
+use crate::world::World;
 use kto_data::faults::{self, Moment};
 
 /// A loaded model with its tokenizer.
@@ -306,22 +307,43 @@ fn stopped_before_training(
 }
 
 /// `kto train`: everything from the config, then the training loop. `lock` is the held lock of the config's
-/// `output_dir` (taken before anything is written there) and `start` what [`RunLock::begin`] chose there, once:
-/// a fresh run, or the checkpoint to continue from.
+/// `output_dir` (taken before anything is written there; rank 0 of a world holds it, the other ranks pass `None`)
+/// and `start` what [`RunLock::begin`] chose there, once: a fresh run, or the checkpoint to continue from.
 pub fn run_training(
     config: &Config,
-    lock: &RunLock,
+    lock: Option<&RunLock>,
     start: &Start,
+    world: &dyn World,
     hooks: &Hooks,
 ) -> Result<TrainSummary> {
     let resume = start.checkpoint();
     config.require_for_training()?;
-    ensure!(
-        config.train.output_dir.as_deref().map(plain).as_deref() == Some(lock.dir()),
-        "the run lock is for {}, the config's output_dir is {:?}",
-        lock.dir().display(),
-        config.train.output_dir
+    let output_dir = plain(
+        config
+            .train
+            .output_dir
+            .as_deref()
+            .context("[train] output_dir is not set")?,
     );
+    if let Some(lock) = lock {
+        ensure!(
+            output_dir == lock.dir(),
+            "the run lock is for {}, the config's output_dir is {}",
+            lock.dir().display(),
+            output_dir.display()
+        );
+    }
+    ensure!(
+        lock.is_some() == world.is_main(),
+        "rank 0, and only rank 0, holds the run folder's lock"
+    );
+    if world.size() > 1 && config.data.eval_file.is_some() {
+        bail!(
+            "[data] eval_file with {} processes: data-parallel evaluation is not implemented yet; run the \
+             evaluation alone (kto eval) or train without eval_file",
+            world.size()
+        );
+    }
     let mut config = config.clone();
     let mut loaded = load_model(&config, None)?;
     let train_file = config
@@ -356,10 +378,14 @@ pub fn run_training(
     if let Some(checkpoint) = resume {
         check_resumable(&config, checkpoint)?;
     }
-    lock.write_config(&config)?;
+    if let Some(lock) = lock {
+        lock.write_config(&config)?;
+    }
     let job = TrainJob {
         config: &config,
-        run: lock,
+        output_dir: &output_dir,
+        lock,
+        world,
         train: &train_samples,
         eval: eval_samples.as_deref(),
         pad_id: loaded.tokenizer.pad_id,

@@ -12,6 +12,7 @@ use kto_trainer::hooks::Hooks;
 use kto_trainer::run::{load_model, load_samples, run_training};
 use kto_trainer::run_dir::{Begin, RunLock};
 use kto_trainer::train::{loss_settings, micro_batches, train, TrainJob};
+use kto_trainer::world::{Alone, Gather};
 use serde_json::{Map, Value};
 
 fn fixture() -> PathBuf {
@@ -51,7 +52,9 @@ fn run(config: &Config, resume: Option<&Path>, stop: Option<usize>) -> Result<()
     let lock = RunLock::acquire(config.train.output_dir.as_deref().expect("output_dir set"))?;
     let job = TrainJob {
         config,
-        run: &lock,
+        output_dir: lock.dir(),
+        lock: Some(&lock),
+        world: &Alone,
         train: &samples,
         eval: Some(&eval),
         pad_id: loaded.tokenizer.pad_id,
@@ -192,7 +195,14 @@ fn checkpointed_gradients_equal_plain(extra: &[&str], every_nonzero: bool) -> Re
         let params = loaded.policy.trainable_parameters();
         let score = |policy: &mut kto_trainer::llama_policy::LoraPolicy| -> Result<Tensor> {
             policy.begin_step(7)?;
-            let scored = score_micro_batch(&*policy, &batch, Reference::Online, &settings, true)?;
+            let scored = score_micro_batch(
+                &*policy,
+                &batch,
+                Reference::Online,
+                &settings,
+                true,
+                Gather::alone(),
+            )?;
             Ok(scored.loss.loss)
         };
         let loss = score(&mut loaded.policy)?;
@@ -247,7 +257,7 @@ fn checkpointed_gradients_equal_plain(extra: &[&str], every_nonzero: bool) -> Re
 fn train_locked(config: &Config) -> Result<()> {
     let lock = RunLock::acquire(config.train.output_dir.as_deref().expect("output_dir set"))?;
     let start = lock.begin(Begin::Fresh)?;
-    run_training(config, &lock, &start, &Hooks::default())?;
+    run_training(config, Some(&lock), &start, &Alone, &Hooks::default())?;
     Ok(())
 }
 

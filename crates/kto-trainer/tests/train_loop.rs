@@ -11,6 +11,7 @@ use kto_trainer::forward::{precompute_reference, AdapterChoice, PolicyModel, Seq
 use kto_trainer::hooks::Hooks;
 use kto_trainer::run_dir::{RunDir, RunLock};
 use kto_trainer::train::{micro_batches, train, TrainJob};
+use kto_trainer::world::Alone;
 use serde_json::{Map, Value};
 
 const VOCAB: usize = 8;
@@ -165,7 +166,9 @@ fn run(out: &Path, extra: &[&str], resume: Option<&Path>, stop: Option<usize>) -
     let lock = RunLock::acquire(out)?;
     let job = TrainJob {
         config: &config,
-        run: &lock,
+        output_dir: lock.dir(),
+        lock: Some(&lock),
+        world: &Alone,
         train: &train_set,
         eval: Some(&eval_set),
         pad_id: 0,
@@ -294,7 +297,9 @@ fn precomputed_reference_equals_online() -> Result<()> {
     let lock = RunLock::acquire(pre.path())?;
     let job = TrainJob {
         config: &config,
-        run: &lock,
+        output_dir: lock.dir(),
+        lock: Some(&lock),
+        world: &Alone,
         train: &train_set,
         eval: Some(&eval_set),
         pad_id: 0,
@@ -355,7 +360,9 @@ fn non_finite_loss_stops_with_the_step_and_keeps_checkpoints() -> Result<()> {
     let lock = RunLock::acquire(out.path())?;
     let job = TrainJob {
         config: &config,
-        run: &lock,
+        output_dir: lock.dir(),
+        lock: Some(&lock),
+        world: &Alone,
         train: &train_set,
         eval: None,
         pad_id: 0,

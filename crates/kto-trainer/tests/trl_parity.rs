@@ -16,6 +16,7 @@ use kto_trainer::config::{Config, Override};
 use kto_trainer::hooks::Hooks;
 use kto_trainer::run::run_training;
 use kto_trainer::run_dir::{Begin, RunLock};
+use kto_trainer::world::Alone;
 use serde_json::Value;
 
 /// The fixture folder: `KTO_FIXTURE_DIR` when set (a test binary carried to another machine), else the checkout's.
@@ -90,7 +91,7 @@ fn check_run(name: &str, kto_section: &str, switches: &[&str]) -> Result<()> {
         gradients: Some(&hook),
         ..Hooks::default()
     };
-    let summary = run_training(&config, &lock, &start, &hooks)?;
+    let summary = run_training(&config, Some(&lock), &start, &Alone, &hooks)?;
     assert_eq!(summary.global_step, 3);
 
     // Per-step metrics.
