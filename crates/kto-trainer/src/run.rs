@@ -10,7 +10,7 @@ use kto_data::balance::{
 use kto_data::formats::{read_file, ReadOptions};
 use kto_data::tokenize::{tokenize_dataset, TokenizationConfig, TokenizedSample, TokenizerBundle};
 use kto_model::lora::{LoraAdapter, LoraConfig, LoraTarget};
-use kto_model::{Checkpoint, LlamaModel};
+use kto_model::{Checkpoint, LlamaModel, ModelOptions};
 use serde_json::{Map, Value};
 
 use crate::checkpoint::TrainerState;
@@ -80,9 +80,12 @@ pub fn load_model(config: &Config, adapter_override: Option<&Path>) -> Result<Lo
         None => policy,
     };
     let dropout_active = !config.kto.disable_dropout && policy.config().dropout > 0.0;
-    model.set_padding_free(config.kto.padding_free);
-    model.set_kl_prefix_sharing(config.kto.kl_prefix_sharing);
-    model.set_gradient_checkpointing(config.train.gradient_checkpointing);
+    model.set_options(ModelOptions {
+        padding_free: config.kto.padding_free,
+        kl_prefix_sharing: config.kto.kl_prefix_sharing,
+        gradient_checkpointing: config.train.gradient_checkpointing,
+        ..ModelOptions::default()
+    });
     model.set_policy_adapter(Some(policy))?;
     model.set_reference_adapter(reference)?;
     // Evaluation mode until training starts (the reference precompute runs without dropout, as in TRL).
