@@ -378,7 +378,7 @@ impl HfConfig {
             );
         }
         let head_dim = self.head_dim.unwrap_or(hidden_size / num_attention_heads);
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             bail!("key `head_dim` must be a positive even number, got {head_dim}");
         }
         let max_position_embeddings = self.max_position_embeddings.unwrap_or(2048);
