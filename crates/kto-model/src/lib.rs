@@ -41,6 +41,7 @@ pub mod lora;
 pub mod merge;
 pub mod peft;
 mod recompute;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 pub use checkpoint::{Checkpoint, CheckpointFormat};
