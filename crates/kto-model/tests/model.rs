@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor};
 use kto_model::lora::{LoraAdapter, LoraConfig, LoraTarget};
 use kto_model::peft::{load_adapter, save_adapter};
 use kto_model::testing::TinyModel;
-use kto_model::{AdapterChoice, Checkpoint, LlamaModel, SequenceBatch};
+use kto_model::{AdapterChoice, Checkpoint, LlamaModel, ModelOptions, SequenceBatch};
 use std::path::{Path, PathBuf};
 
 fn fixture() -> PathBuf {
@@ -164,7 +164,10 @@ fn chunked_log_probs_equal_unchunked_in_value_and_gradient() -> Result<()> {
     let mut model = fixture_model_with_adapter()?;
     let whole = model.sequence_logps(&batch, AdapterChoice::Policy)?;
     let whole_grads = whole.logps.sum_all()?.backward()?;
-    model.set_logits_chunk_elements(128 * 3); // chunks of 3, 3, 3 and 2 tokens
+    model.set_options(ModelOptions {
+        logits_chunk_elements: 128 * 3, // chunks of 3, 3, 3 and 2 tokens
+        ..ModelOptions::default()
+    });
     let chunked = model.sequence_logps(&batch, AdapterChoice::Policy)?;
     let chunked_grads = chunked.logps.sum_all()?.backward()?;
     assert!(max_abs_diff(&whole.logps, &chunked.logps)? < 1e-5);
@@ -555,7 +558,10 @@ fn gradient_checkpointing_gives_the_same_values_and_gradients() -> Result<()> {
     };
     let plain_loss = loss_of(&model)?;
     let plain = model.backward(&plain_loss)?;
-    model.set_gradient_checkpointing(true);
+    model.set_options(ModelOptions {
+        gradient_checkpointing: true,
+        ..ModelOptions::default()
+    });
     let ckpt_loss = loss_of(&model)?;
     assert!(max_abs_diff(&plain_loss, &ckpt_loss)? < 1e-6);
     let ckpt = model.backward(&ckpt_loss)?;
@@ -602,7 +608,10 @@ fn checkpointed_layers_replay_their_dropout_masks() -> Result<()> {
         pairs,
         &Device::Cpu,
     )?))?;
-    model.set_gradient_checkpointing(true);
+    model.set_options(ModelOptions {
+        gradient_checkpointing: true,
+        ..ModelOptions::default()
+    });
     // Reseeding before every evaluation makes the loss a deterministic function of the weights.
     let loss_at = |model: &mut LlamaModel| -> Result<Tensor> {
         model.set_training(true, 9)?;

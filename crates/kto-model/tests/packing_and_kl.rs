@@ -6,7 +6,9 @@
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use kto_model::testing::{trl_fixture, with_fixture_adapter};
-use kto_model::{AdapterChoice, Checkpoint, LlamaModel, SequenceBatch, SequenceLogps};
+use kto_model::{
+    AdapterChoice, Checkpoint, LlamaModel, ModelOptions, SequenceBatch, SequenceLogps,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::path::PathBuf;
@@ -104,17 +106,23 @@ fn check_every_switch(sliding_window: Option<usize>) -> Result<()> {
     let (mut model, _dir) = model(sliding_window)?;
     let (target, kl) = batches(model.config().vocab_size);
     for choice in [AdapterChoice::Policy, AdapterChoice::Reference] {
-        model.set_padding_free(false);
-        model.set_kl_prefix_sharing(false);
+        model.set_options(ModelOptions {
+            padding_free: false,
+            kl_prefix_sharing: false,
+            ..ModelOptions::default()
+        });
         let plain_target = model.sequence_logps(&target, choice)?;
         let plain_kl = model.sequence_logps(&kl, kl_choice(choice))?;
         assert_eq!(plain_target.forward_tokens, target.rows * target.width);
         // Segmented: attention block by block, as the GPU's dense attention runs packed rows and continuations.
         for (padding_free, sharing, segmented) in SWITCHES {
             {
-                model.set_padding_free(padding_free);
-                model.set_kl_prefix_sharing(sharing);
-                model.set_segmented_attention(segmented);
+                model.set_options(ModelOptions {
+                    padding_free,
+                    kl_prefix_sharing: sharing,
+                    segmented_attention: segmented,
+                    ..ModelOptions::default()
+                });
                 let what = format!("{choice:?} window {sliding_window:?} padding_free {padding_free} sharing {sharing} segmented {segmented}");
                 let (t, k) = model.sequence_logps_with_kl(&target, &kl, choice)?;
                 assert_rows_match(&format!("{what}: targets"), &t, &plain_target)?;
@@ -165,8 +173,11 @@ fn packed_policy_gradients_equal_padded_ones() -> Result<()> {
     let (target, kl) = batches(model.config().vocab_size);
     let mut gradients = Vec::new();
     for (padding_free, segmented) in [(false, false), (true, false), (true, true)] {
-        model.set_padding_free(padding_free);
-        model.set_segmented_attention(segmented);
+        model.set_options(ModelOptions {
+            padding_free,
+            segmented_attention: segmented,
+            ..ModelOptions::default()
+        });
         let (t, _) = model.sequence_logps_with_kl(&target, &kl, AdapterChoice::Policy)?;
         // Weigh rows differently so that a row mix-up shows.
         let weights = Tensor::new(&[1.0f32, -2.0, 0.5, 3.0, -1.0, 0.25], &Device::Cpu)?;

@@ -1,6 +1,7 @@
 //! KTO training against a frozen reference, matching TRL 1.16's `KTOTrainer` inside transformers 5.17's `Trainer`.
 //!
 //! - [`config`]: the TOML config (TRL's key names and defaults), `--set` overrides, validation, `--print-config`.
+//! - [`base_model`]: `[model]` → the loaded base model, tokenizer and device (every command that loads a model).
 //! - [`run`]: config → model, adapters, tokenized data, resolved `"auto"` weights, cached reference log-probs →
 //!   [`train::train`] (`kto train`), or → [`evaluate::evaluate_batches`] (`kto eval`).
 //! - [`run_dir`]: the one owner of `output_dir`: its file names, the lock, how a run starts there (refuse,
@@ -16,6 +17,7 @@
 //!   observer), [`stop`] (graceful stop on request or signal).
 //! - [`world`]: the processes training one run together (data parallelism) and the sums the step gathers over them.
 //! - [`hooks`]: what a caller passes to watch and steer a run (progress, stop, test probes); nothing is global.
+pub mod base_model;
 pub mod checkpoint;
 pub mod config;
 pub mod evaluate;

@@ -10,9 +10,10 @@ use kto_data::balance::{
 use kto_data::formats::{read_file, ReadOptions};
 use kto_data::tokenize::{tokenize_dataset, TokenizationConfig, TokenizedSample, TokenizerBundle};
 use kto_model::lora::{LoraAdapter, LoraConfig, LoraTarget};
-use kto_model::{Checkpoint, LlamaModel};
+use kto_model::Checkpoint;
 use serde_json::{Map, Value};
 
+use crate::base_model::BaseModel;
 use crate::checkpoint::TrainerState;
 use crate::config::{Config, Weight};
 use crate::evaluate::evaluate_batches;
@@ -38,19 +39,11 @@ pub struct Loaded {
 /// or a fresh LoRA (B = 0) whose reference is the base model with the adapter disabled. `adapter_override` (for
 /// `kto eval --adapter`) replaces the policy adapter and keeps the reference as the config defines it.
 pub fn load_model(config: &Config, adapter_override: Option<&Path>) -> Result<Loaded> {
-    let spec = config
-        .model
-        .path
-        .as_ref()
-        .context("[model] path is not set")?;
-    let checkpoint = Checkpoint::locate(&spec.to_string_lossy())?;
-    let device = kto_model::open_device(&config.model.device)?;
-    let dtype = kto_model::parse_dtype(&format!("{:?}", config.model.dtype).to_lowercase())?;
-    let mut model = LlamaModel::load(&checkpoint, dtype, &device)?;
-    let tokenizer = checkpoint.tokenizer()?;
+    let base = BaseModel::load(config)?;
     let (policy, reference) = match &config.lora.init_adapter {
         Some(dir) => {
-            let adapter = kto_model::peft::load_adapter(dir, &checkpoint.config, &device)
+            let adapter = base
+                .load_adapter(dir)
                 .with_context(|| format!("[lora] init_adapter = {}", dir.display()))?;
             let reference = adapter.deep_copy()?;
             (adapter, Some(reference))
@@ -70,25 +63,39 @@ pub fn load_model(config: &Config, adapter_override: Option<&Path>) -> Result<Lo
                 &targets,
             )?;
             (
-                LoraAdapter::init(lora, &checkpoint.config, config.train.seed, &device)?,
+                LoraAdapter::init(
+                    lora,
+                    &base.checkpoint.config,
+                    config.train.seed,
+                    &base.device,
+                )?,
                 None,
             )
         }
     };
     let policy = match adapter_override {
-        Some(dir) => kto_model::peft::load_adapter(dir, &checkpoint.config, &device)
+        Some(dir) => base
+            .load_adapter(dir)
             .with_context(|| format!("adapter {}", dir.display()))?,
         None => policy,
     };
+    let BaseModel {
+        mut model,
+        tokenizer,
+        checkpoint,
+        ..
+    } = base;
     let dropout_active = !config.kto.disable_dropout && policy.config().dropout > 0.0;
-    model.set_padding_free(config.kto.padding_free);
-    model.set_kl_prefix_sharing(config.kto.kl_prefix_sharing);
-    model.set_gradient_checkpointing(config.train.gradient_checkpointing);
     model.set_policy_adapter(Some(policy))?;
     model.set_reference_adapter(reference)?;
     // Evaluation mode until training starts (the reference precompute runs without dropout, as in TRL).
     model.set_training(false, config.train.seed)?;
-    let base_model_name = spec.to_string_lossy().into_owned();
+    let base_model_name = config
+        .model
+        .path
+        .as_ref()
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
     Ok(Loaded {
         policy: LoraPolicy {
             model,

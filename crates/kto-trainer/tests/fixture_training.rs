@@ -182,7 +182,7 @@ fn checkpointed_gradients_equal_plain(extra: &[&str], every_nonzero: bool) -> Re
         let sets: Vec<&str> = extra.iter().copied().chain([switch.as_str()]).collect();
         let config = config(out.path(), &sets)?;
         let mut loaded = load_model(&config, None)?;
-        assert_eq!(loaded.policy.model.gradient_checkpointing(), on);
+        assert_eq!(loaded.policy.model.options().gradient_checkpointing, on);
         let samples = load_samples(
             &config,
             &loaded.tokenizer,
