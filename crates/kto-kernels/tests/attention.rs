@@ -557,7 +557,7 @@ fn bf16_attention_stays_close_to_f32() -> candle_core::Result<()> {
 /// windows, packed rows.
 #[test]
 fn gemm_formulation_matches_the_cpu_twin() -> candle_core::Result<()> {
-    use kto_kernels::attention::attention_by_gemms;
+    use kto_kernels::attention::gemm_attention;
     let dev = Device::Cpu;
     let masks = [
         (AttentionMask::causal(&[7, 4], 7, 0, Some(3), &dev)?, 7),
@@ -608,7 +608,7 @@ fn gemm_formulation_matches_the_cpu_twin() -> candle_core::Result<()> {
                 Ok::<_, candle_core::Error>(out)
             };
             let twin = run(&|q, k, v| attention(q, k, v, mask, 0.2))?;
-            let gemms = run(&|q, k, v| attention_by_gemms(q, k, v, mask, 0.2))?;
+            let gemms = run(&|q, k, v| gemm_attention(q, k, v, mask, 0.2))?;
             let tol = gemm_attention_tolerance(dtype);
             for (i, (a, b)) in twin.iter().zip(&gemms).enumerate() {
                 assert_close(
