@@ -9,12 +9,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{
-    adapter_bytes, deterministic, fixture, metrics_rows, run_folder, run_to_end, train_command,
-    uninterrupted_run, MAX_STEPS,
+    adapter_bytes, deterministic, fixture, kto_warn, metrics_rows, run_folder, run_to_end, stderr,
+    train_command, uninterrupted_run, MAX_STEPS,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -36,10 +36,6 @@ fn with_evaluation(mut cmd: Command) -> Command {
         cmd.args(["--set", set]);
     }
     cmd
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// Every file and folder under `dir`, recursively.
@@ -338,12 +334,7 @@ fn readers_work_while_the_folder_is_locked() {
         ],
     ];
     for args in commands {
-        let out = Command::new(env!("CARGO_BIN_EXE_kto"))
-            .args(args)
-            .current_dir(dir.path())
-            .env("RUST_LOG", "warn")
-            .output()
-            .unwrap();
+        let out = kto_warn(dir.path(), args);
         assert!(out.status.success(), "kto {args:?}: {}", stderr(&out));
     }
     assert_eq!(
