@@ -8,7 +8,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use common::{fixture, kto_warn, stderr};
+use common::{kto_warn, stderr};
+use kto_data::testing::trl_fixture;
 
 const CONFIG: &str = "[model]\npath = \"model\"\n[data]\ntrain_file = \"data.jsonl\"\nmax_length = 64\n\
                       [kto]\nbeta = 0.1\n[train]\noutput_dir = \"out\"\nper_device_train_batch_size = 4\n\
@@ -22,7 +23,7 @@ struct Setup {
 impl Setup {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let fx = fixture();
+        let fx = trl_fixture();
         for sub in ["model", "adapter_init"] {
             std::fs::create_dir_all(dir.path().join(sub)).unwrap();
             for entry in std::fs::read_dir(fx.join(sub)).unwrap() {

@@ -13,9 +13,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{
-    adapter_bytes, deterministic, fixture, kto_warn, metrics_rows, run_folder, run_to_end, stderr,
+    adapter_bytes, deterministic, kto_warn, metrics_rows, run_folder, run_to_end, stderr,
     train_command, uninterrupted_run, MAX_STEPS,
 };
+use kto_data::testing::trl_fixture;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -25,7 +26,10 @@ const SEED: u64 = 20261203;
 /// precomputed (6 train + 2 eval batches, batches in dataset order) and a checkpoint only every 5 steps: a stop
 /// must save on its own.
 fn with_evaluation(mut cmd: Command) -> Command {
-    let eval_file = format!("data.eval_file={}", fixture().join("data.jsonl").display());
+    let eval_file = format!(
+        "data.eval_file={}",
+        trl_fixture().join("data.jsonl").display()
+    );
     for set in [
         eval_file.as_str(),
         "train.eval_steps=4",
@@ -302,7 +306,10 @@ fn readers_work_while_the_folder_is_locked() {
     let dir = uninterrupted_run();
     let out_dir = dir.path().join("out");
     let lock = kto_trainer::run_dir::RunLock::acquire(&out_dir).unwrap();
-    let eval_file = format!("data.eval_file={}", fixture().join("data.jsonl").display());
+    let eval_file = format!(
+        "data.eval_file={}",
+        trl_fixture().join("data.jsonl").display()
+    );
     let commands: [&[&str]; 4] = [
         &[
             "eval",

@@ -3,11 +3,12 @@ mod common;
 
 use std::path::Path;
 
-use common::{fixture, kto, stderr, stdout};
+use common::{kto, stderr, stdout};
+use kto_data::testing::trl_fixture;
 use serde_json::Value;
 
 fn write_config(dir: &Path) {
-    let fx = fixture();
+    let fx = trl_fixture();
     let text = format!(
         "[model]\npath = \"{m}\"\n[lora]\ninit_adapter = \"{a}\"\n[data]\ntrain_file = \"{d}\"\neval_file = \"{d}\"\n\
          max_length = 64\n[kto]\nloss_type = \"kto\"\nbeta = 0.1\n[train]\noutput_dir = \"out\"\n\
@@ -33,7 +34,7 @@ fn train_matches_trl_and_eval_reports_held_out_figures() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let log: Vec<Value> = serde_json::from_str(
-        &std::fs::read_to_string(fixture().join("runs/kto/log.json")).unwrap(),
+        &std::fs::read_to_string(trl_fixture().join("runs/kto/log.json")).unwrap(),
     )
     .unwrap();
     let train_rows: Vec<&Value> = rows.iter().filter(|r| r.get("loss").is_some()).collect();

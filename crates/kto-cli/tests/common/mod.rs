@@ -3,9 +3,10 @@
 //! figures, the final adapter's bytes). Every test file of kto-cli runs `kto` through [`kto_command`].
 #![allow(dead_code)] // each test binary uses its own subset
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
+use kto_data::testing::trl_fixture;
 use serde_json::{Map, Value};
 use tempfile::TempDir;
 
@@ -57,15 +58,8 @@ pub fn kto_ok(dir: &Path, args: &[&str]) -> Output {
 
 pub const MAX_STEPS: usize = 12;
 
-pub fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/trl-kto-parity")
-        .canonicalize()
-        .unwrap()
-}
-
 pub fn write_config(dir: &Path) {
-    let fx = fixture();
+    let fx = trl_fixture();
     let text = format!(
         "[model]\npath = \"{m}\"\n[lora]\nr = 4\nalpha = 8\ndropout = 0.1\ntarget_modules = [\"q_proj\", \"v_proj\"]\n\
          [data]\ntrain_file = \"{d}\"\nmax_length = 64\n[kto]\nbeta = 0.1\n[train]\noutput_dir = \"out\"\n\
