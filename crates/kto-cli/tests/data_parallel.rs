@@ -9,6 +9,8 @@ mod common;
 
 use std::path::Path;
 
+use kto_data::testing::{fixture, trl_fixture};
+
 /// A kto without `mpi`, started as one of two processes, refuses with one line and writes nothing.
 #[cfg(not(feature = "mpi"))]
 #[test]
@@ -75,7 +77,7 @@ mod mpi_runs {
             "{name}: mpirun -n 2 kto train failed:\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let run = fixture_dir().join("runs").join(name);
+        let run = fixture("trl-kto-dp").join("runs").join(name);
         let settings: Map<String, Value> =
             serde_json::from_str(&std::fs::read_to_string(run.join("config.json"))?)?;
         let beta = settings["beta"].as_f64().context("beta")?;
@@ -185,18 +187,11 @@ mod mpi_runs {
     }
 }
 
-fn fixture_dir() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/trl-kto-dp")
-        .canonicalize()
-        .unwrap()
-}
-
 /// The fixture run `name` as a kto config in `dir` (training into `out/`), without its evaluation; returns the
 /// config's path.
 fn write_dp_config(dir: &Path, name: &str) -> String {
-    let fx = fixture_dir();
-    let parity = fx.join("../trl-kto-parity");
+    let fx = fixture("trl-kto-dp");
+    let parity = trl_fixture();
     let settings: serde_json::Map<String, serde_json::Value> = serde_json::from_str(
         &std::fs::read_to_string(fx.join("runs").join(name).join("config.json")).unwrap(),
     )

@@ -12,6 +12,9 @@ pub mod formats;
 pub mod hh;
 pub mod prepare;
 pub mod sample;
+#[cfg(any(test, feature = "testing"))]
+#[doc(hidden)]
+pub mod testing;
 pub mod tokenize;
 
 pub use balance::ClassCounts;

@@ -251,17 +251,11 @@ fn standard_normal(rng: &mut StdRng) -> f32 {
     ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
 }
 
-/// The TRL parity fixture of this checkout (`tests/fixtures/trl-kto-parity`: a tiny Llama, its initial adapter, the
-/// data and TRL's numbers).
-pub fn trl_fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/trl-kto-parity")
-}
-
 /// `checkpoint` in f32 on the CPU with the fixture's initial (non-zero) adapter as the policy.
 pub fn with_fixture_adapter(checkpoint: &crate::Checkpoint) -> Result<crate::LlamaModel> {
     let mut model = crate::LlamaModel::load(checkpoint, candle_core::DType::F32, &Device::Cpu)?;
     let adapter = crate::peft::load_adapter(
-        &trl_fixture().join("adapter_init"),
+        &kto_data::testing::trl_fixture().join("adapter_init"),
         model.config(),
         &Device::Cpu,
     )?;

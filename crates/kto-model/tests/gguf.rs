@@ -345,8 +345,7 @@ fn bad_files_name_the_file_and_the_key_or_tensor() -> Result<()> {
 /// transformers' GGUF loading leaves out.
 #[test]
 fn sentencepiece_tokenizer_matches_transformers() -> Result<()> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/gguf-parity/sentencepiece.json");
+    let path = kto_data::testing::fixture("gguf-parity/sentencepiece.json");
     let fixture: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
     let vocab = TestVocab {
         model: "llama".into(),

@@ -2,23 +2,20 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
+use kto_data::testing::trl_fixture;
 use kto_model::lora::{LoraAdapter, LoraConfig, LoraTarget};
 use kto_model::peft::{load_adapter, save_adapter};
 use kto_model::testing::TinyModel;
 use kto_model::{AdapterChoice, Checkpoint, LlamaModel, ModelOptions, SequenceBatch};
-use std::path::{Path, PathBuf};
-
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/trl-kto-parity")
-}
+use std::path::Path;
 
 fn fixture_model() -> Result<LlamaModel> {
-    let ckpt = Checkpoint::from_dir(&fixture().join("model"))?;
+    let ckpt = Checkpoint::from_dir(&trl_fixture().join("model"))?;
     LlamaModel::load(&ckpt, DType::F32, &Device::Cpu)
 }
 
 fn fixture_model_with_adapter() -> Result<LlamaModel> {
-    kto_model::testing::with_fixture_adapter(&Checkpoint::from_dir(&fixture().join("model"))?)
+    kto_model::testing::with_fixture_adapter(&Checkpoint::from_dir(&trl_fixture().join("model"))?)
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
@@ -47,14 +44,14 @@ fn batch_from_rows(rows: &[(Vec<u32>, usize)], width: usize, pad_id: u32) -> Seq
 
 fn fixture_input_ids() -> Result<Tensor> {
     let golden =
-        candle_core::safetensors::load(fixture().join("logits.safetensors"), &Device::Cpu)?;
+        candle_core::safetensors::load(trl_fixture().join("logits.safetensors"), &Device::Cpu)?;
     Ok(golden["input_ids"].to_dtype(DType::U32)?)
 }
 
 #[test]
 fn fixture_logits_match_transformers() -> Result<()> {
     let golden =
-        candle_core::safetensors::load(fixture().join("logits.safetensors"), &Device::Cpu)?;
+        candle_core::safetensors::load(trl_fixture().join("logits.safetensors"), &Device::Cpu)?;
     let ids = fixture_input_ids()?;
     let mut model = fixture_model()?;
     let base = model.forward_logits(&ids, &[8, 8], AdapterChoice::Reference)?;
@@ -62,7 +59,7 @@ fn fixture_logits_match_transformers() -> Result<()> {
     assert!(diff < 1e-5, "base logits differ by {diff}");
 
     let adapter = load_adapter(
-        &fixture().join("adapter_init"),
+        &trl_fixture().join("adapter_init"),
         model.config(),
         &Device::Cpu,
     )?;
@@ -86,7 +83,7 @@ fn fixture_logits_match_transformers() -> Result<()> {
 #[test]
 fn sequence_logps_match_log_softmax_of_the_logits() -> Result<()> {
     let golden =
-        candle_core::safetensors::load(fixture().join("logits.safetensors"), &Device::Cpu)?;
+        candle_core::safetensors::load(trl_fixture().join("logits.safetensors"), &Device::Cpu)?;
     let ids = fixture_input_ids()?;
     let rows: Vec<Vec<u32>> = ids.to_vec2()?;
     let batch = batch_from_rows(&[(rows[0].clone(), 3), (rows[1][..6].to_vec(), 5)], 8, 0);
@@ -272,7 +269,7 @@ fn dropout_applies_to_adapter_passes_in_training_only() -> Result<()> {
     let batch = batch_from_rows(&[(ids[0].clone(), 2)], 8, 2);
     let mut model = fixture_model()?;
     let adapter = load_adapter(
-        &fixture().join("adapter_init"),
+        &trl_fixture().join("adapter_init"),
         model.config(),
         &Device::Cpu,
     )?;
@@ -322,7 +319,7 @@ fn peft_round_trip() -> Result<()> {
     let model = fixture_model()?;
     let dir = tempfile::tempdir()?;
     let original = load_adapter(
-        &fixture().join("adapter_init"),
+        &trl_fixture().join("adapter_init"),
         model.config(),
         &Device::Cpu,
     )?;
@@ -512,7 +509,12 @@ fn bad_checkpoints_and_adapters_are_clear_errors() -> Result<()> {
     let small_cfg = Checkpoint::from_dir(&small)?.config;
     let e = format!(
         "{:#}",
-        load_adapter(&fixture().join("adapter_init"), &small_cfg, &Device::Cpu).unwrap_err()
+        load_adapter(
+            &trl_fixture().join("adapter_init"),
+            &small_cfg,
+            &Device::Cpu
+        )
+        .unwrap_err()
     );
     assert!(
         e.contains("base_model.model.model.layers.0.") && e.contains("shape"),
@@ -589,7 +591,7 @@ fn checkpointed_layers_replay_their_dropout_masks() -> Result<()> {
     let batch = batch_from_rows(&[(ids[0].clone(), 2)], 8, 2);
     let mut model = fixture_model()?;
     let adapter = load_adapter(
-        &fixture().join("adapter_init"),
+        &trl_fixture().join("adapter_init"),
         model.config(),
         &Device::Cpu,
     )?;
@@ -693,11 +695,11 @@ fn mistral_sliding_window_masks_distant_keys() -> Result<()> {
 fn bf16_log_probs_and_gradients_track_f32() -> Result<()> {
     let ids: Vec<Vec<u32>> = fixture_input_ids()?.to_vec2()?;
     let batch = batch_from_rows(&[(ids[0].clone(), 2), (ids[1][..7].to_vec(), 4)], 8, 2);
-    let ckpt = Checkpoint::from_dir(&fixture().join("model"))?;
+    let ckpt = Checkpoint::from_dir(&trl_fixture().join("model"))?;
     let run = |dtype: DType| -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
         let mut model = LlamaModel::load(&ckpt, dtype, &Device::Cpu)?;
         let adapter = load_adapter(
-            &fixture().join("adapter_init"),
+            &trl_fixture().join("adapter_init"),
             model.config(),
             &Device::Cpu,
         )?;

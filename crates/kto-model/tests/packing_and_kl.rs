@@ -5,17 +5,13 @@
 
 use anyhow::Result;
 use candle_core::{Device, Tensor};
-use kto_model::testing::{trl_fixture, with_fixture_adapter};
+use kto_data::testing::trl_fixture;
+use kto_model::testing::with_fixture_adapter;
 use kto_model::{
     AdapterChoice, Checkpoint, LlamaModel, ModelOptions, SequenceBatch, SequenceLogps,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use std::path::PathBuf;
-
-fn fixture() -> PathBuf {
-    trl_fixture()
-}
 
 /// The fixture's tiny Llama with its (non-zero) initial adapter as the policy; `sliding_window` makes it a Mistral.
 fn model(sliding_window: Option<usize>) -> Result<(LlamaModel, tempfile::TempDir)> {
@@ -25,10 +21,13 @@ fn model(sliding_window: Option<usize>) -> Result<(LlamaModel, tempfile::TempDir
         "tokenizer.json",
         "tokenizer_config.json",
     ] {
-        std::fs::copy(fixture().join("model").join(file), dir.path().join(file))?;
+        std::fs::copy(
+            trl_fixture().join("model").join(file),
+            dir.path().join(file),
+        )?;
     }
     let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
-        fixture().join("model/config.json"),
+        trl_fixture().join("model/config.json"),
     )?)?;
     if let Some(window) = sliding_window {
         config["model_type"] = "mistral".into();

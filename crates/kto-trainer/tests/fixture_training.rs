@@ -2,7 +2,8 @@
 //! accumulation group at the epoch end, LoRA dropout on, gradient checkpointing off and on), checkpointed gradients
 //! equal to plain ones, and precomputed reference log-probs equal to online ones.
 
-use std::path::{Path, PathBuf};
+use kto_data::testing::trl_fixture;
+use std::path::Path;
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
@@ -15,12 +16,8 @@ use kto_trainer::train::{loss_settings, micro_batches, train, TrainJob};
 use kto_trainer::world::{Alone, Gather};
 use serde_json::{Map, Value};
 
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/trl-kto-parity")
-}
-
 fn config(out: &Path, extra: &[&str]) -> Result<Config> {
-    let fx = fixture();
+    let fx = trl_fixture();
     let text = format!(
         "[model]\npath = \"{}\"\n[lora]\nr = 2\nalpha = 4\ndropout = 0.1\ntarget_modules = [\"q_proj\", \"v_proj\", \"down_proj\"]\n\
          [data]\ntrain_file = \"{}\"\neval_file = \"{}\"\nmax_length = 64\n\
@@ -168,7 +165,7 @@ fn resume_is_exact(extra: &[&str]) -> Result<()> {
 fn gradient_checkpointing_gives_the_plain_gradients() -> Result<()> {
     let init = format!(
         "lora.init_adapter={}",
-        fixture().join("adapter_init").display()
+        trl_fixture().join("adapter_init").display()
     );
     checkpointed_gradients_equal_plain(&[&init], true)?;
     checkpointed_gradients_equal_plain(&["kto.disable_dropout=true"], false)
@@ -269,7 +266,7 @@ fn precomputed_reference_matches_online_and_is_cached() -> Result<()> {
         "train.save_steps=0".to_string(),
         format!(
             "lora.init_adapter={}",
-            fixture().join("adapter_init").display()
+            trl_fixture().join("adapter_init").display()
         ),
     ];
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
