@@ -3,9 +3,9 @@
 //!
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
-//! use kto_model::{AdapterChoice, Checkpoint, LlamaModel, LoraAdapter, LoraConfig, LoraTarget, ModelOptions, SequenceBatch};
+//! use kto_model::{AdapterChoice, ModelFiles, LlamaModel, LoraAdapter, LoraConfig, LoraTarget, ModelOptions, SequenceBatch};
 //! let device = kto_model::open_device("auto")?;
-//! let checkpoint = Checkpoint::locate("TinyLlama/TinyLlama-1.1B-Chat-v1.0")?; // folder or cached hub id
+//! let checkpoint = ModelFiles::locate("TinyLlama/TinyLlama-1.1B-Chat-v1.0")?; // folder or cached hub id
 //! let mut model = LlamaModel::load(&checkpoint, kto_model::parse_dtype("bf16")?, &device)?;
 //! let lora = LoraConfig::new(8, 16.0, 0.05, false, &LoraTarget::ALL)?;
 //! model.set_policy_adapter(Some(LoraAdapter::init(lora, model.config(), 42, &device)?))?;
@@ -24,7 +24,6 @@
 //! # Ok(()) }
 //! ```
 
-pub mod checkpoint;
 pub mod config;
 pub mod device;
 pub mod files;
@@ -39,12 +38,12 @@ pub mod llama;
 pub mod logprobs;
 pub mod lora;
 pub mod merge;
+pub mod model_files;
 pub mod peft;
 mod recompute;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
-pub use checkpoint::{Checkpoint, CheckpointFormat};
 pub use config::{ModelConfig, ModelType, RopeScaling};
 pub use device::{open_device, parse_dtype, DeviceSpec};
 pub use frozen_linear::FrozenLinear;
@@ -54,4 +53,5 @@ pub use llama::{AdapterChoice, KvCache, LlamaModel, ModelOptions};
 pub use logprobs::SequenceLogps;
 pub use lora::{LoraAdapter, LoraConfig, LoraTarget};
 pub use merge::{convert_to_checkpoint, merge_to_checkpoint};
+pub use model_files::{ModelFiles, ModelFormat};
 pub use peft::{load_adapter, save_adapter};

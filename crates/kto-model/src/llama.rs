@@ -3,7 +3,6 @@
 //! over batches packed without padding ([`crate::layout`]) or right-padded, KL sequences run as continuations of
 //! their targets' prompts ([`crate::kl_continuation`]), and KV-cache steps for generation.
 
-use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::frozen_linear::FrozenLinear;
 use crate::kl_continuation::KlContinuation;
@@ -11,6 +10,7 @@ use crate::layer::{AttentionSegment, DecoderLayer, LayerContext, LayerKv, Pass};
 use crate::layout::TokenLayout;
 use crate::logprobs::{self, ScoredTokens, SequenceLogps};
 use crate::lora::{DropoutSource, LoraAdapter};
+use crate::model_files::ModelFiles;
 use crate::recompute::SideGrads;
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
@@ -158,7 +158,7 @@ impl ModelKv<'_> {
 
 impl LlamaModel {
     /// Loads the base weights of `checkpoint` in `dtype` on `device` (memory-mapped; one copy on the device).
-    pub fn load(checkpoint: &Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn load(checkpoint: &ModelFiles, dtype: DType, device: &Device) -> Result<Self> {
         let vb = checkpoint.var_builder(dtype, device)?;
         Self::from_var_builder(checkpoint.config.clone(), vb)
             .with_context(|| format!("loading the weights of {}", checkpoint.source().display()))

@@ -252,7 +252,7 @@ fn standard_normal(rng: &mut StdRng) -> f32 {
 }
 
 /// `checkpoint` in f32 on the CPU with the fixture's initial (non-zero) adapter as the policy.
-pub fn with_fixture_adapter(checkpoint: &crate::Checkpoint) -> Result<crate::LlamaModel> {
+pub fn with_fixture_adapter(checkpoint: &crate::ModelFiles) -> Result<crate::LlamaModel> {
     let mut model = crate::LlamaModel::load(checkpoint, candle_core::DType::F32, &Device::Cpu)?;
     let adapter = crate::peft::load_adapter(
         &kto_data::testing::trl_fixture().join("adapter_init"),

@@ -8,7 +8,7 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use kto_data::testing::fixture;
-use kto_model::{generate, AdapterChoice, Checkpoint, GenerationOptions, LlamaModel};
+use kto_model::{generate, AdapterChoice, GenerationOptions, LlamaModel, ModelFiles};
 use serde_json::Value;
 use std::path::PathBuf;
 
@@ -52,7 +52,7 @@ fn tokenizer_matches_transformers() -> Result<()> {
     let Some(path) = real_file() else {
         return Ok(());
     };
-    let bundle = Checkpoint::from_gguf(&path)?.tokenizer()?;
+    let bundle = ModelFiles::from_gguf(&path)?.tokenizer()?;
     let fixture = smollm2_parity()?;
     for case in fixture["stress"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
@@ -85,7 +85,7 @@ fn logits_and_greedy_text_match_transformers() -> Result<()> {
     let Some(path) = real_file() else {
         return Ok(());
     };
-    let checkpoint = Checkpoint::from_gguf(&path)?;
+    let checkpoint = ModelFiles::from_gguf(&path)?;
     let config = &checkpoint.config;
     assert_eq!(
         (

@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 use kto_data::testing::trl_fixture;
 use kto_model::testing::with_fixture_adapter;
 use kto_model::{
-    AdapterChoice, Checkpoint, LlamaModel, ModelOptions, SequenceBatch, SequenceLogps,
+    AdapterChoice, LlamaModel, ModelFiles, ModelOptions, SequenceBatch, SequenceLogps,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -35,7 +35,7 @@ fn model(sliding_window: Option<usize>) -> Result<(LlamaModel, tempfile::TempDir
         config["sliding_window"] = window.into();
     }
     std::fs::write(dir.path().join("config.json"), config.to_string())?;
-    let model = with_fixture_adapter(&Checkpoint::from_dir(dir.path())?)?;
+    let model = with_fixture_adapter(&ModelFiles::from_dir(dir.path())?)?;
     Ok((model, dir))
 }
 

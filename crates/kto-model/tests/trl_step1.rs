@@ -8,7 +8,7 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use kto_data::testing::trl_fixture;
-use kto_model::{load_adapter, AdapterChoice, Checkpoint, LlamaModel, SequenceBatch};
+use kto_model::{load_adapter, AdapterChoice, LlamaModel, ModelFiles, SequenceBatch};
 
 /// The fixture's WordLevel tokenizer: whitespace split, `wN` → N, `</s>` → 2, `<s>` → 1.
 fn tokenize(text: &str) -> Vec<u32> {
@@ -59,7 +59,7 @@ fn step_one_matches_trl() -> Result<()> {
         pad_id: 2,
     };
 
-    let ckpt = Checkpoint::from_dir(&trl_fixture().join("model"))?;
+    let ckpt = ModelFiles::from_dir(&trl_fixture().join("model"))?;
     let mut model = LlamaModel::load(&ckpt, DType::F32, &Device::Cpu)?;
     let run = trl_fixture().join("runs/kto");
     model.set_policy_adapter(Some(load_adapter(

@@ -1,6 +1,6 @@
 //! The one way from a config's `[model]` to a loaded base model: locate the checkpoint, open the device, load the
 //! weights in the config's dtype with the config's [`ModelOptions`], read the tokenizer. `kto train` / `kto eval`
-//! ([`crate::run::load_model`]) and `kto generate` / `kto chat` install their adapters on top of it.
+//! ([`crate::from_config::load_model`]) and `kto generate` / `kto chat` install their adapters on top of it.
 
 use std::path::Path;
 
@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use candle_core::Device;
 use kto_data::tokenize::TokenizerBundle;
 use kto_model::lora::LoraAdapter;
-use kto_model::{Checkpoint, LlamaModel, ModelOptions};
+use kto_model::{LlamaModel, ModelFiles, ModelOptions};
 
 use crate::config::Config;
 
@@ -16,7 +16,7 @@ use crate::config::Config;
 pub struct BaseModel {
     pub model: LlamaModel,
     pub tokenizer: TokenizerBundle,
-    pub checkpoint: Checkpoint,
+    pub checkpoint: ModelFiles,
     pub device: Device,
 }
 
@@ -28,11 +28,11 @@ impl BaseModel {
             .path
             .as_ref()
             .context("[model] path is not set")?;
-        Self::from_checkpoint(config, Checkpoint::locate(&spec.to_string_lossy())?)
+        Self::from_checkpoint(config, ModelFiles::locate(&spec.to_string_lossy())?)
     }
 
     /// Loads `checkpoint` (already located) on `[model] device` in `[model] dtype`.
-    pub fn from_checkpoint(config: &Config, checkpoint: Checkpoint) -> Result<Self> {
+    pub fn from_checkpoint(config: &Config, checkpoint: ModelFiles) -> Result<Self> {
         let device = kto_model::open_device(&config.model.device)?;
         let mut model = LlamaModel::load(&checkpoint, config.model.dtype.into(), &device)?;
         model.set_options(model_options(config));

@@ -11,9 +11,9 @@ use anyhow::Result;
 use kto_data::batch::MicroBatch;
 use serde_json::{Map, Value};
 
-use crate::forward::{score_micro_batch, PolicyModel, Reference};
 use crate::loss::LossSettings;
 use crate::metrics::{json_f64, MetricsAccumulator};
+use crate::policy::{score_micro_batch, PolicyModel, Reference};
 use crate::world::Gather;
 
 /// Evaluates the policy on `batches` (the held-out set in dataset order): TRL's `eval_*` metrics (each averaged over

@@ -7,8 +7,8 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use kto_data::batch::SequenceBatch;
 use kto_data::tokenize::TokenizedSample;
 use kto_trainer::config::{Config, LossType, Override};
-use kto_trainer::forward::{precompute_reference, AdapterChoice, PolicyModel, SequenceLogps};
 use kto_trainer::hooks::Hooks;
+use kto_trainer::policy::{precompute_reference, AdapterChoice, PolicyModel, SequenceLogps};
 use kto_trainer::run_dir::{RunDir, RunLock};
 use kto_trainer::train::{micro_batches, train, TrainJob};
 use kto_trainer::world::Alone;
@@ -259,7 +259,7 @@ fn held_out_metrics_of_an_untrained_policy() -> Result<()> {
     let row = kto_trainer::evaluate::evaluate_batches(
         &model,
         batches.epoch(0),
-        kto_trainer::forward::Reference::Online,
+        kto_trainer::policy::Reference::Online,
         &settings,
         7,
     )?;

@@ -118,7 +118,8 @@ pub fn run(args: TrainArgs, progress: Arc<dyn Observer>) -> Result<()> {
         ),
         _ => {}
     }
-    let summary = kto_trainer::run::run_training(&config, lock.as_ref(), &start, world, &hooks)?;
+    let summary =
+        kto_trainer::from_config::run_training(&config, lock.as_ref(), &start, world, &hooks)?;
     let Some(lock) = lock else {
         // Ranks other than 0 end here: rank 0 reports, plots and summarizes.
         return match summary.stopped_by {

@@ -10,17 +10,17 @@ use kto_data::balance::{
 use kto_data::formats::{read_file, ReadOptions};
 use kto_data::tokenize::{tokenize_dataset, TokenizationConfig, TokenizedSample, TokenizerBundle};
 use kto_model::lora::{LoraAdapter, LoraConfig, LoraTarget};
-use kto_model::Checkpoint;
+use kto_model::ModelFiles;
 use serde_json::{Map, Value};
 
 use crate::base_model::BaseModel;
 use crate::checkpoint::TrainerState;
 use crate::config::{Config, Weight};
 use crate::evaluate::evaluate_batches;
-use crate::forward::{precompute_reference, Reference};
 use crate::hooks::Hooks;
 use crate::llama_policy::LoraPolicy;
 use crate::plan::TrainingPlan;
+use crate::policy::{precompute_reference, Reference};
 use crate::progress::{DataPass, PassProgress};
 use crate::reference_cache::{self, CacheKeyBuilder, ReferenceLogps};
 use crate::run_dir::{check_resumable, plain, RunLock, Start};
@@ -32,7 +32,7 @@ use kto_data::faults::{self, Moment};
 pub struct Loaded {
     pub policy: LoraPolicy,
     pub tokenizer: TokenizerBundle,
-    pub checkpoint: Checkpoint,
+    pub checkpoint: ModelFiles,
 }
 
 /// Loads the base model and installs the adapters: `init_adapter` (trained) plus a frozen copy as the reference,
@@ -217,7 +217,7 @@ fn reference_for(
         key = key.file_identity("model weights", file)?;
     }
     // A GGUF file's identity covers its metadata (config and tokenizer); a folder keeps them in files of their own.
-    if let kto_model::CheckpointFormat::Safetensors = loaded.checkpoint.format {
+    if let kto_model::ModelFormat::Safetensors = loaded.checkpoint.format {
         key = key
             .file_contents("model config", &loaded.checkpoint.dir.join("config.json"))?
             .file_contents("tokenizer", &loaded.checkpoint.dir.join("tokenizer.json"))?;
