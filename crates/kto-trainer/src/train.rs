@@ -152,15 +152,6 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob, hooks: &Hooks) -> Re
         micro_batches_per_epoch: plan.micro_batches_per_epoch,
         global_batch: t.per_device_train_batch_size * shard.world_size,
     };
-    let evaluation = Evaluation {
-        batches: eval_batches.as_ref(),
-        samples: job.eval.map_or(0, <[_]>::len),
-        reference: job
-            .eval_reference
-            .map_or(Reference::Online, Reference::Precomputed),
-        settings: &settings,
-        hooks,
-    };
 
     let (mut optimizer, mut state) = start_or_resume(job, &params)?;
     let mut pending: MetricsAccumulator = std::mem::take(&mut state.metrics_pending);
@@ -172,15 +163,19 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob, hooks: &Hooks) -> Re
         plan.max_steps
     );
     let progress = TrainingProgress::start(&hooks.progress, state.global_step, plan.max_steps);
+    let evaluation = Evaluation {
+        batches: eval_batches.as_ref(),
+        samples: job.eval.map_or(0, <[_]>::len),
+        reference: job
+            .eval_reference
+            .map_or(Reference::Online, Reference::Precomputed),
+        settings: &settings,
+        hooks,
+        lock: job.lock,
+        progress: &progress,
+    };
     if state.evaluation_pending {
-        evaluate(
-            model,
-            &evaluation,
-            &mut state,
-            &pending,
-            job.lock,
-            &progress,
-        )?;
+        evaluate(model, &evaluation, &mut state, &pending)?;
     }
     let mut since_log = Instant::now();
     let mut stopped_by = stop_agreed(hooks, world)?;
@@ -242,14 +237,7 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob, hooks: &Hooks) -> Re
             }
             // Evaluate.
             if (t.eval_steps > 0 && step % t.eval_steps == 0) || is_last {
-                evaluate(
-                    model,
-                    &evaluation,
-                    &mut state,
-                    &pending,
-                    job.lock,
-                    &progress,
-                )?;
+                evaluate(model, &evaluation, &mut state, &pending)?;
             }
             // Save; after a stop request the step just finished is saved whatever save_steps says.
             stopped_by = stop_agreed(hooks, world)?;
@@ -475,6 +463,9 @@ struct Evaluation<'a> {
     reference: Reference<'a>,
     settings: &'a LossSettings,
     hooks: &'a Hooks<'a>,
+    /// Where the row goes (rank 0) and who sees it.
+    lock: Option<&'a RunLock>,
+    progress: &'a TrainingProgress,
 }
 
 /// The held-out evaluation at the current step, logged as one metrics row. A stop request ends the pass after the
@@ -484,8 +475,6 @@ fn evaluate<M: PolicyModel>(
     evaluation: &Evaluation,
     state: &mut TrainerState,
     pending: &MetricsAccumulator,
-    lock: Option<&RunLock>,
-    progress: &TrainingProgress,
 ) -> Result<bool> {
     let Some(batches) = evaluation.batches else {
         state.evaluation_pending = false;
@@ -520,7 +509,7 @@ fn evaluate<M: PolicyModel>(
         return Ok(false);
     }
     row.extend(figures?);
-    log_row(row, state, lock, progress)?;
+    log_row(row, state, evaluation.lock, evaluation.progress)?;
     Ok(true)
 }
 
