@@ -24,6 +24,7 @@ use crate::policy::{precompute_reference, Reference};
 use crate::progress::{DataPass, PassProgress};
 use crate::reference_cache::{self, CacheKeyBuilder, ReferenceLogps};
 use crate::run_dir::{check_resumable, plain, RunLock, Start};
+use crate::stop;
 use crate::train::{loss_settings, micro_batches, train, TrainJob, TrainSummary};
 use crate::world::World;
 use kto_data::faults::{self, Moment};
@@ -205,6 +206,7 @@ fn reference_for(
     samples: &[TokenizedSample],
     eval: bool,
     hooks: &Hooks,
+    world: &dyn World,
 ) -> Result<Option<ReferenceLogps>> {
     let t = &config.train;
     let batch_size = config.kto.precompute_ref_batch_size.unwrap_or(if eval {
@@ -268,7 +270,7 @@ fn reference_for(
         &loaded.policy,
         batches
             .epoch(0)
-            .take_while(|_| hooks.stop.requested().is_none())
+            .take_while(|_| matches!(stop::agreed(&hooks.stop, world), Ok(None)))
             .inspect(|batch| {
                 faults::signal_at(Moment::PrecomputeBatch);
                 pass.advance(batch.indices.len())
@@ -278,11 +280,14 @@ fn reference_for(
         label,
     );
     drop(pass);
-    if hooks.stop.requested().is_some() {
+    if stop::agreed(&hooks.stop, world)?.is_some() {
         return Ok(None);
     }
     let logps = logps?;
-    reference_cache::store(&dir, &key, &logps)?;
+    // Every rank computed the same values; rank 0 keeps them.
+    if world.is_main() {
+        reference_cache::store(&dir, &key, &logps)?;
+    }
     Ok(Some(logps))
 }
 
@@ -366,14 +371,22 @@ pub fn run_training(
     require_both_classes(&train_file, &train_samples)?;
     resolve_weights(&mut config, &train_samples);
     let (train_reference, eval_reference) = if config.kto.precompute_ref_log_probs {
-        let train_ref = reference_for(&config, &loaded, &train_file, &train_samples, false, hooks)?;
+        let train_ref = reference_for(
+            &config,
+            &loaded,
+            &train_file,
+            &train_samples,
+            false,
+            hooks,
+            world,
+        )?;
         let eval_ref = match (&config.data.eval_file, &eval_samples, &train_ref) {
             (Some(path), Some(samples), Some(_)) => {
-                reference_for(&config, &loaded, path, samples, true, hooks)?
+                reference_for(&config, &loaded, path, samples, true, hooks, world)?
             }
             _ => None,
         };
-        if let Some(signal) = hooks.stop.requested() {
+        if let Some(signal) = stop::agreed(&hooks.stop, world)? {
             return stopped_before_training(&config, train_samples.len(), resume, signal);
         }
         (train_ref, eval_ref)

@@ -22,6 +22,7 @@ use crate::progress::{DataPass, PassProgress, TrainingProgress};
 use crate::reference_cache::ReferenceLogps;
 use crate::run_dir::RunLock;
 use crate::schedule::Schedule;
+use crate::stop;
 use crate::world::{Counted, Gather, World};
 use kto_data::faults::{self, Moment};
 
@@ -178,7 +179,7 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob, hooks: &Hooks) -> Re
         evaluate(model, &evaluation, &mut state, &pending)?;
     }
     let mut since_log = Instant::now();
-    let mut stopped_by = stop_agreed(hooks, world)?;
+    let mut stopped_by = stop::agreed(&hooks.stop, world)?;
     // The step whose state is on disk (a fresh run's step 0 needs none): a stop request seen before the next step
     // begins ends the run there; otherwise the step in progress finishes and is saved.
     let mut saved_step = state.global_step;
@@ -190,7 +191,7 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob, hooks: &Hooks) -> Re
         let mut epoch_batches = train_batches.epoch_of(epoch as u64, shard).skip(skip);
         for step_in_epoch in first_step_in_epoch..plan.steps_per_epoch {
             if state.global_step == saved_step {
-                stopped_by = stopped_by.or(stop_agreed(hooks, world)?);
+                stopped_by = stopped_by.or(stop::agreed(&hooks.stop, world)?);
             }
             if stopped_by.is_some()
                 || state.global_step >= plan.max_steps
@@ -240,7 +241,7 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob, hooks: &Hooks) -> Re
                 evaluate(model, &evaluation, &mut state, &pending)?;
             }
             // Save; after a stop request the step just finished is saved whatever save_steps says.
-            stopped_by = stop_agreed(hooks, world)?;
+            stopped_by = stop::agreed(&hooks.stop, world)?;
             let save_now = t.save_steps > 0 && (step % t.save_steps == 0 || is_last);
             if save_now || stopped_by.is_some() {
                 state.metrics_pending = pending.clone();
@@ -264,22 +265,6 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob, hooks: &Hooks) -> Re
         max_steps: plan.max_steps,
         final_adapter,
         stopped_by,
-    })
-}
-
-/// Whether to stop, as every rank agrees: a stop requested on any rank stops them all at the same step (with this
-/// rank's own signal, or the signal of the ranks that asked).
-fn stop_agreed(hooks: &Hooks, world: &dyn World) -> Result<Option<i32>> {
-    let mine = hooks.stop.requested();
-    if world.size() == 1 {
-        return Ok(mine);
-    }
-    let mut asked = [mine.unwrap_or(0) as f64, mine.is_some() as u8 as f64];
-    world.sum_f64(&mut asked, Counted::All)?;
-    Ok(match (mine, asked[1] > 0.0) {
-        (Some(signal), _) => Some(signal),
-        (None, true) => Some((asked[0] / asked[1]).round() as i32),
-        (None, false) => None,
     })
 }
 
