@@ -101,3 +101,36 @@ fn a_data_set_missing_from_the_cache_names_the_download() {
         "{stderr}"
     );
 }
+
+#[test]
+fn prepare_reads_a_glob_of_parquet_shards_as_the_jsonl_of_its_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = data_kinds().join("shards/train-*.parquet");
+    let jsonl = data_kinds().join("paired.jsonl");
+    for (input, out) in [(&shards, "from-shards"), (&jsonl, "from-jsonl")] {
+        let status = kto_command(
+            dir.path(),
+            &[
+                "prepare",
+                "--input",
+                &input.display().to_string(),
+                "--out",
+                out,
+                "--test-fraction",
+                "0.25",
+            ],
+        )
+        .output()
+        .unwrap();
+        assert!(
+            status.status.success(),
+            "{}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+    }
+    for file in ["train.jsonl", "test.jsonl"] {
+        let read = |out: &str| std::fs::read_to_string(dir.path().join(out).join(file)).unwrap();
+        assert!(!read("from-jsonl").is_empty(), "{file}");
+        assert_eq!(read("from-shards"), read("from-jsonl"), "{file}");
+    }
+}
