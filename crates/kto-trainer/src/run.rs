@@ -459,17 +459,17 @@ pub fn run_evaluation(
     let loaded = load_model(&config, adapter)?;
     let eval_data = eval_source(&config, true)?.context("[data] eval_file is not set")?;
     let samples = load_source(&config, &loaded.tokenizer, &eval_data)?;
-    if config.data.train_file.is_some() || config.data.dataset_name.is_some() {
-        if matches!(
-            (config.kto.desirable_weight, config.kto.undesirable_weight),
-            (Weight::Auto, _) | (_, Weight::Auto)
-        ) {
-            let train_samples = load_source(&config, &loaded.tokenizer, &train_source(&config)?)?;
-            resolve_weights(&mut config, &train_samples);
-        }
+    let has_train_data = config.data.train_file.is_some() || config.data.dataset_name.is_some();
+    let auto_weight = matches!(
+        (config.kto.desirable_weight, config.kto.undesirable_weight),
+        (Weight::Auto, _) | (_, Weight::Auto)
+    );
+    if has_train_data && auto_weight {
+        let train_samples = load_source(&config, &loaded.tokenizer, &train_source(&config)?)?;
+        resolve_weights(&mut config, &train_samples);
     }
     let settings = loss_settings(&config).context(
-        "a weight is \"auto\": set [data] train_file so it can be resolved, or give a number",
+        "a weight is \"auto\": set [data] train_file (or dataset_name) so it can be resolved, or give a number",
     )?;
     let batches = micro_batches(&config, &samples, loaded.tokenizer.pad_id, true)?;
     let pass = PassProgress::start(&hooks.progress, DataPass::Evaluation, samples.len());
