@@ -300,3 +300,31 @@ impl WithFiles for kto_data::ReadReport {
         self
     }
 }
+
+#[test]
+fn other_names_are_still_read_as_json_and_a_folder_of_one_split_is_one_data_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let txt = dir.path().join("rows.txt");
+    std::fs::copy(fixtures().join("unpaired.jsonl"), &txt).unwrap();
+    let out = read_file(&txt, &ReadOptions::default()).unwrap();
+    assert_eq!(out.samples, reference("unpaired"));
+    // A folder: its data files in name order (README.md and hidden files aside), whatever their kinds.
+    let folder = dir.path().join("shards");
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::copy(
+        fixtures().join("unpaired.parquet"),
+        folder.join("a.parquet"),
+    )
+    .unwrap();
+    std::fs::copy(
+        fixtures().join("unpaired.jsonl.gz"),
+        folder.join("b.jsonl.gz"),
+    )
+    .unwrap();
+    std::fs::write(folder.join("README.md"), "# not data\n").unwrap();
+    std::fs::write(folder.join(".hidden.jsonl"), "not json\n").unwrap();
+    let out = read_file(&folder, &ReadOptions::default()).unwrap();
+    let twice: Vec<Sample> = [reference("unpaired"), reference("unpaired")].concat();
+    assert_eq!(out.samples, twice);
+    assert_eq!(out.report.files.len(), 2);
+}
