@@ -18,7 +18,8 @@
 #   BENCH_MODELS="tiny smollm2"
 #   BENCH_DATA="hh long"
 #   KTO_VARIANTS="kto kto-plain"  kto-plain: [kto] padding_free = false, kl_prefix_sharing = false (the work before
-#                                 issue 14), with the same binary
+#                                 issue 14), with the same binary; kto-gc: [train] gradient_checkpointing = true
+#                                 (recompute each layer in backward), with the same binary
 #   TRL_VARIANTS="gc nogc"  TRL with gradient checkpointing (KTOConfig's default) and without (kto has none):
 #                           the kto rows carry their ratios to each
 #   BENCH_THREADS=$(nproc) torch.set_num_threads / RAYON_NUM_THREADS
@@ -69,7 +70,7 @@ if [ -z "${KTO_BIN:-}" ]; then
 fi
 runs=() bins=()
 for v in ${KTO_VARIANTS:-kto kto-plain}; do
-  case $v in kto|kto-plain) runs+=("$v"); bins+=("$KTO_BIN") ;; *) echo "unknown KTO_VARIANTS entry $v" >&2; exit 2 ;; esac
+  case $v in kto|kto-plain|kto-gc) runs+=("$v"); bins+=("$KTO_BIN") ;; *) echo "unknown KTO_VARIANTS entry $v" >&2; exit 2 ;; esac
 done
 if [ -n "${KTO_BIN_BASELINE:-}" ]; then runs+=(kto-baseline); bins+=("$KTO_BIN_BASELINE"); fi
 for b in "${bins[@]}"; do [ -x "$b" ] || { echo "not an executable: $b" >&2; exit 2; }; done
@@ -133,7 +134,10 @@ set_kto_args() {
   kto_args=(train --config "$root/configs/bench-cpu.toml" --set model.path="$2"
     --set data.train_file="$(data_file "$data")" --set train.output_dir="$work/$data/$model/$1/out"
     --set train.max_steps="$steps")
-  if [ "$1" = kto-plain ]; then kto_args+=(--set kto.padding_free=false --set kto.kl_prefix_sharing=false); fi
+  case $1 in
+    kto-plain) kto_args+=(--set kto.padding_free=false --set kto.kl_prefix_sharing=false) ;;
+    kto-gc) kto_args+=(--set train.gradient_checkpointing=true) ;;
+  esac
 }
 
 # 4. Each data set and model: TRL, then every kto run, each in a fresh process.

@@ -113,7 +113,9 @@ def cmd_trl(model_dir, data, out, steps, threads, gc):
                      gradient_accumulation_steps=1, max_length=MAX_LENGTH, beta=0.1,
                      precompute_ref_log_probs=False, max_steps=steps, logging_steps=1, save_strategy="no",
                      report_to="none", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
-                     gradient_checkpointing=gc)
+                     gradient_checkpointing=gc,
+                     # TRL's configs default bf16 to True, which autocasts to bf16 on the CPU too: f32 like kto.
+                     bf16=False)
     peft = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
     timer = StepTimes()
     trainer = KTOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft,
@@ -172,7 +174,8 @@ TRL_LABELS = {"trl-gc": "TRL (gc: its default)", "trl-nogc": "TRL (no gc)"}
 TRL_SHORT = {"trl-gc": "gc", "trl-nogc": "no gc"}
 
 
-KTO_LABELS = {"kto": "kto", "kto-plain": "kto, padding_free and kl_prefix_sharing off"}
+KTO_LABELS = {"kto": "kto", "kto-plain": "kto, padding_free and kl_prefix_sharing off",
+              "kto-gc": "kto, gradient_checkpointing on"}
 
 
 def cmd_table(work, steps, warmup, threads, datasets, models, runs):

@@ -3,6 +3,7 @@ mod commands;
 mod cpu_threads;
 mod plot;
 mod progress;
+mod world;
 
 use clap::{Parser, Subcommand};
 

@@ -3,16 +3,13 @@
 //! are left exactly as they were).
 //!
 //! Every case starts from a working setup (a copy of the TRL fixture's tiny model and data) and breaks one thing.
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/trl-kto-parity")
-        .canonicalize()
-        .unwrap()
-}
+use common::{kto_warn, stderr};
+use kto_data::testing::trl_fixture;
 
 const CONFIG: &str = "[model]\npath = \"model\"\n[data]\ntrain_file = \"data.jsonl\"\nmax_length = 64\n\
                       [kto]\nbeta = 0.1\n[train]\noutput_dir = \"out\"\nper_device_train_batch_size = 4\n\
@@ -26,7 +23,7 @@ struct Setup {
 impl Setup {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let fx = fixture();
+        let fx = trl_fixture();
         for sub in ["model", "adapter_init"] {
             std::fs::create_dir_all(dir.path().join(sub)).unwrap();
             for entry in std::fs::read_dir(fx.join(sub)).unwrap() {
@@ -71,18 +68,6 @@ impl Setup {
         self
     }
 
-    fn kto(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_kto"))
-            .args(args)
-            .current_dir(self.dir.path())
-            .env("KTO_CACHE_DIR", self.path("cache"))
-            .env("RUST_LOG", "warn")
-            .env_remove("RUST_BACKTRACE")
-            .env_remove("RUST_LIB_BACKTRACE")
-            .output()
-            .unwrap()
-    }
-
     /// Every file under `out/` with its contents.
     fn output_snapshot(&self) -> BTreeMap<PathBuf, Vec<u8>> {
         let mut files = BTreeMap::new();
@@ -106,33 +91,29 @@ impl Setup {
         let existed = self.path("out").exists();
         let mut args = vec!["train", "--config", "kto.toml"];
         args.extend_from_slice(extra);
-        let out = self.kto(&args);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "accepted: {stderr}");
-        assert!(!stderr.contains("panicked"), "{stderr}");
-        assert_eq!(stderr.matches("error:").count(), 1, "one error: {stderr}");
+        let out = kto_warn(self.dir.path(), &args);
+        let log = stderr(&out);
+        assert!(!out.status.success(), "accepted: {log}");
+        assert!(!log.contains("panicked"), "{log}");
+        assert_eq!(log.matches("error:").count(), 1, "one error: {log}");
         for fragment in fragments {
-            assert!(stderr.contains(fragment), "no {fragment:?} in: {stderr}");
+            assert!(log.contains(fragment), "no {fragment:?} in: {log}");
         }
         assert_eq!(
             self.path("out").exists(),
             existed,
-            "output_dir created: {stderr}"
+            "output_dir created: {log}"
         );
         assert!(
             self.output_snapshot() == before,
-            "output_dir changed: {stderr}"
+            "output_dir changed: {log}"
         );
     }
 
     /// A real 2-step run in `out/` (checkpoints 1 and 2).
     fn trained(&self) -> &Self {
-        let out = self.kto(&["train", "--config", "kto.toml"]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = kto_warn(self.dir.path(), &["train", "--config", "kto.toml"]);
+        assert!(out.status.success(), "{}", stderr(&out));
         self
     }
 }
@@ -547,8 +528,7 @@ fn output_dir_holds_a_finished_run() {
         "choose another [train] output_dir",
     ];
     s.refused(&[], &fragments);
-    let stderr =
-        String::from_utf8_lossy(&s.kto(&["train", "--config", "kto.toml"]).stderr).into_owned();
+    let stderr = stderr(&kto_warn(s.dir.path(), &["train", "--config", "kto.toml"]));
     assert!(!stderr.contains("--resume"), "{stderr}");
 }
 

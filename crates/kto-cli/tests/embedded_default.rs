@@ -2,9 +2,11 @@
 //! held-out reward accuracy of at least 0.8 (chance 0.5). About a minute in the dev profile on one thread.
 //! Run a second time it replaces its earlier demo run (`overwrite_output_dir = true`), and its summary names plain
 //! paths.
+mod common;
 
 use std::path::PathBuf;
-use std::process::Command;
+
+use common::kto_command;
 
 #[test]
 fn embedded_default_reaches_reward_accuracy_0_8() {
@@ -14,8 +16,8 @@ fn embedded_default_reaches_reward_accuracy_0_8() {
     // The earlier demo run, finished, is replaced rather than refused.
     std::fs::create_dir_all(run_dir.join("adapter")).unwrap();
     std::fs::write(run_dir.join("metrics.jsonl"), "{\"step\": 9999}\n").unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_kto"))
-        .args(["train", "--quiet", "--config"])
+    // In the test's folder, with the reference cache there too.
+    let output = kto_command(out.path(), &["train", "--quiet", "--config"])
         .arg(repo.join("configs/tiny.toml"))
         .arg("--set")
         // The summary shows it plain, as out/tiny.
@@ -25,7 +27,6 @@ fn embedded_default_reaches_reward_accuracy_0_8() {
         ))
         // Small matrices: one thread is as fast as two when quiet and avoids the barrier spin-wait when busy.
         .env("RAYON_NUM_THREADS", "1")
-        .env("KTO_CACHE_DIR", out.path().join("cache"))
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);

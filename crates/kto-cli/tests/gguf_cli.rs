@@ -6,7 +6,7 @@ use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::GgmlDType;
 use kto_model::testing::gguf::{gguf_metadata, gguf_tensors, write_gguf, TestVocab};
 use kto_model::testing::TinyModel;
-use kto_model::Checkpoint;
+use kto_model::ModelFiles;
 
 mod common;
 
@@ -63,7 +63,7 @@ fn tokenize_convert_train_and_generate_from_a_gguf_file() {
         dir.path(),
         &["tokenize", "--config", "kto.toml", "--text", text, "--json"],
     );
-    let expected = Checkpoint::from_gguf(&gguf).unwrap().tokenizer().unwrap();
+    let expected = ModelFiles::from_gguf(&gguf).unwrap().tokenizer().unwrap();
     let encoding = expected.tokenizer.encode(text, true).unwrap();
     assert_eq!(tokens["ids"], serde_json::json!(encoding.get_ids()));
     assert_eq!(

@@ -1,8 +1,10 @@
 //! `kto plot`: learning curves from a synthetic metrics.jsonl, as SVG and PNG, and its errors.
+mod common;
+
 use std::collections::HashSet;
 use std::path::Path;
-use std::process::{Command, Output};
 
+use common::{kto, stderr, stdout};
 use serde_json::{json, Value};
 
 const PANEL_TITLES: [&str; 6] = [
@@ -13,17 +15,6 @@ const PANEL_TITLES: [&str; 6] = [
     "Learning rate",
     "Gradient norm",
 ];
-
-fn kto(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kto"))
-        .args(args)
-        .output()
-        .expect("running kto")
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
 
 /// A run the way the trainer logs it: a training row per step (some keys missing or null), an eval row every
 /// `eval_every` steps and at the end.
@@ -106,7 +97,7 @@ fn assert_curves(svg_path: &Path, png_path: &Path) -> String {
 fn plots_a_run_with_train_and_eval_rows_into_the_run_folder() {
     let dir = tempfile::tempdir().unwrap();
     write_metrics(dir.path(), &synthetic_run(120, 25));
-    let output = kto(&["plot", dir.path().to_str().unwrap()]);
+    let output = kto(dir.path(), &["plot", dir.path().to_str().unwrap()]);
     assert!(output.status.success(), "{}", stderr(&output));
     let svg = assert_curves(
         &dir.path().join("curves.svg"),
@@ -131,7 +122,7 @@ fn plots_a_run_with_train_and_eval_rows_into_the_run_folder() {
         svg.contains("120 training rows and 5 evaluations"),
         "header summary"
     );
-    assert!(String::from_utf8_lossy(&output.stdout).contains("curves.png"));
+    assert!(stdout(&output).contains("curves.png"));
     let leftovers: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -147,7 +138,7 @@ fn plots_a_run_with_train_and_eval_rows_into_the_run_folder() {
 fn a_single_step_run_still_plots() {
     let dir = tempfile::tempdir().unwrap();
     write_metrics(dir.path(), &synthetic_run(1, 0));
-    let output = kto(&["plot", dir.path().to_str().unwrap()]);
+    let output = kto(dir.path(), &["plot", dir.path().to_str().unwrap()]);
     assert!(output.status.success(), "{}", stderr(&output));
     let svg = assert_curves(
         &dir.path().join("curves.svg"),
@@ -174,7 +165,7 @@ fn eval_rows_alone_still_plot() {
         .collect();
     assert_eq!(rows.len(), 2);
     write_metrics(dir.path(), &rows);
-    let output = kto(&["plot", dir.path().to_str().unwrap()]);
+    let output = kto(dir.path(), &["plot", dir.path().to_str().unwrap()]);
     assert!(output.status.success(), "{}", stderr(&output));
     let svg = assert_curves(
         &dir.path().join("curves.svg"),
@@ -190,12 +181,12 @@ fn out_sets_the_file_names() {
     let run = dir.path().to_str().unwrap();
 
     let named = dir.path().join("plots/run-a.svg");
-    let output = kto(&["plot", run, "--out", named.to_str().unwrap()]);
+    let output = kto(dir.path(), &["plot", run, "--out", named.to_str().unwrap()]);
     assert!(output.status.success(), "{}", stderr(&output));
     assert_curves(&named, &dir.path().join("plots/run-a.png"));
 
     let stem = dir.path().join("plots/run-b");
-    let output = kto(&["plot", run, "--out", stem.to_str().unwrap()]);
+    let output = kto(dir.path(), &["plot", run, "--out", stem.to_str().unwrap()]);
     assert!(output.status.success(), "{}", stderr(&output));
     assert_curves(
         &dir.path().join("plots/run-b.svg"),
@@ -211,7 +202,7 @@ fn out_sets_the_file_names() {
 fn a_missing_run_folder_or_metrics_file_says_where_it_looked() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("no-such-run");
-    let output = kto(&["plot", missing.to_str().unwrap()]);
+    let output = kto(dir.path(), &["plot", missing.to_str().unwrap()]);
     assert!(!output.status.success());
     let message = stderr(&output);
     assert!(
@@ -220,7 +211,7 @@ fn a_missing_run_folder_or_metrics_file_says_where_it_looked() {
     );
     assert!(message.contains("kto train"), "{message}");
 
-    let output = kto(&["plot", dir.path().to_str().unwrap()]);
+    let output = kto(dir.path(), &["plot", dir.path().to_str().unwrap()]);
     assert!(!output.status.success());
     let message = stderr(&output);
     assert!(
@@ -239,7 +230,7 @@ fn bad_rows_are_named_by_file_and_line() {
 
     let text = format!("{}\n{}\n{{\"step\": 3, \"loss\": 0.4\n", good[0], good[1]);
     std::fs::write(&metrics, text).unwrap();
-    let message = stderr(&kto(&["plot", run]));
+    let message = stderr(&kto(dir.path(), &["plot", run]));
     assert!(
         message.contains("metrics.jsonl:3") && message.contains("not a JSON object"),
         "{message}"
@@ -247,21 +238,21 @@ fn bad_rows_are_named_by_file_and_line() {
 
     let text = format!("{}\n{{\"step\": 2, \"loss\": \"low\"}}\n", good[0]);
     std::fs::write(&metrics, text).unwrap();
-    let message = stderr(&kto(&["plot", run]));
+    let message = stderr(&kto(dir.path(), &["plot", run]));
     assert!(
         message.contains("metrics.jsonl:2") && message.contains("`loss`"),
         "{message}"
     );
 
     std::fs::write(&metrics, "{\"loss\": 0.5}\n").unwrap();
-    let message = stderr(&kto(&["plot", run]));
+    let message = stderr(&kto(dir.path(), &["plot", run]));
     assert!(
         message.contains("metrics.jsonl:1") && message.contains("`step`"),
         "{message}"
     );
 
     std::fs::write(&metrics, "\n").unwrap();
-    let output = kto(&["plot", run]);
+    let output = kto(dir.path(), &["plot", run]);
     assert!(!output.status.success());
     assert!(stderr(&output).contains("no rows"), "{}", stderr(&output));
     assert!(

@@ -1,22 +1,9 @@
 //! `kto prepare` end to end: formats in, train/test JSONL out, report, errors.
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output};
 
-fn kto(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kto"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap()
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
+use common::{kto_warn, stderr, stdout};
 
 fn rows(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
@@ -53,17 +40,20 @@ fn hh_input_is_split_by_pairs() {
     );
     std::fs::write(&input, lines.join("\n")).unwrap();
     let out = dir.path().join("out");
-    let output = kto(&[
-        "prepare",
-        "--input",
-        input.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--test-fraction",
-        "0.25",
-        "--seed",
-        "3",
-    ]);
+    let output = kto_warn(
+        dir.path(),
+        &[
+            "prepare",
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--test-fraction",
+            "0.25",
+            "--seed",
+            "3",
+        ],
+    );
     assert!(output.status.success(), "{}", stderr(&output));
     let report = stdout(&output);
     assert!(report.contains("as hh"), "{report}");
@@ -110,17 +100,20 @@ fn hh_input_is_split_by_pairs() {
 
     // Same seed, same files.
     let again = dir.path().join("again");
-    let output = kto(&[
-        "prepare",
-        "--input",
-        input.to_str().unwrap(),
-        "--out",
-        again.to_str().unwrap(),
-        "--test-fraction",
-        "0.25",
-        "--seed",
-        "3",
-    ]);
+    let output = kto_warn(
+        dir.path(),
+        &[
+            "prepare",
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            again.to_str().unwrap(),
+            "--test-fraction",
+            "0.25",
+            "--seed",
+            "3",
+        ],
+    );
     assert!(output.status.success());
     assert_eq!(
         std::fs::read(out.join("train.jsonl")).unwrap(),
@@ -136,16 +129,19 @@ fn train_and_test_inputs_keep_their_split_in_nemo_style() {
     std::fs::write(&train, (0..6).map(hh_row).collect::<Vec<_>>().join("\n")).unwrap();
     std::fs::write(&test, format!("[{}, {}]", hh_row(100), hh_row(101))).unwrap();
     let out = dir.path().join("out");
-    let output = kto(&[
-        "prepare",
-        "--input",
-        train.to_str().unwrap(),
-        test.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--style",
-        "nemo",
-    ]);
+    let output = kto_warn(
+        dir.path(),
+        &[
+            "prepare",
+            "--input",
+            train.to_str().unwrap(),
+            test.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--style",
+            "nemo",
+        ],
+    );
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(stdout(&output).contains("split: kept from the input files"));
     let test_rows = rows(&out.join("test.jsonl"));
@@ -168,29 +164,35 @@ fn bad_input_fails_with_file_and_line_and_leaves_no_files() {
     let input = dir.path().join("data.jsonl");
     std::fs::write(&input, "{\"prompt\": \"Q\", \"completion\": \"A\", \"label\": true}\n{\"prompt\": \"Q\", \"completion\": \"A\", \"label\": \"yes\"}\n").unwrap();
     let out = dir.path().join("out");
-    let output = kto(&[
-        "prepare",
-        "--input",
-        input.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let output = kto_warn(
+        dir.path(),
+        &[
+            "prepare",
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
     assert!(!output.status.success());
     let message = stderr(&output);
     assert!(message.contains("data.jsonl:2: field `label` must be true/false or \"chosen\"/\"rejected\", got \"yes\""), "{message}");
     assert!(!out.join("train.jsonl").exists());
 
     // --skip-invalid: a warning and a count, and the good rows are written.
-    let output = kto(&[
-        "prepare",
-        "--input",
-        input.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--skip-invalid",
-        "--test-fraction",
-        "0",
-    ]);
+    let output = kto_warn(
+        dir.path(),
+        &[
+            "prepare",
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--skip-invalid",
+            "--test-fraction",
+            "0",
+        ],
+    );
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(stdout(&output).contains("invalid rows skipped: 1"));
     assert!(
@@ -210,9 +212,13 @@ fn bad_input_fails_with_file_and_line_and_leaves_no_files() {
 
 #[test]
 fn unknown_format_and_style_list_the_known_ones() {
-    let output = kto(&[
-        "prepare", "--input", "x.jsonl", "--out", "o", "--format", "csv",
-    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let output = kto_warn(
+        dir.path(),
+        &[
+            "prepare", "--input", "x.jsonl", "--out", "o", "--format", "csv",
+        ],
+    );
     assert!(!output.status.success());
     assert!(
         stderr(&output)
@@ -220,23 +226,29 @@ fn unknown_format_and_style_list_the_known_ones() {
         "{}",
         stderr(&output)
     );
-    let output = kto(&[
-        "prepare", "--input", "x.jsonl", "--out", "o", "--style", "dpo",
-    ]);
+    let output = kto_warn(
+        dir.path(),
+        &[
+            "prepare", "--input", "x.jsonl", "--out", "o", "--style", "dpo",
+        ],
+    );
     assert!(
         stderr(&output).contains("expected one of trl, nemo"),
         "{}",
         stderr(&output)
     );
-    let output = kto(&[
-        "prepare",
-        "--input",
-        "x.jsonl",
-        "--out",
-        "o",
-        "--test-fraction",
-        "1.5",
-    ]);
+    let output = kto_warn(
+        dir.path(),
+        &[
+            "prepare",
+            "--input",
+            "x.jsonl",
+            "--out",
+            "o",
+            "--test-fraction",
+            "1.5",
+        ],
+    );
     assert!(
         stderr(&output).contains("--test-fraction must be in [0, 1), got 1.5"),
         "{}",

@@ -9,13 +9,14 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{
-    adapter_bytes, deterministic, fixture, metrics_rows, run_folder, run_to_end, train_command,
-    uninterrupted_run, MAX_STEPS,
+    adapter_bytes, deterministic, kto_warn, metrics_rows, run_folder, run_to_end, stderr,
+    train_command, uninterrupted_run, MAX_STEPS,
 };
+use kto_data::testing::trl_fixture;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -25,7 +26,10 @@ const SEED: u64 = 20261203;
 /// precomputed (6 train + 2 eval batches, batches in dataset order) and a checkpoint only every 5 steps: a stop
 /// must save on its own.
 fn with_evaluation(mut cmd: Command) -> Command {
-    let eval_file = format!("data.eval_file={}", fixture().join("data.jsonl").display());
+    let eval_file = format!(
+        "data.eval_file={}",
+        trl_fixture().join("data.jsonl").display()
+    );
     for set in [
         eval_file.as_str(),
         "train.eval_steps=4",
@@ -36,10 +40,6 @@ fn with_evaluation(mut cmd: Command) -> Command {
         cmd.args(["--set", set]);
     }
     cmd
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// Every file and folder under `dir`, recursively.
@@ -306,7 +306,10 @@ fn readers_work_while_the_folder_is_locked() {
     let dir = uninterrupted_run();
     let out_dir = dir.path().join("out");
     let lock = kto_trainer::run_dir::RunLock::acquire(&out_dir).unwrap();
-    let eval_file = format!("data.eval_file={}", fixture().join("data.jsonl").display());
+    let eval_file = format!(
+        "data.eval_file={}",
+        trl_fixture().join("data.jsonl").display()
+    );
     let commands: [&[&str]; 4] = [
         &[
             "eval",
@@ -338,12 +341,7 @@ fn readers_work_while_the_folder_is_locked() {
         ],
     ];
     for args in commands {
-        let out = Command::new(env!("CARGO_BIN_EXE_kto"))
-            .args(args)
-            .current_dir(dir.path())
-            .env("RUST_LOG", "warn")
-            .output()
-            .unwrap();
+        let out = kto_warn(dir.path(), args);
         assert!(out.status.success(), "kto {args:?}: {}", stderr(&out));
     }
     assert_eq!(

@@ -1,26 +1,14 @@
 //! `kto train` and `kto eval` end to end on the TRL parity fixture.
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
+use std::path::Path;
+
+use common::{kto, stderr, stdout};
+use kto_data::testing::trl_fixture;
 use serde_json::Value;
 
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/trl-kto-parity")
-        .canonicalize()
-        .unwrap()
-}
-
-fn kto(args: &[&str], dir: &Path) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_kto"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap()
-}
-
 fn write_config(dir: &Path) {
-    let fx = fixture();
+    let fx = trl_fixture();
     let text = format!(
         "[model]\npath = \"{m}\"\n[lora]\ninit_adapter = \"{a}\"\n[data]\ntrain_file = \"{d}\"\neval_file = \"{d}\"\n\
          max_length = 64\n[kto]\nloss_type = \"kto\"\nbeta = 0.1\n[train]\noutput_dir = \"out\"\n\
@@ -37,12 +25,8 @@ fn write_config(dir: &Path) {
 fn train_matches_trl_and_eval_reports_held_out_figures() {
     let dir = tempfile::tempdir().unwrap();
     write_config(dir.path());
-    let out = kto(&["train", "--config", "kto.toml"], dir.path());
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = kto(dir.path(), &["train", "--config", "kto.toml"]);
+    assert!(out.status.success(), "{}", stderr(&out));
 
     let rows: Vec<Value> = std::fs::read_to_string(dir.path().join("out/metrics.jsonl"))
         .unwrap()
@@ -50,7 +34,7 @@ fn train_matches_trl_and_eval_reports_held_out_figures() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let log: Vec<Value> = serde_json::from_str(
-        &std::fs::read_to_string(fixture().join("runs/kto/log.json")).unwrap(),
+        &std::fs::read_to_string(trl_fixture().join("runs/kto/log.json")).unwrap(),
     )
     .unwrap();
     let train_rows: Vec<&Value> = rows.iter().filter(|r| r.get("loss").is_some()).collect();
@@ -75,22 +59,18 @@ fn train_matches_trl_and_eval_reports_held_out_figures() {
         .path()
         .join("out/adapter/adapter_model.safetensors")
         .exists());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let log = stderr(&out);
     assert!(
-        stderr.contains("learning curves"),
-        "kto train plots at the end: {stderr}"
+        log.contains("learning curves"),
+        "kto train plots at the end: {log}"
     );
 
     let out = kto(
-        &["eval", "--config", "kto.toml", "--out", "eval.json"],
         dir.path(),
+        &["eval", "--config", "kto.toml", "--out", "eval.json"],
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let table = stdout(&out);
     assert!(
         table.contains("eval_reward_accuracy") && table.contains("eval_loss"),
         "{table}"
@@ -112,6 +92,7 @@ fn config_errors_and_print_config() {
     let dir = tempfile::tempdir().unwrap();
     write_config(dir.path());
     let out = kto(
+        dir.path(),
         &[
             "train",
             "--config",
@@ -119,16 +100,16 @@ fn config_errors_and_print_config() {
             "--set",
             "train.lernig_rate=1",
         ],
-        dir.path(),
     );
     assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = stderr(&out);
     assert!(
         err.contains("lernig_rate") && err.contains("learning_rate"),
         "{err}"
     );
 
     let out = kto(
+        dir.path(),
         &[
             "train",
             "--config",
@@ -137,14 +118,9 @@ fn config_errors_and_print_config() {
             "kto.beta=0.25",
             "--print-config",
         ],
-        dir.path(),
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let printed = stdout(&out);
     assert!(
         printed.contains("beta = 0.25") && printed.contains("adam_epsilon = 1e-8"),
         "{printed}"

@@ -5,10 +5,12 @@
 //! too): sample i takes the completion of sample i-1, the first of a chunk the chunk's last. The last chunk may be
 //! shorter; one of a single sample pairs the sample with its own completion, as TRL does.
 //!
-//! Order: [`BatchOrder::Sequential`] takes micro-batches in dataset order (TRL's only order with a KL term: it
-//! refuses any other sampling strategy). [`BatchOrder::Shuffled`] permutes the samples anew each epoch from the seed
-//! and rotates the completions within each shuffled micro-batch, so the KL sequences still pair every prompt with a
-//! completion of its own micro-batch.
+//! Order: [`BatchOrder::Sequential`] takes micro-batches in dataset order: TRL's `train_sampling_strategy =
+//! "sequential"`, the order of the parity fixtures. (TRL 1.16 forced it whenever the loss had a KL term only on
+//! transformers < 5.2; on 5.17 its default is "random", torch's generator, which no other program reproduces.)
+//! [`BatchOrder::Shuffled`] permutes the samples anew each epoch from the seed and rotates the completions within
+//! each shuffled micro-batch, so the KL sequences still pair every prompt with a completion of its own micro-batch.
+//! With several processes, each trains on its [`Shard`] of every epoch, as accelerate deals batches.
 use anyhow::{bail, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -132,6 +134,67 @@ pub struct BatchConfig {
     pub pad_id: u32,
 }
 
+/// The part of every epoch one process trains on when N processes train together: accelerate's
+/// `BatchSamplerShard` with its defaults (`split_batches = False`, `even_batches = True`, `drop_last = False`), as
+/// `accelerate launch` / `torchrun` give TRL. The epoch's micro-batches are dealt in turn, micro-batch k to rank
+/// k mod N; the last one, when short, is completed with the epoch's first samples, and more micro-batches made of
+/// the epoch's first samples (cycling on) follow until every rank has the same count. With one process nothing is
+/// dealt: the micro-batches stay as they are, the last one short.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub rank: usize,
+    pub world_size: usize,
+}
+
+impl Shard {
+    /// One process training alone.
+    pub const WHOLE: Shard = Shard {
+        rank: 0,
+        world_size: 1,
+    };
+
+    /// The micro-batches (sample indices) of `order`, cut into `batch_size`, that this rank trains on, in order.
+    pub fn deal(&self, order: &[usize], batch_size: usize) -> Vec<Vec<usize>> {
+        let batches: Vec<Vec<usize>> = order.chunks(batch_size).map(<[usize]>::to_vec).collect();
+        let (rank, n) = (self.rank, self.world_size);
+        if n == 1 || batches.is_empty() {
+            return batches;
+        }
+        // accelerate's `_iter_with_no_split`, step for step.
+        let mut dealt = Vec::new();
+        let mut first_samples: Vec<usize> = batches.iter().take(n).flatten().copied().collect();
+        let mut mine: Option<&Vec<usize>> = None;
+        for (i, batch) in batches.iter().enumerate() {
+            if i % n == rank {
+                mine = Some(batch);
+            }
+            if i % n == n - 1 && batch.len() == batch_size {
+                dealt.extend(mine.take().cloned());
+            }
+        }
+        dealt.extend(mine.filter(|b| b.len() == batch_size).cloned());
+        while first_samples.len() < n * batch_size {
+            first_samples.extend_from_within(..);
+        }
+        let last = batches.last().expect("not empty");
+        let (mut index, mut batch) = if last.len() == batch_size {
+            (batches.len(), Vec::new())
+        } else {
+            (batches.len() - 1, last.clone())
+        };
+        let mut cycle = 0;
+        while index % n != 0 || !batch.is_empty() {
+            let end = cycle + batch_size - batch.len();
+            batch.extend_from_slice(&first_samples[cycle..end]);
+            if index % n == rank {
+                dealt.push(std::mem::take(&mut batch));
+            }
+            (cycle, batch, index) = (end, Vec::new(), index + 1);
+        }
+        dealt
+    }
+}
+
 /// One micro-batch: which samples, and the sequences to run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MicroBatch {
@@ -191,6 +254,11 @@ impl<'a> MicroBatches<'a> {
         self.samples.len().div_ceil(self.config.batch_size)
     }
 
+    /// Micro-batches per epoch that `shard`'s rank trains on (the same for every rank).
+    pub fn len_of(&self, shard: Shard) -> usize {
+        self.len().div_ceil(shard.world_size)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.samples.is_empty()
     }
@@ -208,12 +276,13 @@ impl<'a> MicroBatches<'a> {
 
     /// All micro-batches of an epoch, in order.
     pub fn epoch(&self, epoch: u64) -> impl Iterator<Item = MicroBatch> + '_ {
-        let order = self.epoch_order(epoch);
-        let chunks: Vec<Vec<usize>> = order
-            .chunks(self.config.batch_size)
-            .map(<[usize]>::to_vec)
-            .collect();
-        chunks.into_iter().map(move |indices| self.build(indices))
+        self.epoch_of(epoch, Shard::WHOLE)
+    }
+
+    /// The micro-batches of an epoch that `shard`'s rank trains on, in order.
+    pub fn epoch_of(&self, epoch: u64, shard: Shard) -> impl Iterator<Item = MicroBatch> + '_ {
+        let dealt = shard.deal(&self.epoch_order(epoch), self.config.batch_size);
+        dealt.into_iter().map(move |indices| self.build(indices))
     }
 
     /// Micro-batch `index` of an epoch (for resuming mid-epoch).
@@ -323,6 +392,46 @@ mod tests {
         assert_eq!(batch.input_ids, vec![1, 2, 3, 4, 7, 8, 9, 9]);
         assert_eq!(batch.completion(0), &[4]);
         assert_eq!(batch.lengths, vec![4, 2]);
+    }
+
+    /// accelerate's own deal (`scripts/make-accelerate-shard-fixture.py`) for short last batches, short last
+    /// groups, fewer samples than one global batch and up to four processes.
+    #[test]
+    fn shards_deal_as_accelerate_does() {
+        let fixture: serde_json::Value = serde_json::from_str(include_str!(
+            "../../../tests/fixtures/accelerate-shards/cases.json"
+        ))
+        .unwrap();
+        let cases = fixture["cases"].as_array().unwrap();
+        assert!(cases.len() >= 8);
+        for case in cases {
+            let field = |key: &str| case[key].as_u64().unwrap() as usize;
+            let (samples, batch_size, world_size) =
+                (field("samples"), field("batch_size"), field("processes"));
+            let order: Vec<usize> = (0..samples).collect();
+            let tokenized = numbered(samples);
+            let expected: Vec<Vec<Vec<usize>>> =
+                serde_json::from_value(case["batches_of_rank"].clone()).unwrap();
+            for (rank, expected) in expected.iter().enumerate() {
+                let shard = Shard { rank, world_size };
+                assert_eq!(
+                    &shard.deal(&order, batch_size),
+                    expected,
+                    "{samples} samples, batch {batch_size}, rank {rank} of {world_size}"
+                );
+                let batches = MicroBatches::new(
+                    &tokenized,
+                    config(batch_size, BatchOrder::Sequential, KlPairing::Off),
+                )
+                .unwrap();
+                assert_eq!(batches.len_of(shard), expected.len());
+            }
+        }
+        // One process: nothing dealt, the last batch stays short.
+        assert_eq!(
+            Shard::WHOLE.deal(&[0, 1, 2, 3, 4], 2),
+            vec![vec![0, 1], vec![2, 3], vec![4]]
+        );
     }
 
     #[test]

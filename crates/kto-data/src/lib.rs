@@ -15,6 +15,9 @@ pub mod hub;
 pub mod prepare;
 pub mod sample;
 pub mod sources;
+#[cfg(any(test, feature = "testing"))]
+#[doc(hidden)]
+pub mod testing;
 pub mod tokenize;
 
 pub use balance::ClassCounts;

@@ -1,17 +1,14 @@
 //! The TRL parity fixture's data, tokenized and batched as TRL did it: the per-step `num_tokens` of its log.
-use std::path::PathBuf;
+use kto_data::testing::trl_fixture;
 
 use kto_data::batch::{BatchConfig, BatchOrder, KlPairing, MicroBatches};
 use kto_data::formats::{read_file, ReadOptions};
 use kto_data::tokenize::{tokenize_dataset, TokenizationConfig, TokenizerBundle};
 use kto_data::Format;
 
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/trl-kto-parity")
-}
-
 fn logged_num_tokens(run: &str) -> Vec<f64> {
-    let text = std::fs::read_to_string(fixture().join("runs").join(run).join("log.json")).unwrap();
+    let text =
+        std::fs::read_to_string(trl_fixture().join("runs").join(run).join("log.json")).unwrap();
     let log: serde_json::Value = serde_json::from_str(&text).unwrap();
     let rows = log
         .as_array()
@@ -24,12 +21,12 @@ fn logged_num_tokens(run: &str) -> Vec<f64> {
 
 #[test]
 fn fixture_num_tokens_per_step() {
-    let bundle = TokenizerBundle::from_dir(&fixture().join("model")).unwrap();
+    let bundle = TokenizerBundle::from_dir(&trl_fixture().join("model")).unwrap();
     assert_eq!(
         (bundle.eos_id, bundle.pad_id, bundle.bos_id),
         (2, 2, Some(1))
     );
-    let data = read_file(&fixture().join("data.jsonl"), &ReadOptions::default()).unwrap();
+    let data = read_file(&trl_fixture().join("data.jsonl"), &ReadOptions::default()).unwrap();
     assert_eq!(data.report.files[0].1, Format::Unpaired);
     assert_eq!((data.report.desirable, data.report.undesirable), (7, 5));
     let config = TokenizationConfig {

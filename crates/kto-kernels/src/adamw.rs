@@ -1,6 +1,6 @@
 //! AdamW over every trainable tensor in one launch, and the global gradient norm in one pass: kto-trainer's
 //! optimizer. Numerically torch's single-tensor `AdamW` after `clip_grad_norm_` as the stock candle ops compute it
-//! one op at a time ([`crate::testing::stock_adamw`], kto-trainer's former implementation), fused.
+//! one op at a time (`testing::stock_adamw`, a test build's, kto-trainer's former implementation), fused.
 //!
 //! - [`adamw_step`] updates parameters and both moments **in place**: one `adamw_f32` launch for all tensors on
 //!   CUDA, the twin ([`adamw_twin`], rayon over tensors and chunks) on the CPU. The clipping coefficient is applied
@@ -374,7 +374,7 @@ fn check_distinct(written: &[&Tensor], read: &[Tensor]) -> Result<()> {
 
 /// One AdamW step of every `params[i]` with gradient `grads[i]` and moments `exp_avg[i]`, `exp_avg_sq[i]`
 /// (created as zeros before the first step, like torch's lazy state), all f32 on one device, updated in
-/// place. Bit for bit [`StockAdamW::step`](crate::testing::stock_adamw::StockAdamW::step) on gradients multiplied by
+/// place. Bit for bit `StockAdamW::step` (`testing::stock_adamw`) on gradients multiplied by
 /// `hyper.grad_scale` first.
 pub fn adamw_step(
     params: &[&Var],

@@ -638,13 +638,14 @@ pub fn attention(
             q.apply_op3_no_bwd(&k, &v, &op)
         };
     }
-    attention_via_gemms(heads, q, &k, &v, mask, scale)
+    gemm_attention_prepared(heads, q, &k, &v, mask, scale)
 }
 
 /// The GPU's formulation on any device: the score and output GEMMs around [`masked_softmax`], the probabilities
-/// recomputed in backward ([`attention`] takes it on the GPU; tests compare it with the CPU twin).
+/// recomputed in backward ([`attention`] takes it on the GPU; tests compare it with the CPU twin). Checks the inputs
+/// and makes k and v contiguous, then runs `gemm_attention_prepared`.
 #[doc(hidden)]
-pub fn attention_by_gemms(
+pub fn gemm_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -652,10 +653,11 @@ pub fn attention_by_gemms(
     scale: f64,
 ) -> Result<Tensor> {
     let heads = Heads::of(q, k, v, mask)?;
-    attention_via_gemms(heads, q, &k.contiguous()?, &v.contiguous()?, mask, scale)
+    gemm_attention_prepared(heads, q, &k.contiguous()?, &v.contiguous()?, mask, scale)
 }
 
-fn attention_via_gemms(
+/// [`gemm_attention`] on prepared inputs: `heads` from [`Heads::of`] (shapes and dtypes checked), k and v contiguous.
+fn gemm_attention_prepared(
     heads: Heads,
     q: &Tensor,
     k: &Tensor,

@@ -22,6 +22,8 @@ pub mod operand;
 pub mod rmsnorm;
 pub mod rope;
 pub mod swiglu;
+/// Test and benchmark helpers: compiled for tests only (the `testing` feature, which dev-dependencies enable).
+#[cfg(any(test, feature = "testing"))]
 #[doc(hidden)]
 pub mod testing;
 /// Where nvcc is and the flags the kernels are compiled with (build.rs includes the same file).

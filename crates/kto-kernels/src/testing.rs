@@ -1,9 +1,12 @@
-//! Helpers for the kernel tests and benchmarks: seeded data, dtype-aware closeness, finite differences, and the
-//! stock candle-op optimizer the fused AdamW is checked against ([`stock_adamw`]).
+//! Helpers for the kernel tests and benchmarks: seeded data, dtype-aware closeness, finite differences, the
+//! emulated-kernel-against-twin comparison ([`emulated`]), and the stock candle-op optimizer the fused AdamW is
+//! checked against ([`stock_adamw`]).
 
 use crate::float::Float;
-use candle_core::{bail, DType, Result};
+use candle_core::{bail, DType, Result, Tensor};
 
+#[cfg(feature = "emulation")]
+pub mod emulated;
 pub mod stock_adamw;
 
 /// The dimensions of a model the kernels serve, for one emulated case of realistic size per kernel.
@@ -115,6 +118,13 @@ impl Tolerance {
     }
 }
 
+/// An op against the stock-op formula it replaces, in f32, where the two sum in different orders: every op's gradient
+/// ([`probe_gradients`] of each), attention's output.
+pub const STOCK_F32: Tolerance = Tolerance {
+    rel: 1e-4,
+    abs: 1e-5,
+};
+
 /// Fails with the worst element when `got` and `want` differ by more than `tol`.
 pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: Tolerance) -> Result<()> {
     compare_close(what, got, want, tol).map(|_| ())
@@ -212,6 +222,39 @@ pub fn gemm_attention_tolerance(dtype: DType) -> Tolerance {
             abs: 0.02,
         },
     }
+}
+
+/// A tensor's values, flattened and widened to f32 (for comparing tensors of any shape and float dtype).
+pub fn flat(t: &Tensor) -> Result<Vec<f32>> {
+    t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()
+}
+
+/// `Σ y · probe` in f64: the loss whose gradient with respect to an op's output `y` is `probe`. A backward given
+/// `probe` as the output's gradient is checked by [`check_gradient`] of this loss of the forward.
+pub fn probe_loss(y: &[f32], probe: &[f32]) -> f64 {
+    assert_eq!(y.len(), probe.len(), "an output and its probe");
+    y.iter()
+        .zip(probe)
+        .map(|(&y, &p)| y as f64 * p as f64)
+        .sum()
+}
+
+/// The gradients of `Σ probe ⊙ y` (y's backward given `probe` as its gradient) with respect to each of `xs`, for
+/// checking an op's backward against the stock-op formula's on the same inputs.
+pub fn probe_gradients<const N: usize>(
+    y: &Tensor,
+    probe: &Tensor,
+    xs: [&Tensor; N],
+) -> Result<[Tensor; N]> {
+    let grads = (y * probe)?.sum_all()?.backward()?;
+    let mut out = Vec::with_capacity(N);
+    for (i, x) in xs.into_iter().enumerate() {
+        match grads.get(x) {
+            Some(g) => out.push(g.clone()),
+            None => bail!("input {i} gets no gradient"),
+        }
+    }
+    Ok(out.try_into().expect("one gradient per input"))
 }
 
 /// Checks an analytic gradient against central differences of `loss` (evaluated in f32, summed in f64) at up to

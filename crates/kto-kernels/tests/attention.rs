@@ -3,17 +3,18 @@
 //! (repeated K/V, a dense additive mask, softmax from candle ops).
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use half::{bf16, f16};
 use kto_kernels::attention::{
     attention, backward_launch, backward_twin, forward_launch, forward_twin, masked_softmax,
     AttentionMask, RowMap,
 };
-use kto_kernels::emulation::{run, GuardedBuffer, Order};
+use kto_kernels::emulation::GuardedBuffer;
 use kto_kernels::float::Float;
+use kto_kernels::testing::emulated::assert_emulated_matches_twin;
 use kto_kernels::testing::{
-    assert_close, cast, check_gradient, gemm_attention_tolerance, widen, Normal, Tolerance,
-    LONG_KEYS, MODEL_SHAPES,
+    assert_close, cast, check_gradient, flat, gemm_attention_tolerance, probe_gradients,
+    probe_loss, widen, Normal, Tolerance, LONG_KEYS, MODEL_SHAPES, STOCK_F32,
 };
+use kto_kernels::tests_per_dtype;
 
 type Ranges = Vec<[u32; 2]>;
 
@@ -189,17 +190,17 @@ fn emulated_matches_twin<T: Float>() -> candle_core::Result<()> {
                 case.name
             );
         }
-        let flat: Vec<u32> = case.ranges.iter().flatten().copied().collect();
+        let ranges: Vec<u32> = case.ranges.iter().flatten().copied().collect();
         let (sb, rb, pb, gb) = (
             GuardedBuffer::from_slice(&scores),
-            GuardedBuffer::from_slice(&flat),
+            GuardedBuffer::from_slice(&ranges),
             GuardedBuffer::from_slice(&p_twin),
             GuardedBuffer::from_slice(&grad),
         );
-        for order in Order::BOTH {
-            let what = format!("{} {:?} {order:?}", case.name, T::DTYPE);
-            let p = GuardedBuffer::filled(rows * keys, T::from_f32(f32::NAN));
-            let launch = forward_launch(
+        let what = format!("{} {:?}", case.name, T::DTYPE);
+        let tol = Tolerance::for_dtype(T::DTYPE);
+        assert_emulated_matches_twin::<T>(&format!("forward {what}"), &widen(&p_twin), tol, |p| {
+            forward_launch(
                 T::DTYPE,
                 rows,
                 keys,
@@ -207,48 +208,20 @@ fn emulated_matches_twin<T: Float>() -> candle_core::Result<()> {
                 scale,
                 sb.arg(),
                 rb.arg(),
-                p.arg(),
-            )?;
-            run(&launch, order)?;
-            let tol = Tolerance::for_dtype(T::DTYPE);
-            assert_close(
-                &format!("forward {what}"),
-                &widen(p.as_slice()),
-                &widen(&p_twin),
-                tol,
-            )?;
-            let ds = GuardedBuffer::filled(rows * keys, T::from_f32(f32::NAN));
-            run(
-                &backward_launch(T::DTYPE, rows, keys, scale, pb.arg(), gb.arg(), ds.arg())?,
-                order,
-            )?;
-            assert_close(
-                &format!("backward {what}"),
-                &widen(ds.as_slice()),
-                &widen(&ds_twin),
-                tol,
-            )?;
-            p.check()?;
-            ds.check()?;
-        }
+                p,
+            )
+        })?;
+        assert_emulated_matches_twin::<T>(
+            &format!("backward {what}"),
+            &widen(&ds_twin),
+            tol,
+            |ds| backward_launch(T::DTYPE, rows, keys, scale, pb.arg(), gb.arg(), ds),
+        )?;
     }
     Ok(())
 }
 
-#[test]
-fn emulated_kernels_match_the_twin_f32() -> candle_core::Result<()> {
-    emulated_matches_twin::<f32>()
-}
-
-#[test]
-fn emulated_kernels_match_the_twin_bf16() -> candle_core::Result<()> {
-    emulated_matches_twin::<bf16>()
-}
-
-#[test]
-fn emulated_kernels_match_the_twin_f16() -> candle_core::Result<()> {
-    emulated_matches_twin::<f16>()
-}
+tests_per_dtype!(emulated_kernels_match_the_twin, emulated_matches_twin);
 
 #[test]
 fn twin_backward_matches_finite_differences() -> candle_core::Result<()> {
@@ -277,13 +250,7 @@ fn twin_backward_matches_finite_differences() -> candle_core::Result<()> {
         };
         let mut ds = vec![0f32; scores.len()];
         backward_twin(&forward(&scores), &probe, &mut ds, keys + 2, scale);
-        let loss = |s: &[f32]| {
-            forward(s)
-                .iter()
-                .zip(&probe)
-                .map(|(&p, &g)| p as f64 * g as f64)
-                .sum()
-        };
+        let loss = |s: &[f32]| probe_loss(&forward(s), &probe);
         check_gradient(
             &format!("masked softmax keys {}", keys + 2),
             &scores,
@@ -354,10 +321,6 @@ fn sees_keys(ranges: &Ranges, rows: usize, queries: usize) -> candle_core::Resul
     Tensor::from_vec(v, (rows, 1, queries, 1), &Device::Cpu)
 }
 
-fn flat(t: &Tensor) -> candle_core::Result<Vec<f32>> {
-    t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()
-}
-
 /// q [2, 6, n, 8] over k, v [2, 2, n, 8] (n_rep 3) under `mask`: the fused op against the stock formulation.
 fn matches_stock(mask: &AttentionMask, queries: usize, keys: usize) -> candle_core::Result<()> {
     let dev = Device::Cpu;
@@ -415,15 +378,7 @@ fn matches_stock(mask: &AttentionMask, queries: usize, keys: usize) -> candle_co
         l.iter().any(|&l| l > 0.0) && l.contains(&0.0),
         "the mask should pad some queries"
     );
-    assert_close(
-        "attention forward",
-        &visible(&f),
-        &visible(&s),
-        Tolerance {
-            rel: 1e-4,
-            abs: 1e-5,
-        },
-    )?;
+    assert_close("attention forward", &visible(&f), &visible(&s), STOCK_F32)?;
     assert!(
         f.iter().zip(&l).all(|(&f, &l)| l > 0.0 || f == 0.0),
         "a query that sees nothing gives 0"
@@ -437,23 +392,15 @@ fn matches_stock(mask: &AttentionMask, queries: usize, keys: usize) -> candle_co
         &dense_mask(&ranges, rows, queries, keys, true)?,
         scale,
     )?;
-    let g_fused = (&fused * &probe)?.sum_all()?.backward()?;
-    let g_stock = (&stock * &probe)?.sum_all()?.backward()?;
-    for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
-        let (a, b) = (
-            flat(g_fused.get(x).unwrap())?,
-            flat(g_stock.get(x).unwrap())?,
-        );
+    let g_fused = probe_gradients(&fused, &probe, [&q, &k, &v].map(|x| x.as_tensor()))?;
+    let g_stock = probe_gradients(&stock, &probe, [&q, &k, &v].map(|x| x.as_tensor()))?;
+    for (name, (a, b)) in ["q", "k", "v"]
+        .into_iter()
+        .zip(g_fused.iter().zip(&g_stock))
+    {
+        let (a, b) = (flat(a)?, flat(b)?);
         assert!(b.iter().any(|&b| b != 0.0));
-        assert_close(
-            &format!("attention d{name}"),
-            &a,
-            &b,
-            Tolerance {
-                rel: 1e-4,
-                abs: 1e-5,
-            },
-        )?;
+        assert_close(&format!("attention d{name}"), &a, &b, STOCK_F32)?;
     }
     // One node over q, k, v: no [rows, heads, queries, keys] intermediate is part of the graph.
     assert_eq!(fused.sorted_nodes().len(), 4);
@@ -529,16 +476,12 @@ fn masked_softmax_matches_stock_softmax_in_value_and_gradient() -> candle_core::
         tol,
     )?;
     let probe = (probe * &live)?;
-    let g_fused = (&fused * &probe)?.sum_all()?.backward()?;
-    let g_stock = (&stock * &probe)?.sum_all()?.backward()?;
-    let (a, b) = (
-        flat(g_fused.get(&s).unwrap())?,
-        flat(g_stock.get(&s).unwrap())?,
-    );
+    let [a] = probe_gradients(&fused, &probe, [s.as_tensor()])?;
+    let [b] = probe_gradients(&stock, &probe, [s.as_tensor()])?;
     assert_close(
         "masked softmax gradient",
-        &a,
-        &b,
+        &flat(&a)?,
+        &flat(&b)?,
         Tolerance {
             rel: 1e-4,
             abs: 1e-6,
@@ -614,7 +557,7 @@ fn bf16_attention_stays_close_to_f32() -> candle_core::Result<()> {
 /// windows, packed rows.
 #[test]
 fn gemm_formulation_matches_the_cpu_twin() -> candle_core::Result<()> {
-    use kto_kernels::attention::attention_by_gemms;
+    use kto_kernels::attention::gemm_attention;
     let dev = Device::Cpu;
     let masks = [
         (AttentionMask::causal(&[7, 4], 7, 0, Some(3), &dev)?, 7),
@@ -665,7 +608,7 @@ fn gemm_formulation_matches_the_cpu_twin() -> candle_core::Result<()> {
                 Ok::<_, candle_core::Error>(out)
             };
             let twin = run(&|q, k, v| attention(q, k, v, mask, 0.2))?;
-            let gemms = run(&|q, k, v| attention_by_gemms(q, k, v, mask, 0.2))?;
+            let gemms = run(&|q, k, v| gemm_attention(q, k, v, mask, 0.2))?;
             let tol = gemm_attention_tolerance(dtype);
             for (i, (a, b)) in twin.iter().zip(&gemms).enumerate() {
                 assert_close(
@@ -709,10 +652,7 @@ fn cpu_twin_backward_matches_finite_differences() -> candle_core::Result<()> {
     let loss = |q: &[f32], k: &[f32], v: &[f32]| -> f64 {
         let mut out = vec![0f32; nq];
         forward_twin(q, k, v, &ranges, dims, 0.4, &mut out);
-        out.iter()
-            .zip(&probe)
-            .map(|(&o, &p)| o as f64 * p as f64)
-            .sum()
+        probe_loss(&out, &probe)
     };
     check_gradient("attention dq", &q, &dq, |x| loss(x, &k, &v), 1e-2, 2e-3, 60)?;
     check_gradient("attention dk", &k, &dk, |x| loss(&q, x, &v), 1e-2, 2e-3, 60)?;

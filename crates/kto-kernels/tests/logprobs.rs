@@ -7,16 +7,19 @@
 //! lse ≈ 120 has logp ≈ 0 known to about 1e-5). The backward is compared at `Tolerance::for_dtype` of its dtype.
 
 use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
-use half::{bf16, f16};
+use half::bf16;
 use kto_kernels::emulation::{run, GuardedBuffer, Order};
 use kto_kernels::float::Float;
 use kto_kernels::logprobs::{
     backward_launch, backward_twin, forward_launch, forward_twin, logprob_backward, logprob_stats,
     token_logprobs, ENTROPY, LOGP, LSE, MEAN_LOGIT, STATS,
 };
+use kto_kernels::testing::emulated::{assert_emulated_matches_twin, emulated_output};
 use kto_kernels::testing::{
-    assert_close, cast, check_gradient, widen, Normal, Tolerance, MODEL_SHAPES,
+    assert_close, cast, check_gradient, flat, probe_gradients, probe_loss, widen, Normal,
+    Tolerance, MODEL_SHAPES,
 };
+use kto_kernels::tests_per_dtype;
 
 /// Vocabularies of one logit, under a warp, and not multiples of the block sizes (forward 128..512 threads, four
 /// logits in flight each; backward 32..256 threads × 4).
@@ -124,56 +127,38 @@ fn emulated_matches_twin<T: Float>() -> candle_core::Result<()> {
                 let tb = GuardedBuffer::from_slice(&t);
                 let lb = GuardedBuffer::from_slice(&lse);
                 let gb = GuardedBuffer::from_slice(&grad);
+                let case = format!("{:?} {rows}×{vocab} {kind:?}", T::DTYPE);
+                // the stats are f32 whatever the logits' dtype, compared row by row (see the header)
                 for order in Order::BOTH {
-                    let case = format!("{:?} {rows}×{vocab} {kind:?} {order:?}", T::DTYPE);
-                    let stats = GuardedBuffer::filled(rows * STATS, f32::NAN);
-                    run(
-                        &forward_launch(T::DTYPE, rows, vocab, xb.arg(), tb.arg(), stats.arg())?,
-                        order,
-                    )?;
-                    assert_stats_close(&format!("forward {case}"), stats.as_slice(), &stats_twin)?;
-                    let dx = GuardedBuffer::filled(rows * vocab, T::from_f32(f32::NAN));
-                    let launch = backward_launch(
-                        T::DTYPE,
-                        rows,
-                        vocab,
-                        xb.arg(),
-                        tb.arg(),
-                        lb.arg(),
-                        gb.arg(),
-                        dx.arg(),
-                    )?;
-                    run(&launch, order)?;
-                    let tol = Tolerance::for_dtype(T::DTYPE);
-                    assert_close(
-                        &format!("backward {case}"),
-                        &widen(dx.as_slice()),
-                        &widen(&dx_twin),
-                        tol,
-                    )?;
-                    stats.check()?;
-                    dx.check()?;
+                    let stats = emulated_output::<f32>(rows * STATS, order, |stats| {
+                        forward_launch(T::DTYPE, rows, vocab, xb.arg(), tb.arg(), stats)
+                    })?;
+                    assert_stats_close(&format!("forward {case} {order:?}"), &stats, &stats_twin)?;
                 }
+                assert_emulated_matches_twin::<T>(
+                    &format!("backward {case}"),
+                    &widen(&dx_twin),
+                    Tolerance::for_dtype(T::DTYPE),
+                    |dx| {
+                        backward_launch(
+                            T::DTYPE,
+                            rows,
+                            vocab,
+                            xb.arg(),
+                            tb.arg(),
+                            lb.arg(),
+                            gb.arg(),
+                            dx,
+                        )
+                    },
+                )?;
             }
         }
     }
     Ok(())
 }
 
-#[test]
-fn emulated_kernels_match_the_twin_f32() -> candle_core::Result<()> {
-    emulated_matches_twin::<f32>()
-}
-
-#[test]
-fn emulated_kernels_match_the_twin_bf16() -> candle_core::Result<()> {
-    emulated_matches_twin::<bf16>()
-}
-
-#[test]
-fn emulated_kernels_match_the_twin_f16() -> candle_core::Result<()> {
-    emulated_matches_twin::<f16>()
-}
+tests_per_dtype!(emulated_kernels_match_the_twin, emulated_matches_twin);
 
 #[test]
 fn out_of_range_targets_are_errors_on_the_host_and_nan_rows_in_the_kernels(
@@ -269,11 +254,8 @@ fn twin_backward_matches_finite_differences() -> candle_core::Result<()> {
         let loss = |x: &[f32]| {
             let mut stats = vec![0f32; rows * STATS];
             forward_twin(x, &t, &mut stats).unwrap();
-            stats
-                .chunks(STATS)
-                .zip(&probe)
-                .map(|(s, &p)| s[LOGP] as f64 * p as f64)
-                .sum()
+            let logp: Vec<f32> = stats.chunks(STATS).map(|s| s[LOGP]).collect();
+            probe_loss(&logp, &probe)
         };
         check_gradient(
             &format!("d logp / d logits, vocab {vocab}"),
@@ -307,10 +289,6 @@ fn stock_logprobs(
     Ok((logp, entropy, mean))
 }
 
-fn vec1(t: &Tensor) -> candle_core::Result<Vec<f32>> {
-    t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()
-}
-
 #[test]
 fn op_matches_the_stock_formula_in_value_and_gradient() -> candle_core::Result<()> {
     let dev = Device::Cpu;
@@ -327,36 +305,32 @@ fn op_matches_the_stock_formula_in_value_and_gradient() -> candle_core::Result<(
         rel: 2e-5,
         abs: 2e-5,
     };
-    assert_close("logp", &vec1(&logp)?, &vec1(&stock_logp)?, tol)?;
+    assert_close("logp", &flat(&logp)?, &flat(&stock_logp)?, tol)?;
     assert_close(
         "stats logp",
-        &vec1(&stats.i((.., LOGP))?)?,
-        &vec1(&stock_logp)?,
+        &flat(&stats.i((.., LOGP))?)?,
+        &flat(&stock_logp)?,
         tol,
     )?;
     assert_close(
         "entropy",
-        &vec1(&stats.i((.., ENTROPY))?)?,
-        &vec1(&stock_entropy)?,
+        &flat(&stats.i((.., ENTROPY))?)?,
+        &flat(&stock_entropy)?,
         tol,
     )?;
     assert_close(
         "mean logit",
-        &vec1(&stats.i((.., MEAN_LOGIT))?)?,
-        &vec1(&stock_mean)?,
+        &flat(&stats.i((.., MEAN_LOGIT))?)?,
+        &flat(&stock_mean)?,
         tol,
     )?;
 
-    let fused = (&logp * &probe)?.sum_all()?.backward()?;
-    let stock = (&stock_logp * &probe)?.sum_all()?.backward()?;
-    let (a, b) = (
-        fused.get(logits.as_tensor()).unwrap(),
-        stock.get(logits.as_tensor()).unwrap(),
-    );
+    let [a] = probe_gradients(&logp, &probe, [logits.as_tensor()])?;
+    let [b] = probe_gradients(&stock_logp, &probe, [logits.as_tensor()])?;
     assert_close(
         "d logp / d logits",
-        &vec1(a)?,
-        &vec1(b)?,
+        &flat(&a)?,
+        &flat(&b)?,
         Tolerance {
             rel: 1e-4,
             abs: 1e-6,
@@ -375,7 +349,7 @@ fn untracked_logits_give_the_stats_column_without_a_graph() -> candle_core::Resu
     let targets = Tensor::new(&[0u32, 17, 32], &Device::Cpu)?;
     let (logp, stats) = token_logprobs(&logits, &targets)?;
     assert!(!logp.track_op());
-    assert_eq!(vec1(&logp)?, vec1(&stats.i((.., LOGP))?)?);
+    assert_eq!(flat(&logp)?, flat(&stats.i((.., LOGP))?)?);
     Ok(())
 }
 
@@ -400,10 +374,10 @@ fn backward_api_matches_the_twin() -> candle_core::Result<()> {
     assert_eq!(d.dtype(), DType::BF16);
     assert_eq!(d.dims(), [rows, vocab]);
     let mut want = vec![bf16::default(); rows * vocab];
-    backward_twin(&x, &t, &vec1(&lse)?, &grad, &mut want)?;
+    backward_twin(&x, &t, &flat(&lse)?, &grad, &mut want)?;
     assert_close(
         "backward op",
-        &vec1(&d)?,
+        &flat(&d)?,
         &widen(&want),
         Tolerance::for_dtype(DType::BF16),
     )
@@ -429,15 +403,15 @@ fn op_in_bf16_stays_close_to_f32() -> candle_core::Result<()> {
     let (logp_wide, stats_wide) = token_logprobs(widened.as_tensor(), &targets)?;
     assert_stats_close(
         "bf16 vs widened f32",
-        &vec1(&stats_bf16)?,
-        &vec1(&stats_wide)?,
+        &flat(&stats_bf16)?,
+        &flat(&stats_wide)?,
     )?;
     let grad_wide = (&logp_wide * &probe)?.sum_all()?.backward()?;
     let grad_wide = grad_wide.get(widened.as_tensor()).unwrap();
     assert_close(
         "bf16 gradient",
-        &vec1(grad_bf16)?,
-        &vec1(grad_wide)?,
+        &flat(grad_bf16)?,
+        &flat(grad_wide)?,
         Tolerance::for_dtype(DType::BF16),
     )?;
 
@@ -445,8 +419,8 @@ fn op_in_bf16_stays_close_to_f32() -> candle_core::Result<()> {
     let (_, stats_f32) = token_logprobs(&x, &targets)?;
     assert_close(
         "bf16 vs f32 stats",
-        &vec1(&stats_bf16)?,
-        &vec1(&stats_f32)?,
+        &flat(&stats_bf16)?,
+        &flat(&stats_f32)?,
         Tolerance {
             rel: 0.01,
             abs: 0.05,

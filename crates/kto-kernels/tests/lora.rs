@@ -2,13 +2,15 @@
 //! twin, and the candle op against the stock-op formula it replaces (kto-model's `lora_delta` + add + cast).
 
 use candle_core::{DType, Device, Tensor, Var};
-use half::{bf16, f16};
-use kto_kernels::emulation::{run, GuardedBuffer, Order};
+use kto_kernels::emulation::GuardedBuffer;
 use kto_kernels::float::Float;
 use kto_kernels::lora::{epilogue_launch, forward_twin, lora_epilogue, lora_epilogue_backward};
+use kto_kernels::testing::emulated::assert_emulated_matches_twin;
 use kto_kernels::testing::{
-    assert_close, cast, check_gradient, widen, Normal, Tolerance, LARGE_RANK, MODEL_SHAPES,
+    assert_close, cast, check_gradient, flat, probe_gradients, probe_loss, widen, Normal,
+    Tolerance, LARGE_RANK, MODEL_SHAPES, STOCK_F32,
 };
+use kto_kernels::tests_per_dtype;
 
 const SCALE: f32 = 2.0;
 
@@ -66,51 +68,34 @@ fn emulated_matches_twin<T: Float>() -> candle_core::Result<()> {
             GuardedBuffer::from_slice(&h),
             GuardedBuffer::from_slice(&b),
         );
-        for order in Order::BOTH {
-            let out = GuardedBuffer::filled(rows * cols, T::from_f32(f32::NAN));
-            let launch = epilogue_launch(
-                T::DTYPE,
-                rows,
-                cols,
-                rank,
-                &starts,
-                SCALE,
-                base_buf.arg(),
-                h_buf.arg(),
-                b_buf.arg(),
-                out.arg(),
-            )?;
-            run(&launch, order)?;
-            let what = format!(
-                "lora epilogue {:?} {rows}×{cols} rank {rank} starts {starts:?} {order:?}",
-                T::DTYPE
-            );
-            assert_close(
-                &what,
-                &widen(out.as_slice()),
-                &widen(&want),
-                Tolerance::for_dtype(T::DTYPE),
-            )?;
-            out.check()?;
-        }
+        let what = format!(
+            "lora epilogue {:?} {rows}×{cols} rank {rank} starts {starts:?}",
+            T::DTYPE
+        );
+        assert_emulated_matches_twin::<T>(
+            &what,
+            &widen(&want),
+            Tolerance::for_dtype(T::DTYPE),
+            |out| {
+                epilogue_launch(
+                    T::DTYPE,
+                    rows,
+                    cols,
+                    rank,
+                    &starts,
+                    SCALE,
+                    base_buf.arg(),
+                    h_buf.arg(),
+                    b_buf.arg(),
+                    out,
+                )
+            },
+        )?;
     }
     Ok(())
 }
 
-#[test]
-fn emulated_kernel_matches_the_twin_f32() -> candle_core::Result<()> {
-    emulated_matches_twin::<f32>()
-}
-
-#[test]
-fn emulated_kernel_matches_the_twin_bf16() -> candle_core::Result<()> {
-    emulated_matches_twin::<bf16>()
-}
-
-#[test]
-fn emulated_kernel_matches_the_twin_f16() -> candle_core::Result<()> {
-    emulated_matches_twin::<f16>()
-}
+tests_per_dtype!(emulated_kernel_matches_the_twin, emulated_matches_twin);
 
 /// The twin against a plain triple loop (the definition), so the twin is not only checked against the kernel that
 /// mirrors it.
@@ -159,10 +144,7 @@ fn backward_matches_finite_differences_of_the_twin() -> candle_core::Result<()> 
         let loss = |base: &[f32], h: &[f32], b: &[f32]| -> f64 {
             let mut out = vec![0f32; base.len()];
             forward_twin(base, h, b, &mut out, cols, &starts, SCALE);
-            out.iter()
-                .zip(&probe)
-                .map(|(&o, &p)| o as f64 * p as f64)
-                .sum()
+            probe_loss(&out, &probe)
         };
         let g = Tensor::from_vec(probe.clone(), (rows, cols), &dev)?;
         let h_t = Tensor::from_vec(h.clone(), (rows, h_cols), &dev)?;
@@ -225,10 +207,6 @@ fn stock_epilogue(
     (base.to_dtype(DType::F32)? + delta)?.to_dtype(base.dtype())
 }
 
-fn flat(t: &Tensor) -> candle_core::Result<Vec<f32>> {
-    t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()
-}
-
 /// The op against the stock formula in value and in the gradients of base, h and B, for a base in `dtype`.
 fn op_matches_stock(dtype: DType, segments: usize) -> candle_core::Result<()> {
     let dev = Device::Cpu;
@@ -273,24 +251,19 @@ fn op_matches_stock(dtype: DType, segments: usize) -> candle_core::Result<()> {
     )?;
     // The op is one node over its three inputs: no [M, N] f32 intermediates in the graph.
     assert_eq!(fused.sorted_nodes().len(), 4);
-    let g_fused = (&fused * &probe)?.sum_all()?.backward()?;
-    let g_stock = (&stock * &probe)?.sum_all()?.backward()?;
-    let grad_tol = Tolerance {
-        rel: 1e-4,
-        abs: 1e-5,
-    };
-    for (name, var) in [
-        ("base", base.as_tensor()),
-        ("h", h.as_tensor()),
-        ("B", b.as_tensor()),
-    ] {
-        let (got, want) = (g_fused.get(var).unwrap(), g_stock.get(var).unwrap());
+    let vars = [base.as_tensor(), h.as_tensor(), b.as_tensor()];
+    let g_fused = probe_gradients(&fused, &probe, vars)?;
+    let g_stock = probe_gradients(&stock, &probe, vars)?;
+    for (name, (var, (got, want))) in ["base", "h", "B"]
+        .into_iter()
+        .zip(vars.into_iter().zip(g_fused.iter().zip(&g_stock)))
+    {
         assert_eq!(got.dims(), var.dims(), "{what}: d{name} shape");
         assert_close(
             &format!("{what} d{name}"),
             &flat(got)?,
             &flat(want)?,
-            grad_tol,
+            STOCK_F32,
         )?;
     }
     Ok(())

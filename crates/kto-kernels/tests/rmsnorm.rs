@@ -2,15 +2,17 @@
 //! candle op against the stock-op formula it replaces.
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use half::{bf16, f16};
-use kto_kernels::emulation::{run, GuardedBuffer, Order};
+use kto_kernels::emulation::GuardedBuffer;
 use kto_kernels::float::Float;
 use kto_kernels::rmsnorm::{
     backward_launch, backward_twin, forward_launch, forward_twin, rms_norm,
 };
+use kto_kernels::testing::emulated::assert_emulated_matches_twin;
 use kto_kernels::testing::{
-    assert_close, cast, check_gradient, widen, Normal, Tolerance, MODEL_SHAPES,
+    assert_close, cast, check_gradient, flat, probe_gradients, probe_loss, widen, Normal,
+    Tolerance, MODEL_SHAPES, STOCK_F32,
 };
+use kto_kernels::tests_per_dtype;
 
 const EPS: f32 = 1e-5;
 /// Awkward row lengths: one element, below a warp, not multiples of 32 or 128, several elements per thread.
@@ -18,6 +20,7 @@ const DIMS: [usize; 7] = [1, 7, 32, 33, 100, 576, 1500];
 
 fn emulated_matches_twin<T: Float>() -> candle_core::Result<()> {
     let mut rng = Normal::new(7);
+    let tol = Tolerance::for_dtype(T::DTYPE);
     // and the hidden sizes of the real models
     for dim in DIMS.into_iter().chain(MODEL_SHAPES.map(|m| m.hidden)) {
         for rows in [1, 3] {
@@ -33,60 +36,25 @@ fn emulated_matches_twin<T: Float>() -> candle_core::Result<()> {
                 GuardedBuffer::from_slice(&w),
                 GuardedBuffer::from_slice(&g),
             );
-            for order in Order::BOTH {
-                let y = GuardedBuffer::filled(rows * dim, T::from_f32(f32::NAN));
-                run(
-                    &forward_launch(T::DTYPE, rows, dim, EPS, xb.arg(), wb.arg(), y.arg())?,
-                    order,
-                )?;
-                let what = format!("rms-norm forward {:?} {rows}×{dim} {order:?}", T::DTYPE);
-                assert_close(
-                    &what,
-                    &widen(y.as_slice()),
-                    &widen(&y_twin),
-                    Tolerance::for_dtype(T::DTYPE),
-                )?;
-                let dx = GuardedBuffer::filled(rows * dim, T::from_f32(f32::NAN));
-                let launch = backward_launch(
-                    T::DTYPE,
-                    rows,
-                    dim,
-                    EPS,
-                    xb.arg(),
-                    wb.arg(),
-                    gb.arg(),
-                    dx.arg(),
-                )?;
-                run(&launch, order)?;
-                let what = format!("rms-norm backward {:?} {rows}×{dim} {order:?}", T::DTYPE);
-                assert_close(
-                    &what,
-                    &widen(dx.as_slice()),
-                    &widen(&dx_twin),
-                    Tolerance::for_dtype(T::DTYPE),
-                )?;
-                y.check()?;
-                dx.check()?;
-            }
+            let case = format!("{:?} {rows}×{dim}", T::DTYPE);
+            assert_emulated_matches_twin::<T>(
+                &format!("rms-norm forward {case}"),
+                &widen(&y_twin),
+                tol,
+                |y| forward_launch(T::DTYPE, rows, dim, EPS, xb.arg(), wb.arg(), y),
+            )?;
+            assert_emulated_matches_twin::<T>(
+                &format!("rms-norm backward {case}"),
+                &widen(&dx_twin),
+                tol,
+                |dx| backward_launch(T::DTYPE, rows, dim, EPS, xb.arg(), wb.arg(), gb.arg(), dx),
+            )?;
         }
     }
     Ok(())
 }
 
-#[test]
-fn emulated_kernels_match_the_twin_f32() -> candle_core::Result<()> {
-    emulated_matches_twin::<f32>()
-}
-
-#[test]
-fn emulated_kernels_match_the_twin_bf16() -> candle_core::Result<()> {
-    emulated_matches_twin::<bf16>()
-}
-
-#[test]
-fn emulated_kernels_match_the_twin_f16() -> candle_core::Result<()> {
-    emulated_matches_twin::<f16>()
-}
+tests_per_dtype!(emulated_kernels_match_the_twin, emulated_matches_twin);
 
 #[test]
 fn twin_backward_matches_finite_differences() -> candle_core::Result<()> {
@@ -101,10 +69,7 @@ fn twin_backward_matches_finite_differences() -> candle_core::Result<()> {
         let loss = |x: &[f32]| {
             let mut y = vec![0f32; x.len()];
             forward_twin(x, &w, &mut y, EPS);
-            y.iter()
-                .zip(&probe)
-                .map(|(&y, &p)| y as f64 * p as f64)
-                .sum()
+            probe_loss(&y, &probe)
         };
         check_gradient(
             &format!("rms-norm dim {dim}"),
@@ -137,28 +102,15 @@ fn op_matches_the_stock_formula_in_value_and_gradient() -> candle_core::Result<(
     let probe = Tensor::from_vec(rng.vec(rows * tokens * dim, 1.0), (rows, tokens, dim), &dev)?;
     let fused = rms_norm(x.as_tensor(), &w, 1e-5)?;
     let stock = stock_rms_norm(x.as_tensor(), &w, 1e-5)?;
-    let flat = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>();
     assert_close(
         "rms-norm op forward",
         &flat(&fused)?,
         &flat(&stock)?,
         Tolerance::for_dtype(DType::F32),
     )?;
-    let g_fused = (&fused * &probe)?.sum_all()?.backward()?;
-    let g_stock = (&stock * &probe)?.sum_all()?.backward()?;
-    let (a, b) = (
-        g_fused.get(x.as_tensor()).unwrap(),
-        g_stock.get(x.as_tensor()).unwrap(),
-    );
-    assert_close(
-        "rms-norm op gradient",
-        &flat(a)?,
-        &flat(b)?,
-        Tolerance {
-            rel: 1e-4,
-            abs: 1e-5,
-        },
-    )?;
+    let [a] = probe_gradients(&fused, &probe, [x.as_tensor()])?;
+    let [b] = probe_gradients(&stock, &probe, [x.as_tensor()])?;
+    assert_close("rms-norm op gradient", &flat(&a)?, &flat(&b)?, STOCK_F32)?;
     // the op is one node over x: no [rows, tokens, dim] f32 intermediates in the graph
     assert_eq!(fused.sorted_nodes().len(), 2);
     Ok(())
@@ -172,7 +124,6 @@ fn op_in_bf16_stays_close_to_f32() -> candle_core::Result<()> {
     let w = Tensor::from_vec(rng.vec(96, 1.0), 96, &dev)?;
     let f32_out = rms_norm(&x, &w, 1e-6)?;
     let bf16_out = rms_norm(&x.to_dtype(DType::BF16)?, &w.to_dtype(DType::BF16)?, 1e-6)?;
-    let flat = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>();
     assert_close(
         "rms-norm bf16 vs f32",
         &flat(&bf16_out)?,

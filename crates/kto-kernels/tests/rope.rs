@@ -2,14 +2,18 @@
 //! the twin's backward against finite differences; the candle op against the stock-op formula it replaces.
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use half::{bf16, f16};
-use kto_kernels::emulation::{run, GuardedBuffer, Order};
+use kto_kernels::emulation::GuardedBuffer;
 use kto_kernels::float::Float;
 use kto_kernels::kernel::Arg;
 use kto_kernels::rope::{
     backward_launch, backward_twin, forward_launch, forward_twin, rope, RopeDims, Strides,
 };
-use kto_kernels::testing::{assert_close, check_gradient, widen, Normal, Tolerance, MODEL_SHAPES};
+use kto_kernels::testing::emulated::assert_emulated_matches_twin;
+use kto_kernels::testing::{
+    assert_close, check_gradient, flat, probe_gradients, probe_loss, widen, Normal, Tolerance,
+    MODEL_SHAPES,
+};
+use kto_kernels::tests_per_dtype;
 
 /// Kernel, twin and stock formula do the same f32 operations in the same order (no sums to reorder, products kept
 /// out of FMAs) and take cos/sin from the same libm, so on the CPU they agree bit for bit in every dtype; anything
@@ -155,53 +159,19 @@ fn emulated_case<T: Float>(
         GuardedBuffer::from_slice(&freqs),
     );
     let x_arg = offset_arg::<T>(xb.arg(), x_offset);
-    for order in Order::BOTH {
-        let what = format!(
-            "{:?} {rows}×{tokens}×{heads}×{head_dim} {order:?}",
-            T::DTYPE
-        );
-        let y = GuardedBuffer::filled(dims.len(), T::from_f32(f32::NAN));
-        run(
-            &forward_launch(
-                T::DTYPE,
-                dims,
-                x_arg,
-                x_strides,
-                pb.arg(),
-                fb.arg(),
-                y.arg(),
-            )?,
-            order,
-        )?;
-        assert_close(
-            &format!("rope forward {what}"),
-            &widen(y.as_slice()),
-            &widen(&y_twin),
-            EXACT,
-        )?;
-        let dx = GuardedBuffer::filled(dims.len(), T::from_f32(f32::NAN));
-        run(
-            &backward_launch(
-                T::DTYPE,
-                dims,
-                gb.arg(),
-                g_strides,
-                pb.arg(),
-                fb.arg(),
-                dx.arg(),
-            )?,
-            order,
-        )?;
-        assert_close(
-            &format!("rope backward {what}"),
-            &widen(dx.as_slice()),
-            &widen(&dx_twin),
-            EXACT,
-        )?;
-        y.check()?;
-        dx.check()?;
-    }
-    Ok(())
+    let what = format!("{:?} {rows}×{tokens}×{heads}×{head_dim}", T::DTYPE);
+    assert_emulated_matches_twin::<T>(
+        &format!("rope forward {what}"),
+        &widen(&y_twin),
+        EXACT,
+        |y| forward_launch(T::DTYPE, dims, x_arg, x_strides, pb.arg(), fb.arg(), y),
+    )?;
+    assert_emulated_matches_twin::<T>(
+        &format!("rope backward {what}"),
+        &widen(&dx_twin),
+        EXACT,
+        |dx| backward_launch(T::DTYPE, dims, gb.arg(), g_strides, pb.arg(), fb.arg(), dx),
+    )
 }
 
 fn emulated_matches_twin<T: Float>() -> candle_core::Result<()> {
@@ -222,20 +192,7 @@ fn emulated_matches_twin<T: Float>() -> candle_core::Result<()> {
     Ok(())
 }
 
-#[test]
-fn emulated_kernels_match_the_twin_f32() -> candle_core::Result<()> {
-    emulated_matches_twin::<f32>()
-}
-
-#[test]
-fn emulated_kernels_match_the_twin_bf16() -> candle_core::Result<()> {
-    emulated_matches_twin::<bf16>()
-}
-
-#[test]
-fn emulated_kernels_match_the_twin_f16() -> candle_core::Result<()> {
-    emulated_matches_twin::<f16>()
-}
+tests_per_dtype!(emulated_kernels_match_the_twin, emulated_matches_twin);
 
 #[test]
 fn twin_backward_matches_finite_differences() -> candle_core::Result<()> {
@@ -259,10 +216,7 @@ fn twin_backward_matches_finite_differences() -> candle_core::Result<()> {
         let loss = |x: &[f32]| {
             let mut y = vec![0f32; x.len()];
             forward_twin(dims, x, dims.tokens_major(), &pos, &freqs, &mut y);
-            y.iter()
-                .zip(&probe)
-                .map(|(&y, &p)| y as f64 * p as f64)
-                .sum()
+            probe_loss(&y, &probe)
         };
         check_gradient(&format!("rope {dims:?}"), &x, &dx, loss, 1e-2, 2e-3, 64)?;
     }
@@ -285,10 +239,6 @@ fn stock_rope(x: &Tensor, positions: &Tensor, inv_freq: &Tensor) -> candle_core:
     let x2 = x.narrow(D::Minus1, half, half)?;
     let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
     x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
-}
-
-fn flat(t: &Tensor) -> candle_core::Result<Vec<f32>> {
-    t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()
 }
 
 /// Value and gradient of the op on k, a narrow of a fused q|k|v projection Var, against the stock formula.
@@ -333,16 +283,12 @@ fn op_matches_stock(dtype: DType) -> candle_core::Result<()> {
         &flat(&stock)?,
         tol,
     )?;
-    let g_ours = (&ours * &probe)?.sum_all()?.backward()?;
-    let g_stock = (&stock * &probe)?.sum_all()?.backward()?;
-    let (a, b) = (
-        g_ours.get(qkv.as_tensor()).unwrap(),
-        g_stock.get(qkv.as_tensor()).unwrap(),
-    );
+    let [a] = probe_gradients(&ours, &probe, [qkv.as_tensor()])?;
+    let [b] = probe_gradients(&stock, &probe, [qkv.as_tensor()])?;
     assert_close(
         &format!("rope op gradient {dtype:?}"),
-        &flat(a)?,
-        &flat(b)?,
+        &flat(&a)?,
+        &flat(&b)?,
         tol,
     )?;
     // q and v take no gradient

@@ -2,16 +2,18 @@
 //! candle op against the stock-op formula it replaces (`gate.silu() * up` on two halves of the fused projection).
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use half::{bf16, f16};
 use kto_kernels::emulation::{run, GuardedBuffer, Order};
 use kto_kernels::float::Float;
 use kto_kernels::swiglu::{
     backward_launch, backward_twin, forward_launch, forward_twin, swiglu, swiglu_backward,
     MAX_ROW_BLOCKS,
 };
+use kto_kernels::testing::emulated::assert_emulated_matches_twin;
 use kto_kernels::testing::{
-    assert_close, cast, check_gradient, widen, Normal, Tolerance, MODEL_SHAPES,
+    assert_close, cast, check_gradient, flat, probe_gradients, probe_loss, widen, Normal,
+    Tolerance, MODEL_SHAPES, STOCK_F32,
 };
+use kto_kernels::tests_per_dtype;
 
 /// Awkward widths of the output row: one element, below a warp, not multiples of 32 or 128, several blocks per row.
 const INNER: [usize; 5] = [1, 7, 33, 100, 1536];
@@ -67,43 +69,25 @@ fn emulated_matches_twin<T: Float>() -> candle_core::Result<()> {
                 assert_finite("swiglu twin backward", &dx_twin);
             }
             let (xb, gb) = (GuardedBuffer::from_slice(&x), GuardedBuffer::from_slice(&g));
-            for order in Order::BOTH {
-                let out = GuardedBuffer::filled(rows * inner, T::from_f32(f32::NAN));
-                run(
-                    &forward_launch(T::DTYPE, rows, inner, xb.arg(), out.arg())?,
-                    order,
-                )?;
-                let what = format!("swiglu forward {:?} {rows}×{inner} {order:?}", T::DTYPE);
-                assert_close(&what, &widen(out.as_slice()), &out_twin, tol)?;
-                let dx = GuardedBuffer::filled(rows * 2 * inner, T::from_f32(f32::NAN));
-                run(
-                    &backward_launch(T::DTYPE, rows, inner, xb.arg(), gb.arg(), dx.arg())?,
-                    order,
-                )?;
-                let what = format!("swiglu backward {:?} {rows}×{inner} {order:?}", T::DTYPE);
-                assert_close(&what, &widen(dx.as_slice()), &dx_twin, tol)?;
-                out.check()?;
-                dx.check()?;
-            }
+            let case = format!("{:?} {rows}×{inner}", T::DTYPE);
+            assert_emulated_matches_twin::<T>(
+                &format!("swiglu forward {case}"),
+                &out_twin,
+                tol,
+                |out| forward_launch(T::DTYPE, rows, inner, xb.arg(), out),
+            )?;
+            assert_emulated_matches_twin::<T>(
+                &format!("swiglu backward {case}"),
+                &dx_twin,
+                tol,
+                |dx| backward_launch(T::DTYPE, rows, inner, xb.arg(), gb.arg(), dx),
+            )?;
         }
     }
     Ok(())
 }
 
-#[test]
-fn emulated_kernels_match_the_twin_f32() -> candle_core::Result<()> {
-    emulated_matches_twin::<f32>()
-}
-
-#[test]
-fn emulated_kernels_match_the_twin_bf16() -> candle_core::Result<()> {
-    emulated_matches_twin::<bf16>()
-}
-
-#[test]
-fn emulated_kernels_match_the_twin_f16() -> candle_core::Result<()> {
-    emulated_matches_twin::<f16>()
-}
+tests_per_dtype!(emulated_kernels_match_the_twin, emulated_matches_twin);
 
 /// More rows than the launch gives block rows: the kernels' row stride must cover the rest.
 #[test]
@@ -157,10 +141,7 @@ fn twin_backward_matches_finite_differences() -> candle_core::Result<()> {
         let loss = |x: &[f32]| {
             let mut y = vec![0f32; rows * inner];
             forward_twin(x, &mut y, inner);
-            y.iter()
-                .zip(&probe)
-                .map(|(&y, &p)| y as f64 * p as f64)
-                .sum()
+            probe_loss(&y, &probe)
         };
         check_gradient(
             &format!("swiglu inner {inner}"),
@@ -181,10 +162,6 @@ fn stock_swiglu(gate_up: &Tensor) -> candle_core::Result<Tensor> {
     let gate = gate_up.narrow(D::Minus1, 0, inner)?;
     let up = gate_up.narrow(D::Minus1, inner, inner)?;
     gate.silu()? * up
-}
-
-fn flat(t: &Tensor) -> candle_core::Result<Vec<f32>> {
-    t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()
 }
 
 #[test]
@@ -212,22 +189,10 @@ fn op_matches_the_stock_formula_in_value_and_gradient() -> candle_core::Result<(
         &flat(&stock)?,
         Tolerance::for_dtype(DType::F32),
     )?;
-    let g_fused = (&fused * &probe)?.sum_all()?.backward()?;
-    let g_stock = (&stock * &probe)?.sum_all()?.backward()?;
-    let (a, b) = (
-        g_fused.get(x.as_tensor()).unwrap(),
-        g_stock.get(x.as_tensor()).unwrap(),
-    );
-    assert_finite("swiglu op gradient", &flat(a)?);
-    assert_close(
-        "swiglu op gradient",
-        &flat(a)?,
-        &flat(b)?,
-        Tolerance {
-            rel: 1e-4,
-            abs: 1e-5,
-        },
-    )?;
+    let [a] = probe_gradients(&fused, &probe, [x.as_tensor()])?;
+    let [b] = probe_gradients(&stock, &probe, [x.as_tensor()])?;
+    assert_finite("swiglu op gradient", &flat(&a)?);
+    assert_close("swiglu op gradient", &flat(&a)?, &flat(&b)?, STOCK_F32)?;
     // the op is one node over gate_up: no silu, narrow or product intermediates in the graph
     assert_eq!(fused.sorted_nodes().len(), 2);
     Ok(())
@@ -252,20 +217,13 @@ fn op_takes_a_non_contiguous_input() -> candle_core::Result<()> {
         tol,
     )?;
     let stock = stock_swiglu(&x)?;
-    let g_fused = (&fused * &probe)?.sum_all()?.backward()?;
-    let g_stock = (&stock * &probe)?.sum_all()?.backward()?;
-    let (a, b) = (
-        g_fused.get(columns.as_tensor()).unwrap(),
-        g_stock.get(columns.as_tensor()).unwrap(),
-    );
+    let [a] = probe_gradients(&fused, &probe, [columns.as_tensor()])?;
+    let [b] = probe_gradients(&stock, &probe, [columns.as_tensor()])?;
     assert_close(
         "swiglu transposed gradient",
-        &flat(a)?,
-        &flat(b)?,
-        Tolerance {
-            rel: 1e-4,
-            abs: 1e-5,
-        },
+        &flat(&a)?,
+        &flat(&b)?,
+        STOCK_F32,
     )
 }
 

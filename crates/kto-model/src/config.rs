@@ -1,11 +1,15 @@
 //! `config.json` of a Hugging Face Llama-family checkpoint → [`ModelConfig`].
 //!
-//! Reads both the transformers-5 layout (`rope_parameters`) and the older one (`rope_theta` + `rope_scaling`).
-//! Anything the model code does not implement is an error naming the key, never silently ignored.
+//! Two steps: serde reads the keys the model uses into `HfConfig` (every key optional, null as absent, a wrong type
+//! an error naming the file, the key and what was expected), then `HfConfig::resolve` applies transformers' defaults
+//! and derives what the architecture implies (Qwen2's q/k/v bias, Mistral's window). Reads both the transformers-5
+//! layout (`rope_parameters`) and the older one (`rope_theta` + `rope_scaling`). Anything the model code does not
+//! implement is an error naming the key and the allowed values, never silently ignored.
 
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
-use serde_json::{Map, Value};
+use serde::de::{self, Deserializer, IgnoredAny, Visitor};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use std::path::Path;
 
 /// Architectures this crate runs; they share one decoder and differ only in biases and attention windows.
@@ -81,19 +85,24 @@ impl ModelConfig {
         Self::from_json_str(&text, &path.display().to_string())
     }
 
-    /// `origin` names the file in error messages.
+    /// `origin` names the file in error messages: a value of the wrong type names its key (`rope_scaling.factor`)
+    /// and what was expected, a value the model code does not implement names its key and the allowed values.
     pub fn from_json_str(text: &str, origin: &str) -> Result<Self> {
-        let value: Value =
-            serde_json::from_str(text).with_context(|| format!("{origin}: invalid JSON"))?;
-        let Value::Object(map) = value else {
-            bail!("{origin}: expected a JSON object at the top level");
-        };
-        parse(&Keys {
-            map: &map,
-            origin,
-            prefix: "",
-        })
-        .map_err(|e| anyhow::anyhow!("{origin}: {e:#}"))
+        let raw: HfConfig =
+            serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(text))
+                .map_err(|e| {
+                    let key = e.path().to_string();
+                    let e = e.into_inner();
+                    match e.classify() {
+                        serde_json::error::Category::Data if key != "." => {
+                            anyhow::anyhow!("{origin}: key `{key}`: {e}")
+                        }
+                        serde_json::error::Category::Data => anyhow::anyhow!("{origin}: {e}"),
+                        _ => anyhow::Error::new(e).context(format!("{origin}: invalid JSON")),
+                    }
+                })?;
+        raw.resolve()
+            .map_err(|e| anyhow::anyhow!("{origin}: {e:#}"))
     }
 
     /// The `config.json` transformers 5.17 writes for this config (`kto convert` of a GGUF file). Only llama
@@ -210,242 +219,260 @@ impl ModelConfig {
     }
 }
 
-/// A JSON object plus where it came from, for error messages that name the full key.
-struct Keys<'a> {
-    map: &'a Map<String, Value>,
-    origin: &'a str,
-    prefix: &'a str,
+/// `config.json` as transformers writes it, as far as this crate reads it: every key optional (absent or `null`
+/// takes transformers' default, or is an error in [`HfConfig::resolve`] when there is none); unknown keys are
+/// ignored. The keys and their spellings across the architectures:
+/// - Llama (TinyLlama, SmolLM2, Llama 3): `attention_bias` (bias on q, k, v and o), `mlp_bias`, `pretraining_tp`,
+///   `rope_scaling` with `rope_type` (or the older `type`) "linear" or "llama3"; `eos_token_id` a number or a list.
+/// - Mistral: `sliding_window` (a number or null); no biases.
+/// - Qwen2: bias on q, k, v whatever the config says; `use_sliding_window` must be false.
+/// - transformers 5 writes `rope_parameters` (with `rope_theta` inside); older configs `rope_theta` and
+///   `rope_scaling` at the top level. `rope_parameters` wins when both are there.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, expecting = "a JSON object at the top level")]
+struct HfConfig {
+    model_type: Option<String>,
+    #[serde(deserialize_with = "count")]
+    vocab_size: Option<usize>,
+    #[serde(deserialize_with = "count")]
+    hidden_size: Option<usize>,
+    #[serde(deserialize_with = "count")]
+    intermediate_size: Option<usize>,
+    #[serde(deserialize_with = "count")]
+    num_hidden_layers: Option<usize>,
+    #[serde(deserialize_with = "count")]
+    num_attention_heads: Option<usize>,
+    /// Absent: as many as the attention heads (no GQA).
+    #[serde(deserialize_with = "count")]
+    num_key_value_heads: Option<usize>,
+    /// Absent: `hidden_size / num_attention_heads`.
+    #[serde(deserialize_with = "count")]
+    head_dim: Option<usize>,
+    hidden_act: Option<String>,
+    #[serde(deserialize_with = "count")]
+    max_position_embeddings: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    partial_rotary_factor: Option<f64>,
+    rope_parameters: Option<RopeTable>,
+    rope_scaling: Option<RopeTable>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    #[serde(deserialize_with = "count")]
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
+    #[serde(deserialize_with = "count")]
+    pretraining_tp: Option<usize>,
+    quantization_config: Option<IgnoredAny>,
+    #[serde(deserialize_with = "token_ids")]
+    bos_token_id: Vec<u32>,
+    #[serde(deserialize_with = "token_ids")]
+    eos_token_id: Vec<u32>,
+    #[serde(deserialize_with = "token_ids")]
+    pad_token_id: Vec<u32>,
 }
 
-impl Keys<'_> {
-    fn name(&self, key: &str) -> String {
-        format!("{}{key}", self.prefix)
-    }
-
-    /// A present, non-null value.
-    fn get(&self, key: &str) -> Option<&Value> {
-        self.map.get(key).filter(|v| !v.is_null())
-    }
-
-    fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v.as_u64().map(|n| Some(n as usize)).with_context(|| {
-                format!(
-                    "key `{}` must be a non-negative integer, got {v}",
-                    self.name(key)
-                )
-            }),
-        }
-    }
-
-    fn usize_req(&self, key: &str) -> Result<usize> {
-        self.usize_opt(key)?
-            .with_context(|| format!("missing key `{}`", self.name(key)))
-    }
-
-    fn f64_opt(&self, key: &str) -> Result<Option<f64>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .with_context(|| format!("key `{}` must be a number, got {v}", self.name(key))),
-        }
-    }
-
-    fn f64_req(&self, key: &str) -> Result<f64> {
-        self.f64_opt(key)?
-            .with_context(|| format!("missing key `{}`", self.name(key)))
-    }
-
-    fn bool_opt(&self, key: &str) -> Result<Option<bool>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v.as_bool().map(Some).with_context(|| {
-                format!("key `{}` must be true or false, got {v}", self.name(key))
-            }),
-        }
-    }
-
-    fn str_opt(&self, key: &str) -> Result<Option<&str>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_str()
-                .map(Some)
-                .with_context(|| format!("key `{}` must be a string, got {v}", self.name(key))),
-        }
-    }
-
-    /// One id, or a list of ids (`eos_token_id` may be either).
-    fn ids(&self, key: &str) -> Result<Vec<u32>> {
-        let bad = || {
-            format!(
-                "key `{}` must be a token id or a list of token ids",
-                self.name(key)
-            )
-        };
-        match self.get(key) {
-            None => Ok(vec![]),
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|v| v.as_u64().map(|n| n as u32).with_context(bad))
-                .collect(),
-            Some(v) => Ok(vec![v.as_u64().with_context(bad)? as u32]),
-        }
-    }
+/// `rope_parameters` (transformers 5) or `rope_scaling` (older configs).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, expecting = "an object")]
+struct RopeTable {
+    rope_theta: Option<f64>,
+    partial_rotary_factor: Option<f64>,
+    rope_type: Option<String>,
+    /// The older spelling of `rope_type`.
+    #[serde(rename = "type")]
+    legacy_type: Option<String>,
+    factor: Option<f64>,
+    low_freq_factor: Option<f64>,
+    high_freq_factor: Option<f64>,
+    original_max_position_embeddings: Option<f64>,
 }
 
-fn parse(keys: &Keys) -> Result<ModelConfig> {
-    let model_type = match keys.str_opt("model_type")? {
-        Some("llama") => ModelType::Llama,
-        Some("mistral") => ModelType::Mistral,
-        Some("qwen2") => ModelType::Qwen2,
-        Some(other) => bail!(
-            "unsupported `model_type` \"{other}\" (allowed: {})",
-            ModelType::ALLOWED
-        ),
-        None => bail!("missing key `model_type` (allowed: {})", ModelType::ALLOWED),
-    };
-    if let Some(act) = keys.str_opt("hidden_act")? {
-        if act != "silu" {
-            bail!("unsupported `hidden_act` \"{act}\" (allowed: silu)");
+/// A non-negative integer, or null.
+fn count<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<usize>, D::Error> {
+    struct Count;
+    impl<'de> Visitor<'de> for Count {
+        type Value = Option<usize>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a non-negative integer")
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(Some(v as usize))
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
         }
     }
-    if keys.get("quantization_config").is_some() {
-        bail!("unsupported key `quantization_config`: quantized checkpoints are not supported");
-    }
-    if let Some(tp) = keys.usize_opt("pretraining_tp")? {
-        if tp != 1 {
-            bail!("unsupported `pretraining_tp` {tp} (allowed: 1)");
-        }
-    }
-    let hidden_size = keys.usize_req("hidden_size")?;
-    let num_attention_heads = keys.usize_req("num_attention_heads")?;
-    if num_attention_heads == 0 {
-        bail!("key `num_attention_heads` must be positive");
-    }
-    let num_key_value_heads = keys
-        .usize_opt("num_key_value_heads")?
-        .unwrap_or(num_attention_heads);
-    if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
-        bail!(
-            "key `num_key_value_heads` ({num_key_value_heads}) must divide `num_attention_heads` ({num_attention_heads})"
-        );
-    }
-    let head_dim = keys
-        .usize_opt("head_dim")?
-        .unwrap_or(hidden_size / num_attention_heads);
-    if head_dim == 0 || head_dim % 2 != 0 {
-        bail!("key `head_dim` must be a positive even number, got {head_dim}");
-    }
-    let max_position_embeddings = keys.usize_opt("max_position_embeddings")?.unwrap_or(2048);
-    let (rope_theta, rope_scaling) = parse_rope(keys, max_position_embeddings)?;
+    deserializer.deserialize_any(Count)
+}
 
-    let attention_bias = keys.bool_opt("attention_bias")?.unwrap_or(false);
-    let (qkv_bias, o_bias) = match model_type {
-        // Qwen2 hard-codes bias on q, k, v and none on o, whatever the config says.
-        ModelType::Qwen2 => (true, false),
-        ModelType::Llama => (attention_bias, attention_bias),
-        ModelType::Mistral => (false, false),
-    };
-    let mlp_bias = match model_type {
-        ModelType::Llama => keys.bool_opt("mlp_bias")?.unwrap_or(false),
-        _ => false,
-    };
-    let sliding_window = match model_type {
-        ModelType::Mistral => keys.usize_opt("sliding_window")?,
-        ModelType::Qwen2 => {
-            if keys.bool_opt("use_sliding_window")?.unwrap_or(false) {
-                bail!("unsupported `use_sliding_window` true (allowed: false)");
+/// One token id, a list of them (`eos_token_id` may be either), or null.
+fn token_ids<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u32>, D::Error> {
+    struct Ids;
+    impl<'de> Visitor<'de> for Ids {
+        type Value = Vec<u32>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a token id or a list of token ids")
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            u32::try_from(v)
+                .map(|id| vec![id])
+                .map_err(|_| E::invalid_value(de::Unexpected::Unsigned(v), &self))
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(vec![])
+        }
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut ids = Vec::new();
+            while let Some(id) = seq.next_element::<u32>()? {
+                ids.push(id);
             }
-            None
+            Ok(ids)
         }
-        ModelType::Llama => None,
-    };
-
-    Ok(ModelConfig {
-        model_type,
-        vocab_size: keys.usize_req("vocab_size")?,
-        hidden_size,
-        intermediate_size: keys.usize_req("intermediate_size")?,
-        num_hidden_layers: keys.usize_req("num_hidden_layers")?,
-        num_attention_heads,
-        num_key_value_heads,
-        head_dim,
-        rope_theta,
-        rope_scaling,
-        rms_norm_eps: keys.f64_opt("rms_norm_eps")?.unwrap_or(1e-6),
-        max_position_embeddings,
-        tie_word_embeddings: keys.bool_opt("tie_word_embeddings")?.unwrap_or(false),
-        qkv_bias,
-        o_bias,
-        mlp_bias,
-        sliding_window,
-        bos_token_id: keys.ids("bos_token_id")?.first().copied(),
-        eos_token_ids: keys.ids("eos_token_id")?,
-        pad_token_id: keys.ids("pad_token_id")?.first().copied(),
-    })
+    }
+    deserializer.deserialize_any(Ids)
 }
 
-/// `rope_parameters` (transformers 5) takes precedence over `rope_theta` + `rope_scaling` (older configs).
-fn parse_rope(keys: &Keys, max_position_embeddings: usize) -> Result<(f64, RopeScaling)> {
-    let (table_key, table) = match (keys.get("rope_parameters"), keys.get("rope_scaling")) {
-        (Some(v), _) => ("rope_parameters", Some(v)),
-        (None, Some(v)) => ("rope_scaling", Some(v)),
-        (None, None) => ("rope_parameters", None),
-    };
-    let empty = Map::new();
-    let map = match table {
-        None => &empty,
-        Some(Value::Object(map)) => map,
-        Some(v) => bail!("key `{table_key}` must be an object, got {v}"),
-    };
-    let prefix = format!("{table_key}.");
-    let rope = Keys {
-        map,
-        origin: keys.origin,
-        prefix: &prefix,
-    };
-    let theta = match rope.f64_opt("rope_theta")? {
-        Some(t) => t,
-        None => keys.f64_opt("rope_theta")?.unwrap_or(10_000.0),
-    };
-    if theta <= 0.0 {
-        bail!("key `rope_theta` must be positive, got {theta}");
-    }
-    if let Some(f) = rope
-        .f64_opt("partial_rotary_factor")?
-        .or(keys.f64_opt("partial_rotary_factor")?)
-    {
-        if f != 1.0 {
-            bail!("unsupported `partial_rotary_factor` {f} (allowed: 1.0)");
+/// `value`, or an error naming the missing key.
+fn required<T>(value: Option<T>, key: &str) -> Result<T> {
+    value.with_context(|| format!("missing key `{key}`"))
+}
+
+impl HfConfig {
+    /// Checks what the model code implements and applies transformers' defaults; errors name the key (without the
+    /// file: the caller adds it).
+    fn resolve(self) -> Result<ModelConfig> {
+        let model_type = match self.model_type.as_deref() {
+            Some("llama") => ModelType::Llama,
+            Some("mistral") => ModelType::Mistral,
+            Some("qwen2") => ModelType::Qwen2,
+            Some(other) => bail!(
+                "unsupported `model_type` \"{other}\" (allowed: {})",
+                ModelType::ALLOWED
+            ),
+            None => bail!("missing key `model_type` (allowed: {})", ModelType::ALLOWED),
+        };
+        if let Some(act) = &self.hidden_act {
+            if act != "silu" {
+                bail!("unsupported `hidden_act` \"{act}\" (allowed: silu)");
+            }
         }
+        if self.quantization_config.is_some() {
+            bail!("unsupported key `quantization_config`: quantized checkpoints are not supported");
+        }
+        if let Some(tp) = self.pretraining_tp {
+            if tp != 1 {
+                bail!("unsupported `pretraining_tp` {tp} (allowed: 1)");
+            }
+        }
+        let hidden_size = required(self.hidden_size, "hidden_size")?;
+        let num_attention_heads = required(self.num_attention_heads, "num_attention_heads")?;
+        if num_attention_heads == 0 {
+            bail!("key `num_attention_heads` must be positive");
+        }
+        let num_key_value_heads = self.num_key_value_heads.unwrap_or(num_attention_heads);
+        if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+            bail!(
+                "key `num_key_value_heads` ({num_key_value_heads}) must divide `num_attention_heads` ({num_attention_heads})"
+            );
+        }
+        let head_dim = self.head_dim.unwrap_or(hidden_size / num_attention_heads);
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
+            bail!("key `head_dim` must be a positive even number, got {head_dim}");
+        }
+        let max_position_embeddings = self.max_position_embeddings.unwrap_or(2048);
+        let (rope_theta, rope_scaling) = self.rope(max_position_embeddings)?;
+
+        let attention_bias = self.attention_bias.unwrap_or(false);
+        let (qkv_bias, o_bias) = match model_type {
+            // Qwen2 hard-codes bias on q, k, v and none on o, whatever the config says.
+            ModelType::Qwen2 => (true, false),
+            ModelType::Llama => (attention_bias, attention_bias),
+            ModelType::Mistral => (false, false),
+        };
+        let mlp_bias = match model_type {
+            ModelType::Llama => self.mlp_bias.unwrap_or(false),
+            _ => false,
+        };
+        let sliding_window = match model_type {
+            ModelType::Mistral => self.sliding_window,
+            ModelType::Qwen2 => {
+                if self.use_sliding_window.unwrap_or(false) {
+                    bail!("unsupported `use_sliding_window` true (allowed: false)");
+                }
+                None
+            }
+            ModelType::Llama => None,
+        };
+
+        Ok(ModelConfig {
+            model_type,
+            vocab_size: required(self.vocab_size, "vocab_size")?,
+            hidden_size,
+            intermediate_size: required(self.intermediate_size, "intermediate_size")?,
+            num_hidden_layers: required(self.num_hidden_layers, "num_hidden_layers")?,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            rope_theta,
+            rope_scaling,
+            rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-6),
+            max_position_embeddings,
+            tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
+            qkv_bias,
+            o_bias,
+            mlp_bias,
+            sliding_window,
+            bos_token_id: self.bos_token_id.first().copied(),
+            eos_token_ids: self.eos_token_id,
+            pad_token_id: self.pad_token_id.first().copied(),
+        })
     }
-    let (type_key, rope_type) = match (rope.str_opt("rope_type")?, rope.str_opt("type")?) {
-        (Some(t), _) => ("rope_type", t),
-        (None, Some(t)) => ("type", t),
-        (None, None) => ("rope_type", "default"),
-    };
-    let scaling = match rope_type {
-        "default" => RopeScaling::Default,
-        "linear" => RopeScaling::Linear {
-            factor: rope.f64_req("factor")?,
-        },
-        "llama3" => RopeScaling::Llama3 {
-            factor: rope.f64_req("factor")?,
-            low_freq_factor: rope.f64_req("low_freq_factor")?,
-            high_freq_factor: rope.f64_req("high_freq_factor")?,
-            original_max_position_embeddings: rope
-                .f64_opt("original_max_position_embeddings")?
-                .unwrap_or(max_position_embeddings as f64),
-        },
-        other => bail!(
-            "unsupported `{table_key}.{type_key}` \"{other}\" (allowed: default, linear, llama3)"
-        ),
-    };
-    Ok((theta, scaling))
+
+    /// `rope_parameters` (transformers 5) takes precedence over `rope_theta` + `rope_scaling` (older configs).
+    fn rope(&self, max_position_embeddings: usize) -> Result<(f64, RopeScaling)> {
+        let (table_key, table) = match (&self.rope_parameters, &self.rope_scaling) {
+            (Some(table), _) => ("rope_parameters", table),
+            (None, Some(table)) => ("rope_scaling", table),
+            (None, None) => ("rope_parameters", &RopeTable::default()),
+        };
+        let theta = table.rope_theta.or(self.rope_theta).unwrap_or(10_000.0);
+        if theta <= 0.0 {
+            bail!("key `rope_theta` must be positive, got {theta}");
+        }
+        if let Some(f) = table.partial_rotary_factor.or(self.partial_rotary_factor) {
+            if f != 1.0 {
+                bail!("unsupported `partial_rotary_factor` {f} (allowed: 1.0)");
+            }
+        }
+        let (type_key, rope_type) = match (&table.rope_type, &table.legacy_type) {
+            (Some(t), _) => ("rope_type", t.as_str()),
+            (None, Some(t)) => ("type", t.as_str()),
+            (None, None) => ("rope_type", "default"),
+        };
+        let factor = |value: Option<f64>, key: &str| {
+            value.with_context(|| format!("missing key `{table_key}.{key}`"))
+        };
+        let scaling = match rope_type {
+            "default" => RopeScaling::Default,
+            "linear" => RopeScaling::Linear {
+                factor: factor(table.factor, "factor")?,
+            },
+            "llama3" => RopeScaling::Llama3 {
+                factor: factor(table.factor, "factor")?,
+                low_freq_factor: factor(table.low_freq_factor, "low_freq_factor")?,
+                high_freq_factor: factor(table.high_freq_factor, "high_freq_factor")?,
+                original_max_position_embeddings: table
+                    .original_max_position_embeddings
+                    .unwrap_or(max_position_embeddings as f64),
+            },
+            other => bail!(
+                "unsupported `{table_key}.{type_key}` \"{other}\" (allowed: default, linear, llama3)"
+            ),
+        };
+        Ok((theta, scaling))
+    }
 }
 
 #[cfg(test)]
@@ -545,5 +572,60 @@ mod tests {
         v.as_object_mut().unwrap().remove("vocab_size");
         let err = format!("{:#}", parse_value(&v).unwrap_err());
         assert!(err.contains("missing key `vocab_size`"), "{err}");
+    }
+
+    #[test]
+    fn type_errors_name_the_key_and_what_was_expected() {
+        let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+            ("hidden_size", "64".into(), "key `hidden_size`: invalid type: string \"64\", expected a non-negative integer"),
+            ("num_hidden_layers", (-1).into(), "key `num_hidden_layers`: invalid type: integer `-1`, expected a non-negative integer"),
+            ("eos_token_id", serde_json::json!([2, "x"]), "key `eos_token_id[1]`"),
+            ("eos_token_id", "x".into(), "expected a token id or a list of token ids"),
+            ("rope_scaling", serde_json::json!({"rope_type": "linear", "factor": "2"}), "key `rope_scaling.factor`"),
+            ("rope_scaling", "linear".into(), "key `rope_scaling`: invalid type: string \"linear\", expected an object"),
+            ("tie_word_embeddings", 1.into(), "key `tie_word_embeddings`"),
+        ];
+        for (key, value, expected) in cases {
+            let mut v = base();
+            v[key] = value;
+            let err = format!("{:#}", parse_value(&v).unwrap_err());
+            assert!(err.starts_with("config.json: "), "{err}");
+            assert!(err.contains(expected), "{key}: {err}");
+        }
+        let err = format!(
+            "{:#}",
+            parse_value(&serde_json::json!("llama")).unwrap_err()
+        );
+        assert!(
+            err.contains("expected a JSON object at the top level"),
+            "{err}"
+        );
+        let err = format!(
+            "{:#}",
+            ModelConfig::from_json_str("{", "config.json").unwrap_err()
+        );
+        assert!(err.starts_with("config.json: invalid JSON"), "{err}");
+    }
+
+    #[test]
+    fn null_is_absent_and_unknown_keys_are_ignored() {
+        let mut v = base();
+        for key in [
+            "num_key_value_heads",
+            "head_dim",
+            "rope_scaling",
+            "sliding_window",
+            "pad_token_id",
+        ] {
+            v[key] = serde_json::Value::Null;
+        }
+        v["torch_dtype"] = "bfloat16".into();
+        v["some_future_key"] = serde_json::json!({"nested": [1, 2]});
+        let cfg = parse_value(&v).unwrap();
+        assert_eq!((cfg.num_key_value_heads, cfg.head_dim), (4, 16));
+        assert_eq!(cfg.pad_token_id, None);
+        let mut v = base();
+        v["eos_token_id"] = 7.into();
+        assert_eq!(parse_value(&v).unwrap().eos_token_ids, vec![7]);
     }
 }

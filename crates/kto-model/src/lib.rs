@@ -3,13 +3,14 @@
 //!
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
-//! use kto_model::{AdapterChoice, Checkpoint, LlamaModel, LoraAdapter, LoraConfig, LoraTarget, SequenceBatch};
+//! use kto_model::{AdapterChoice, ModelFiles, LlamaModel, LoraAdapter, LoraConfig, LoraTarget, ModelOptions, SequenceBatch};
 //! let device = kto_model::open_device("auto")?;
-//! let checkpoint = Checkpoint::locate("TinyLlama/TinyLlama-1.1B-Chat-v1.0")?; // folder or cached hub id
+//! let checkpoint = ModelFiles::locate("TinyLlama/TinyLlama-1.1B-Chat-v1.0")?; // folder or cached hub id
 //! let mut model = LlamaModel::load(&checkpoint, kto_model::parse_dtype("bf16")?, &device)?;
 //! let lora = LoraConfig::new(8, 16.0, 0.05, false, &LoraTarget::ALL)?;
 //! model.set_policy_adapter(Some(LoraAdapter::init(lora, model.config(), 42, &device)?))?;
-//! model.set_gradient_checkpointing(true); // optional: recompute layers in backward
+//! // optional: recompute layers in backward (the other options keep their defaults)
+//! model.set_options(ModelOptions { gradient_checkpointing: true, ..ModelOptions::default() });
 //! model.set_training(true, 7)?; // LoRA dropout on, seeded
 //! let batch = SequenceBatch { input_ids: vec![1, 5, 6, 2], rows: 1, width: 4, lengths: vec![4], completion_starts: vec![2], pad_id: 2 };
 //! let policy = model.sequence_logps(&batch, AdapterChoice::Policy)?; // logps [rows] with graph
@@ -23,7 +24,6 @@
 //! # Ok(()) }
 //! ```
 
-pub mod checkpoint;
 pub mod config;
 pub mod device;
 pub mod files;
@@ -38,18 +38,20 @@ pub mod llama;
 pub mod logprobs;
 pub mod lora;
 pub mod merge;
+pub mod model_files;
 pub mod peft;
 mod recompute;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
-pub use checkpoint::{Checkpoint, CheckpointFormat};
 pub use config::{ModelConfig, ModelType, RopeScaling};
 pub use device::{open_device, parse_dtype, DeviceSpec};
 pub use frozen_linear::FrozenLinear;
 pub use generate::{generate, Generation, GenerationOptions, StopReason};
 pub use kto_data::batch::SequenceBatch;
-pub use llama::{AdapterChoice, KvCache, LlamaModel};
+pub use llama::{AdapterChoice, KvCache, LlamaModel, ModelOptions};
 pub use logprobs::SequenceLogps;
 pub use lora::{LoraAdapter, LoraConfig, LoraTarget};
 pub use merge::{convert_to_checkpoint, merge_to_checkpoint};
+pub use model_files::{ModelFiles, ModelFormat};
 pub use peft::{load_adapter, save_adapter};

@@ -3,7 +3,6 @@
 //! over batches packed without padding ([`crate::layout`]) or right-padded, KL sequences run as continuations of
 //! their targets' prompts ([`crate::kl_continuation`]), and KV-cache steps for generation.
 
-use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::frozen_linear::FrozenLinear;
 use crate::kl_continuation::KlContinuation;
@@ -11,6 +10,7 @@ use crate::layer::{AttentionSegment, DecoderLayer, LayerContext, LayerKv, Pass};
 use crate::layout::TokenLayout;
 use crate::logprobs::{self, ScoredTokens, SequenceLogps};
 use crate::lora::{DropoutSource, LoraAdapter};
+use crate::model_files::ModelFiles;
 use crate::recompute::SideGrads;
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
@@ -38,6 +38,55 @@ impl AdapterChoice {
         match self {
             AdapterChoice::Policy => AdapterChoice::PolicyNoGrad,
             other => other,
+        }
+    }
+}
+
+/// How a [`LlamaModel`] runs its passes: choices of work and memory that leave the numbers as they are (up to
+/// floating-point summation order; with LoRA dropout drawing masks, gradient checkpointing draws other masks). Given
+/// as a whole with [`LlamaModel::set_options`]; `Default` is what a loaded model starts with.
+///
+/// How the fields interact:
+/// - `padding_free` and `kl_prefix_sharing` are independent: a KL continuation runs over the target pass's keys
+///   whether that pass was packed or padded.
+/// - `gradient_checkpointing` turns `kl_prefix_sharing` off for policy passes with gradient
+///   ([`AdapterChoice::Policy`]): their KL sequences get a full pass of their own. LoRA dropout drawing masks (training
+///   mode with dropout > 0) turns it off for every pass.
+/// - `segmented_attention` matters only where a layout has blocks: packed rows (`padding_free` with padding to drop)
+///   and KL continuations (`kl_prefix_sharing`). With both off it changes nothing. Off the CPU it is always on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelOptions {
+    /// Policy passes with gradient keep only each decoder layer's input and recompute the layer in backward (about
+    /// one extra forward of compute for a fraction of the memory). The LoRA gradients then come out of
+    /// [`LlamaModel::backward`], which must be used instead of `Tensor::backward`. Default off (TRL's
+    /// `gradient_checkpointing`, `[train] gradient_checkpointing`).
+    pub gradient_checkpointing: bool,
+    /// Bounds the f32 logits of one log-prob chunk (tokens × vocabulary); smaller saves memory, larger saves
+    /// launches. 0 counts as 1. Default [`crate::logprobs::DEFAULT_LOGITS_CHUNK_ELEMENTS`].
+    pub logits_chunk_elements: usize,
+    /// Packs each batch's sequences end to end instead of right-padding them: the same numbers for less work. Off,
+    /// every pass runs the batch as it is. Default on (`[kto] padding_free`).
+    pub padding_free: bool,
+    /// Runs KL sequences as continuations of their targets' prompts in [`LlamaModel::sequence_logps_with_kl`]:
+    /// only the KL completions go through the model. Off, or where it cannot apply (LoRA dropout drawing masks,
+    /// gradient checkpointing of a pass with gradient, a KL prompt that differs from its target's), they get a full
+    /// pass of their own. Default on (`[kto] kl_prefix_sharing`).
+    pub kl_prefix_sharing: bool,
+    /// Runs attention block by block on the CPU too, as a device whose attention is dense GEMMs (the GPU) always
+    /// does for packed rows and KL continuations, so that no query is scored against another sequence's keys
+    /// (tests of the GPU's path on the CPU). Default off.
+    #[doc(hidden)]
+    pub segmented_attention: bool,
+}
+
+impl Default for ModelOptions {
+    fn default() -> Self {
+        Self {
+            gradient_checkpointing: false,
+            logits_chunk_elements: crate::logprobs::DEFAULT_LOGITS_CHUNK_ELEMENTS,
+            padding_free: true,
+            kl_prefix_sharing: true,
+            segmented_attention: false,
         }
     }
 }
@@ -74,14 +123,10 @@ pub struct LlamaModel {
     inv_freq: Tensor,
     policy: Option<Arc<LoraAdapter>>,
     reference: Option<Arc<LoraAdapter>>,
+    options: ModelOptions,
     training: bool,
-    checkpointing: bool,
     checkpoint_grads: SideGrads,
     dropout: DropoutSource,
-    logits_chunk_elements: usize,
-    padding_free: bool,
-    kl_prefix_sharing: bool,
-    segmented_attention: bool,
 }
 
 /// What the decoder does with keys and values in one forward (per layer: [`LayerKv`]).
@@ -113,7 +158,7 @@ impl ModelKv<'_> {
 
 impl LlamaModel {
     /// Loads the base weights of `checkpoint` in `dtype` on `device` (memory-mapped; one copy on the device).
-    pub fn load(checkpoint: &Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn load(checkpoint: &ModelFiles, dtype: DType, device: &Device) -> Result<Self> {
         let vb = checkpoint.var_builder(dtype, device)?;
         Self::from_var_builder(checkpoint.config.clone(), vb)
             .with_context(|| format!("loading the weights of {}", checkpoint.source().display()))
@@ -155,14 +200,10 @@ impl LlamaModel {
             inv_freq,
             policy: None,
             reference: None,
+            options: ModelOptions::default(),
             training: false,
-            checkpointing: false,
             checkpoint_grads: SideGrads::default(),
             dropout,
-            logits_chunk_elements: crate::logprobs::DEFAULT_LOGITS_CHUNK_ELEMENTS,
-            padding_free: true,
-            kl_prefix_sharing: true,
-            segmented_attention: false,
         })
     }
 
@@ -212,16 +253,13 @@ impl LlamaModel {
         self.reference.as_deref()
     }
 
-    /// Gradient checkpointing: policy passes with gradient keep only each decoder layer's input and recompute the
-    /// layer in backward (about one extra forward of compute for a fraction of the memory). The LoRA gradients then
-    /// come out of [`LlamaModel::backward`], which must be used instead of `Tensor::backward`.
-    pub fn set_gradient_checkpointing(&mut self, on: bool) {
-        self.checkpointing = on;
+    /// How the passes run from now on (all options at once: see [`ModelOptions`] for how they interact).
+    pub fn set_options(&mut self, options: ModelOptions) {
+        self.options = options;
     }
 
-    /// Whether [`LlamaModel::set_gradient_checkpointing`] turned recomputation on.
-    pub fn gradient_checkpointing(&self) -> bool {
-        self.checkpointing
+    pub fn options(&self) -> &ModelOptions {
+        &self.options
     }
 
     /// `loss.backward()`, plus the LoRA gradients computed inside checkpointed layers.
@@ -299,31 +337,6 @@ impl LlamaModel {
         })
     }
 
-    /// Bounds the f32 logits of one log-prob chunk (tokens × vocabulary); smaller saves memory, larger saves launches.
-    pub fn set_logits_chunk_elements(&mut self, elements: usize) {
-        self.logits_chunk_elements = elements.max(1);
-    }
-
-    /// Packs each batch's sequences end to end instead of right-padding them (on by default): the same numbers
-    /// for less work. Off, every pass runs the batch as it is. (Where attention is dense GEMMs, on the GPU, a packed
-    /// row runs its attention sequence by sequence, so no query is scored against another sequence's keys.)
-    pub fn set_padding_free(&mut self, on: bool) {
-        self.padding_free = on;
-    }
-
-    /// Runs attention block by block on the CPU too, as the GPU does for packed rows and KL continuations (tests).
-    #[doc(hidden)]
-    pub fn set_segmented_attention(&mut self, on: bool) {
-        self.segmented_attention = on;
-    }
-
-    /// Runs KL sequences as continuations of their targets' prompts in [`LlamaModel::sequence_logps_with_kl`] (on
-    /// by default). Off, or where it cannot apply (LoRA dropout drawing masks, gradient checkpointing, a KL prompt
-    /// that differs from its target's), they get a full pass of their own.
-    pub fn set_kl_prefix_sharing(&mut self, on: bool) {
-        self.kl_prefix_sharing = on;
-    }
-
     /// Completion log-probs of every row of `batch` with the weights `choice` selects.
     pub fn sequence_logps(
         &self,
@@ -335,7 +348,7 @@ impl LlamaModel {
             return logprobs::empty_logps(batch.rows, &self.device);
         }
         let pass = self.pass(choice)?;
-        let layout = TokenLayout::of(batch, self.padding_free, self.config.sliding_window)?;
+        let layout = TokenLayout::of(batch, self.options.padding_free, self.config.sliding_window)?;
         let hidden = self.run_layers(&layout, pass, ModelKv::Own)?;
         self.scored_logps(
             &hidden,
@@ -360,12 +373,12 @@ impl LlamaModel {
         let kl_pass = self.pass(kl_choice)?;
         logprobs::check_batch(target)?;
         let window = self.config.sliding_window;
-        let layout = TokenLayout::of(target, self.padding_free, window)?;
-        let shareable = self.kl_prefix_sharing
+        let layout = TokenLayout::of(target, self.options.padding_free, window)?;
+        let shareable = self.options.kl_prefix_sharing
             && target.rows > 0
             && target.width > 0
             && pass.dropout.is_none()
-            && !(pass.grad && self.checkpointing);
+            && !(pass.grad && self.options.gradient_checkpointing);
         let plan = if shareable {
             KlContinuation::plan(target, &layout, kl, window)?
         } else {
@@ -424,7 +437,7 @@ impl LlamaModel {
             hidden,
             scored,
             &self.lm_head,
-            self.logits_chunk_elements,
+            self.options.logits_chunk_elements.max(1),
             pass.grad,
             layout.forward_tokens(),
         )
@@ -523,7 +536,7 @@ impl LlamaModel {
         &self,
         layout: &TokenLayout,
     ) -> Result<Option<Arc<Vec<AttentionSegment>>>> {
-        let dense = !self.device.is_cpu() || self.segmented_attention;
+        let dense = !self.device.is_cpu() || self.options.segmented_attention;
         if !dense || layout.segments.is_empty() {
             return Ok(None);
         }
@@ -563,7 +576,8 @@ impl LlamaModel {
             inv_freq: self.inv_freq.clone(),
             segments: self.attention_segments(layout)?,
         };
-        let checkpointed = pass.grad && self.checkpointing && matches!(kv, ModelKv::Own);
+        let checkpointed =
+            pass.grad && self.options.gradient_checkpointing && matches!(kv, ModelKv::Own);
         if checkpointed {
             if !self.checkpoint_grads.is_empty() {
                 bail!(

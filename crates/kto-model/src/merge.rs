@@ -1,10 +1,10 @@
 //! Merging a LoRA adapter into its base weights and writing a standalone Hugging Face checkpoint folder (also the
 //! plain conversion of a GGUF checkpoint, without an adapter).
 
-use crate::checkpoint::{Checkpoint, CONFIG_FILE, SINGLE_WEIGHTS_FILE};
 use crate::device::torch_dtype_name;
 use crate::files::{pt_metadata, write_safetensors};
 use crate::lora::{LoraAdapter, LoraTarget};
+use crate::model_files::{ModelFiles, CONFIG_FILE, SINGLE_WEIGHTS_FILE};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use std::path::Path;
@@ -13,7 +13,7 @@ use std::path::Path;
 /// `out_dir` (which must not exist or be empty). `dtype` converts every weight; `None` keeps the stored dtypes.
 /// The folder is assembled under a temporary name and renamed into place, so a failure leaves nothing behind.
 pub fn merge_to_checkpoint(
-    checkpoint: &Checkpoint,
+    checkpoint: &ModelFiles,
     adapter: &LoraAdapter,
     out_dir: &Path,
     dtype: Option<DType>,
@@ -24,7 +24,7 @@ pub fn merge_to_checkpoint(
 /// `checkpoint` as a Hugging Face folder at `out_dir` (`kto convert` of a GGUF file), written as atomically as
 /// [`merge_to_checkpoint`] writes.
 pub fn convert_to_checkpoint(
-    checkpoint: &Checkpoint,
+    checkpoint: &ModelFiles,
     out_dir: &Path,
     dtype: Option<DType>,
 ) -> Result<()> {
@@ -32,7 +32,7 @@ pub fn convert_to_checkpoint(
 }
 
 fn write_checkpoint(
-    checkpoint: &Checkpoint,
+    checkpoint: &ModelFiles,
     adapter: Option<&LoraAdapter>,
     out_dir: &Path,
     dtype: Option<DType>,
@@ -55,7 +55,7 @@ fn write_checkpoint(
 }
 
 fn write_merged(
-    checkpoint: &Checkpoint,
+    checkpoint: &ModelFiles,
     adapter: Option<&LoraAdapter>,
     dir: &Path,
     dtype: Option<DType>,

@@ -1,6 +1,7 @@
-//! Test helper: tiny random checkpoints in the Hugging Face layout (single file, sharded, or in a hub cache).
+//! Tiny random checkpoints in the Hugging Face layout (single file, sharded, or in a hub cache): the tests' models
+//! and the weights and config of `assets/tiny-llama` (kto-cli's `make_tiny_llama` example).
 
-use crate::files::{pt_metadata, write_safetensors};
+use crate::files::{pt_metadata, write_atomic, write_safetensors};
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
@@ -9,8 +10,10 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 
 pub mod gguf;
+pub mod tiny_llama;
 
-/// The shape of a tiny model.
+/// A tiny random Llama-family checkpoint in the Hugging Face layout: the tests' models (the default, uniform
+/// weights) and `assets/tiny-llama` (`examples/make_tiny_llama.rs` of kto-cli: transformers' initialisation).
 #[derive(Debug, Clone)]
 pub struct TinyModel {
     pub model_type: &'static str,
@@ -21,6 +24,30 @@ pub struct TinyModel {
     pub num_attention_heads: usize,
     pub num_key_value_heads: usize,
     pub tie_word_embeddings: bool,
+    pub max_position_embeddings: usize,
+    pub init: WeightInit,
+}
+
+/// How [`TinyModel::random_weights`] fills the tensors from its seeded generator, tensor by tensor in module order
+/// (embeddings; per layer input norm, q, k, v, o, q/k/v biases for qwen2, post-attention norm, gate, up, down; final
+/// norm; LM head).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum WeightInit {
+    /// `center + spread · U(-1, 1)` for every tensor: embeddings 0 ± 1, norms 1 ± 0.2, linears 0 ± 1/√fan_in,
+    /// biases 0 ± 0.1. Norms that are not all ones and large embeddings make differences between code paths show.
+    Uniform,
+    /// transformers' `_init_weights`: linears and embeddings N(0, std²) (Box-Muller), norms 1 and biases 0
+    /// (drawing nothing).
+    Normal { std: f64 },
+}
+
+/// What a tensor is, for its initialisation.
+#[derive(Debug, Clone, Copy)]
+enum Role {
+    Embedding,
+    Linear { fan_in: usize },
+    Norm,
+    Bias,
 }
 
 impl Default for TinyModel {
@@ -34,123 +61,146 @@ impl Default for TinyModel {
             num_attention_heads: 4,
             num_key_value_heads: 2,
             tie_word_embeddings: false,
+            max_position_embeddings: 128,
+            init: WeightInit::Uniform,
         }
     }
 }
 
 impl TinyModel {
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    /// `config.json` as transformers 5 writes it for a Llama (BOS 1, EOS 2, rope_theta 1e4, RMSNorm eps 1e-5).
     pub fn config_json(&self) -> serde_json::Value {
         json!({
             "architectures": ["LlamaForCausalLM"],
-            "model_type": self.model_type,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "hidden_act": "silu",
-            "max_position_embeddings": 128,
-            "rms_norm_eps": 1e-5,
-            "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
-            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": false,
+            "attention_dropout": 0.0,
             "bos_token_id": 1,
             "eos_token_id": 2,
             "dtype": "float32",
+            "torch_dtype": "float32",
+            "head_dim": self.head_dim(),
+            "hidden_act": "silu",
+            "hidden_size": self.hidden_size,
+            "initializer_range": match self.init {
+                WeightInit::Normal { std } => std,
+                WeightInit::Uniform => 0.02,
+            },
+            "intermediate_size": self.intermediate_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "mlp_bias": false,
+            "model_type": self.model_type,
+            "num_attention_heads": self.num_attention_heads,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_key_value_heads": self.num_key_value_heads,
+            "pretraining_tp": 1,
+            "rms_norm_eps": 1e-5,
+            // Both spellings: transformers 5 reads `rope_parameters`, older readers `rope_theta`.
+            "rope_theta": 10000.0,
+            "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "use_cache": true,
+            "vocab_size": self.vocab_size,
         })
     }
 
-    /// Every weight with its Hugging Face name, random with a seeded generator, f32.
-    pub fn random_weights(&self, seed: u64) -> Result<Vec<(String, Tensor)>> {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let mut tensor = |dims: &[usize], center: f32, spread: f32| -> Result<Tensor> {
-            let n: usize = dims.iter().product();
-            let data: Vec<f32> = (0..n)
-                .map(|_| center + spread * rng.random_range(-1.0f32..1.0))
-                .collect();
-            Ok(Tensor::from_vec(data, dims, &Device::Cpu)?)
-        };
+    /// Every tensor with its Hugging Face name and shape (`[out, in]` for linears), in module order.
+    fn tensor_specs(&self) -> Vec<(String, Vec<usize>, Role)> {
         let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
-        let head_dim = h / self.num_attention_heads;
         let (q, kv) = (
-            self.num_attention_heads * head_dim,
-            self.num_key_value_heads * head_dim,
+            self.num_attention_heads * self.head_dim(),
+            self.num_key_value_heads * self.head_dim(),
         );
-        let mut out = vec![(
+        let linear = |fan_in| Role::Linear { fan_in };
+        let mut specs = vec![(
             "model.embed_tokens.weight".to_string(),
-            tensor(&[v, h], 0.0, 1.0)?,
+            vec![v, h],
+            Role::Embedding,
         )];
         for l in 0..self.num_hidden_layers {
             let p = format!("model.layers.{l}");
-            let scale = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();
-            out.push((
-                format!("{p}.input_layernorm.weight"),
-                tensor(&[h], 1.0, 0.2)?,
-            ));
-            out.push((
-                format!("{p}.self_attn.q_proj.weight"),
-                tensor(&[q, h], 0.0, scale(h))?,
-            ));
-            out.push((
-                format!("{p}.self_attn.k_proj.weight"),
-                tensor(&[kv, h], 0.0, scale(h))?,
-            ));
-            out.push((
-                format!("{p}.self_attn.v_proj.weight"),
-                tensor(&[kv, h], 0.0, scale(h))?,
-            ));
-            out.push((
-                format!("{p}.self_attn.o_proj.weight"),
-                tensor(&[h, q], 0.0, scale(q))?,
-            ));
+            let mut layer = vec![
+                ("input_layernorm.weight", vec![h], Role::Norm),
+                ("self_attn.q_proj.weight", vec![q, h], linear(h)),
+                ("self_attn.k_proj.weight", vec![kv, h], linear(h)),
+                ("self_attn.v_proj.weight", vec![kv, h], linear(h)),
+                ("self_attn.o_proj.weight", vec![h, q], linear(q)),
+            ];
             if self.model_type == "qwen2" {
-                out.push((
-                    format!("{p}.self_attn.q_proj.bias"),
-                    tensor(&[q], 0.0, 0.1)?,
-                ));
-                out.push((
-                    format!("{p}.self_attn.k_proj.bias"),
-                    tensor(&[kv], 0.0, 0.1)?,
-                ));
-                out.push((
-                    format!("{p}.self_attn.v_proj.bias"),
-                    tensor(&[kv], 0.0, 0.1)?,
-                ));
+                layer.extend([
+                    ("self_attn.q_proj.bias", vec![q], Role::Bias),
+                    ("self_attn.k_proj.bias", vec![kv], Role::Bias),
+                    ("self_attn.v_proj.bias", vec![kv], Role::Bias),
+                ]);
             }
-            out.push((
-                format!("{p}.post_attention_layernorm.weight"),
-                tensor(&[h], 1.0, 0.2)?,
-            ));
-            out.push((
-                format!("{p}.mlp.gate_proj.weight"),
-                tensor(&[i, h], 0.0, scale(h))?,
-            ));
-            out.push((
-                format!("{p}.mlp.up_proj.weight"),
-                tensor(&[i, h], 0.0, scale(h))?,
-            ));
-            out.push((
-                format!("{p}.mlp.down_proj.weight"),
-                tensor(&[h, i], 0.0, scale(i))?,
-            ));
+            layer.extend([
+                ("post_attention_layernorm.weight", vec![h], Role::Norm),
+                ("mlp.gate_proj.weight", vec![i, h], linear(h)),
+                ("mlp.up_proj.weight", vec![i, h], linear(h)),
+                ("mlp.down_proj.weight", vec![h, i], linear(i)),
+            ]);
+            specs.extend(
+                layer
+                    .into_iter()
+                    .map(|(name, shape, role)| (format!("{p}.{name}"), shape, role)),
+            );
         }
-        out.push(("model.norm.weight".to_string(), tensor(&[h], 1.0, 0.2)?));
+        specs.push(("model.norm.weight".to_string(), vec![h], Role::Norm));
         if !self.tie_word_embeddings {
-            out.push((
-                "lm_head.weight".to_string(),
-                tensor(&[v, h], 0.0, scale_of(h))?,
-            ));
+            specs.push(("lm_head.weight".to_string(), vec![v, h], linear(h)));
         }
-        Ok(out)
+        specs
+    }
+
+    /// The number of weights.
+    pub fn parameter_count(&self) -> usize {
+        self.tensor_specs()
+            .iter()
+            .map(|(_, shape, _)| shape.iter().product::<usize>())
+            .sum()
+    }
+
+    /// Every weight with its Hugging Face name, random with a seeded generator ([`WeightInit`]), f32.
+    pub fn random_weights(&self, seed: u64) -> Result<Vec<(String, Tensor)>> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        self.tensor_specs()
+            .into_iter()
+            .map(|(name, shape, role)| {
+                let n: usize = shape.iter().product();
+                let data: Vec<f32> = match self.init {
+                    WeightInit::Uniform => {
+                        let (center, spread) = match role {
+                            Role::Embedding => (0.0, 1.0),
+                            Role::Linear { fan_in } => (0.0, scale_of(fan_in)),
+                            Role::Norm => (1.0, 0.2),
+                            Role::Bias => (0.0, 0.1),
+                        };
+                        (0..n)
+                            .map(|_| center + spread * rng.random_range(-1.0f32..1.0))
+                            .collect()
+                    }
+                    WeightInit::Normal { std } => match role {
+                        Role::Embedding | Role::Linear { .. } => (0..n)
+                            .map(|_| standard_normal(&mut rng) * std as f32)
+                            .collect(),
+                        Role::Norm => vec![1.0; n],
+                        Role::Bias => vec![0.0; n],
+                    },
+                };
+                Ok((name, Tensor::from_vec(data, shape, &Device::Cpu)?))
+            })
+            .collect()
     }
 
     /// Writes `config.json` and the weights into `dir`: one `model.safetensors`, or `shards` files with an index.
     pub fn write(&self, dir: &Path, seed: u64, shards: usize) -> Result<()> {
         std::fs::create_dir_all(dir)?;
-        std::fs::write(
-            dir.join("config.json"),
-            serde_json::to_string_pretty(&self.config_json())?,
-        )?;
+        let mut config = serde_json::to_string_pretty(&self.config_json())?;
+        config.push('\n');
+        write_atomic(&dir.join("config.json"), config.as_bytes())?;
         let weights = self.random_weights(seed)?;
         if shards <= 1 {
             return write_safetensors(&dir.join("model.safetensors"), &weights, pt_metadata());
@@ -194,17 +244,18 @@ fn scale_of(fan_in: usize) -> f32 {
     1.0 / (fan_in as f32).sqrt()
 }
 
-/// The TRL parity fixture of this checkout (`tests/fixtures/trl-kto-parity`: a tiny Llama, its initial adapter, the
-/// data and TRL's numbers).
-pub fn trl_fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/trl-kto-parity")
+/// N(0, 1) by Box-Muller on the seeded generator: portable, no extra dependency.
+fn standard_normal(rng: &mut StdRng) -> f32 {
+    let u1: f64 = 1.0 - rng.random::<f64>(); // (0, 1], so ln is finite
+    let u2: f64 = rng.random::<f64>();
+    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
 }
 
 /// `checkpoint` in f32 on the CPU with the fixture's initial (non-zero) adapter as the policy.
-pub fn with_fixture_adapter(checkpoint: &crate::Checkpoint) -> Result<crate::LlamaModel> {
+pub fn with_fixture_adapter(checkpoint: &crate::ModelFiles) -> Result<crate::LlamaModel> {
     let mut model = crate::LlamaModel::load(checkpoint, candle_core::DType::F32, &Device::Cpu)?;
     let adapter = crate::peft::load_adapter(
-        &trl_fixture().join("adapter_init"),
+        &kto_data::testing::trl_fixture().join("adapter_init"),
         model.config(),
         &Device::Cpu,
     )?;

@@ -8,7 +8,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use kto_model::testing::gguf::{gguf_metadata, gguf_tensors, write_gguf, TestVocab, QUANT_TYPES};
 use kto_model::testing::TinyModel;
-use kto_model::{AdapterChoice, Checkpoint, LlamaModel};
+use kto_model::{AdapterChoice, LlamaModel, ModelFiles};
 use std::path::{Path, PathBuf};
 
 const BYTE_LEVEL_MERGES: &[&str] = &["Ġ t", "h e", "Ġt he", "1 2", ". h", "Ġ 1"];
@@ -43,7 +43,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
     Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
 }
 
-fn logits(checkpoint: &Checkpoint, ids: &[u32]) -> Result<Tensor> {
+fn logits(checkpoint: &ModelFiles, ids: &[u32]) -> Result<Tensor> {
     let model = LlamaModel::load(checkpoint, DType::F32, &Device::Cpu)?;
     let input = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
     model.forward_logits(&input, &[ids.len()], AdapterChoice::Reference)
@@ -57,7 +57,7 @@ fn every_tensor_type_dequantizes_to_the_weights_it_was_made_from() -> Result<()>
     let source = model.random_weights(7)?;
     for &(name, quant) in QUANT_TYPES {
         let path = write_model(dir.path(), &vocab, false, quant)?;
-        let checkpoint = Checkpoint::locate(path.to_str().unwrap())?;
+        let checkpoint = ModelFiles::locate(path.to_str().unwrap())?;
         assert_eq!(checkpoint.config.vocab_size, vocab.tokens.len());
         assert!(!checkpoint.config.tie_word_embeddings);
         let loaded = checkpoint.tensors()?;
@@ -97,10 +97,10 @@ fn f32_gguf_computes_the_logits_of_the_safetensors_folder() -> Result<()> {
         let folder = dir.path().join(format!("hf-{tie}"));
         model.write(&folder, 7, 1)?;
         let gguf = write_model(dir.path(), &vocab, tie, GgmlDType::F32)?;
-        let from_gguf = Checkpoint::locate(gguf.to_str().unwrap())?;
+        let from_gguf = ModelFiles::locate(gguf.to_str().unwrap())?;
         assert_eq!(from_gguf.config.tie_word_embeddings, tie);
         let ids = [1u32, 40, 41, 42, 200, 7, 2];
-        let expected = logits(&Checkpoint::from_dir(&folder)?, &ids)?;
+        let expected = logits(&ModelFiles::from_dir(&folder)?, &ids)?;
         let got = logits(&from_gguf, &ids)?;
         assert!(max_abs_diff(&got, &expected)? < 1e-5, "tie={tie}");
     }
@@ -111,14 +111,14 @@ fn f32_gguf_computes_the_logits_of_the_safetensors_folder() -> Result<()> {
 fn convert_writes_a_folder_that_loads_with_the_same_logits_and_tokenizer() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let vocab = TestVocab::byte_level("smollm", BYTE_LEVEL_MERGES);
-    let gguf = Checkpoint::locate(
+    let gguf = ModelFiles::locate(
         write_model(dir.path(), &vocab, true, GgmlDType::Q8_0)?
             .to_str()
             .unwrap(),
     )?;
     let out = dir.path().join("converted");
     kto_model::convert_to_checkpoint(&gguf, &out, None)?;
-    let folder = Checkpoint::from_dir(&out)?;
+    let folder = ModelFiles::from_dir(&out)?;
     assert_eq!(folder.config, gguf.config);
     let ids = [1u32, 50, 60, 70, 2];
     assert_eq!(
@@ -152,7 +152,7 @@ fn tokenizer(dir: &Path, vocab: &TestVocab) -> Result<kto_data::tokenize::Tokeni
         &gguf_metadata(&model, vocab),
         &gguf_tensors(&model, &model.random_weights(1)?, GgmlDType::F32)?,
     )?;
-    Checkpoint::locate(path.to_str().unwrap())?.tokenizer()
+    ModelFiles::locate(path.to_str().unwrap())?.tokenizer()
 }
 
 fn pieces(bundle: &kto_data::tokenize::TokenizerBundle, text: &str) -> Vec<String> {
@@ -273,7 +273,7 @@ fn bad_files_name_the_file_and_the_key_or_tensor() -> Result<()> {
         "qwen.gguf",
         &set("general.architecture", Value::String("qwen2".into())),
     )?;
-    let error = error_of(Checkpoint::from_gguf(&qwen));
+    let error = error_of(ModelFiles::from_gguf(&qwen));
     assert!(
         error.contains("qwen.gguf")
             && error.contains("general.architecture")
@@ -284,7 +284,7 @@ fn bad_files_name_the_file_and_the_key_or_tensor() -> Result<()> {
     let no_merges = write("no-merges.gguf", &|m| {
         m.retain(|(k, _)| k != "tokenizer.ggml.merges")
     })?;
-    let error = error_of(Checkpoint::from_gguf(&no_merges)?.tokenizer());
+    let error = error_of(ModelFiles::from_gguf(&no_merges)?.tokenizer());
     assert!(
         error.contains("no-merges.gguf") && error.contains("tokenizer.ggml.merges"),
         "{error}"
@@ -294,7 +294,7 @@ fn bad_files_name_the_file_and_the_key_or_tensor() -> Result<()> {
         "pre.gguf",
         &set("tokenizer.ggml.pre", Value::String("deepseek-coder".into())),
     )?;
-    let error = error_of(Checkpoint::from_gguf(&unknown_pre)?.tokenizer());
+    let error = error_of(ModelFiles::from_gguf(&unknown_pre)?.tokenizer());
     assert!(
         error.contains("pre.gguf")
             && error.contains("tokenizer.ggml.pre")
@@ -307,14 +307,14 @@ fn bad_files_name_the_file_and_the_key_or_tensor() -> Result<()> {
     let bytes = std::fs::read(&good)?;
     let truncated = dir.path().join("truncated.gguf");
     std::fs::write(&truncated, &bytes[..bytes.len() - 1000])?;
-    let error = error_of(Checkpoint::from_gguf(&truncated)?.tensors());
+    let error = error_of(ModelFiles::from_gguf(&truncated)?.tensors());
     assert!(
         error.contains("truncated.gguf") && error.contains("tensor `"),
         "{error}"
     );
     // Truncated in the header.
     std::fs::write(&truncated, &bytes[..4000])?;
-    let error = error_of(Checkpoint::from_gguf(&truncated));
+    let error = error_of(ModelFiles::from_gguf(&truncated));
     assert!(
         error.contains("truncated.gguf") && error.contains("truncated or corrupt"),
         "{error}"
@@ -329,7 +329,7 @@ fn bad_files_name_the_file_and_the_key_or_tensor() -> Result<()> {
     patched[type_at..type_at + 4].copy_from_slice(&20u32.to_le_bytes());
     let iq4 = dir.path().join("iq4.gguf");
     std::fs::write(&iq4, &patched)?;
-    let error = error_of(Checkpoint::from_gguf(&iq4));
+    let error = error_of(ModelFiles::from_gguf(&iq4));
     assert!(
         error.contains("iq4.gguf")
             && error.contains("`output_norm.weight`")
@@ -345,8 +345,7 @@ fn bad_files_name_the_file_and_the_key_or_tensor() -> Result<()> {
 /// transformers' GGUF loading leaves out.
 #[test]
 fn sentencepiece_tokenizer_matches_transformers() -> Result<()> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/gguf-parity/sentencepiece.json");
+    let path = kto_data::testing::fixture("gguf-parity/sentencepiece.json");
     let fixture: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
     let vocab = TestVocab {
         model: "llama".into(),

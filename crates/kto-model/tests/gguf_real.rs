@@ -7,7 +7,8 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use kto_model::{generate, AdapterChoice, Checkpoint, GenerationOptions, LlamaModel};
+use kto_data::testing::fixture;
+use kto_model::{generate, AdapterChoice, GenerationOptions, LlamaModel, ModelFiles};
 use serde_json::Value;
 use std::path::PathBuf;
 
@@ -31,9 +32,9 @@ fn real_file() -> Option<PathBuf> {
     }
 }
 
-fn fixture() -> Result<Value> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/gguf-parity/smollm2.json");
+/// The parity data of `tests/fixtures/gguf-parity/smollm2.json`.
+fn smollm2_parity() -> Result<Value> {
+    let path = fixture("gguf-parity/smollm2.json");
     Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
 }
 
@@ -51,8 +52,8 @@ fn tokenizer_matches_transformers() -> Result<()> {
     let Some(path) = real_file() else {
         return Ok(());
     };
-    let bundle = Checkpoint::from_gguf(&path)?.tokenizer()?;
-    let fixture = fixture()?;
+    let bundle = ModelFiles::from_gguf(&path)?.tokenizer()?;
+    let fixture = smollm2_parity()?;
     for case in fixture["stress"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
         let encoding = bundle.tokenizer.encode(text, true).unwrap();
@@ -84,7 +85,7 @@ fn logits_and_greedy_text_match_transformers() -> Result<()> {
     let Some(path) = real_file() else {
         return Ok(());
     };
-    let checkpoint = Checkpoint::from_gguf(&path)?;
+    let checkpoint = ModelFiles::from_gguf(&path)?;
     let config = &checkpoint.config;
     assert_eq!(
         (
@@ -97,7 +98,7 @@ fn logits_and_greedy_text_match_transformers() -> Result<()> {
     );
     assert!(config.tie_word_embeddings);
     let model = LlamaModel::load(&checkpoint, DType::F32, &Device::Cpu)?;
-    for prompt in fixture()?["prompts"].as_array().unwrap() {
+    for prompt in smollm2_parity()?["prompts"].as_array().unwrap() {
         let input = ids(&prompt["ids"]);
         let tensor = Tensor::new(input.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
         let logits = model

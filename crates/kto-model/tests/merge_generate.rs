@@ -2,31 +2,31 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
+use kto_data::testing::trl_fixture;
 use kto_model::{
-    generate, load_adapter, merge_to_checkpoint, AdapterChoice, Checkpoint, GenerationOptions,
-    LlamaModel, StopReason,
+    generate, load_adapter, merge_to_checkpoint, AdapterChoice, GenerationOptions, LlamaModel,
+    ModelFiles, StopReason,
 };
-use std::path::{Path, PathBuf};
-
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/trl-kto-parity")
-}
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
     Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
 }
 
 fn fixture_with_adapter() -> Result<LlamaModel> {
-    kto_model::testing::with_fixture_adapter(&Checkpoint::from_dir(&fixture().join("model"))?)
+    kto_model::testing::with_fixture_adapter(&ModelFiles::from_dir(&trl_fixture().join("model"))?)
 }
 
 #[test]
 fn merged_checkpoint_reproduces_the_adapted_model() -> Result<()> {
     let golden =
-        candle_core::safetensors::load(fixture().join("logits.safetensors"), &Device::Cpu)?;
+        candle_core::safetensors::load(trl_fixture().join("logits.safetensors"), &Device::Cpu)?;
     let ids = golden["input_ids"].to_dtype(DType::U32)?;
-    let ckpt = Checkpoint::from_dir(&fixture().join("model"))?;
-    let adapter = load_adapter(&fixture().join("adapter_init"), &ckpt.config, &Device::Cpu)?;
+    let ckpt = ModelFiles::from_dir(&trl_fixture().join("model"))?;
+    let adapter = load_adapter(
+        &trl_fixture().join("adapter_init"),
+        &ckpt.config,
+        &Device::Cpu,
+    )?;
     let tmp = tempfile::tempdir()?;
     let out = tmp.path().join("export/merged");
     merge_to_checkpoint(&ckpt, &adapter, &out, None)?;
@@ -42,7 +42,7 @@ fn merged_checkpoint_reproduces_the_adapted_model() -> Result<()> {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(leftovers.len(), 1, "temporary files left: {leftovers:?}");
-    let merged = LlamaModel::load(&Checkpoint::from_dir(&out)?, DType::F32, &Device::Cpu)?;
+    let merged = LlamaModel::load(&ModelFiles::from_dir(&out)?, DType::F32, &Device::Cpu)?;
     let logits = merged.forward_logits(&ids, &[8, 8], AdapterChoice::Reference)?;
     let diff = max_abs_diff(&logits, &golden["lora_logits"])?;
     assert!(diff < 1e-4, "merged logits differ by {diff}");

@@ -2,23 +2,20 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
+use kto_data::testing::trl_fixture;
 use kto_model::lora::{LoraAdapter, LoraConfig, LoraTarget};
 use kto_model::peft::{load_adapter, save_adapter};
 use kto_model::testing::TinyModel;
-use kto_model::{AdapterChoice, Checkpoint, LlamaModel, SequenceBatch};
-use std::path::{Path, PathBuf};
-
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/trl-kto-parity")
-}
+use kto_model::{AdapterChoice, LlamaModel, ModelFiles, ModelOptions, SequenceBatch};
+use std::path::Path;
 
 fn fixture_model() -> Result<LlamaModel> {
-    let ckpt = Checkpoint::from_dir(&fixture().join("model"))?;
+    let ckpt = ModelFiles::from_dir(&trl_fixture().join("model"))?;
     LlamaModel::load(&ckpt, DType::F32, &Device::Cpu)
 }
 
 fn fixture_model_with_adapter() -> Result<LlamaModel> {
-    kto_model::testing::with_fixture_adapter(&Checkpoint::from_dir(&fixture().join("model"))?)
+    kto_model::testing::with_fixture_adapter(&ModelFiles::from_dir(&trl_fixture().join("model"))?)
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
@@ -47,14 +44,14 @@ fn batch_from_rows(rows: &[(Vec<u32>, usize)], width: usize, pad_id: u32) -> Seq
 
 fn fixture_input_ids() -> Result<Tensor> {
     let golden =
-        candle_core::safetensors::load(fixture().join("logits.safetensors"), &Device::Cpu)?;
+        candle_core::safetensors::load(trl_fixture().join("logits.safetensors"), &Device::Cpu)?;
     Ok(golden["input_ids"].to_dtype(DType::U32)?)
 }
 
 #[test]
 fn fixture_logits_match_transformers() -> Result<()> {
     let golden =
-        candle_core::safetensors::load(fixture().join("logits.safetensors"), &Device::Cpu)?;
+        candle_core::safetensors::load(trl_fixture().join("logits.safetensors"), &Device::Cpu)?;
     let ids = fixture_input_ids()?;
     let mut model = fixture_model()?;
     let base = model.forward_logits(&ids, &[8, 8], AdapterChoice::Reference)?;
@@ -62,7 +59,7 @@ fn fixture_logits_match_transformers() -> Result<()> {
     assert!(diff < 1e-5, "base logits differ by {diff}");
 
     let adapter = load_adapter(
-        &fixture().join("adapter_init"),
+        &trl_fixture().join("adapter_init"),
         model.config(),
         &Device::Cpu,
     )?;
@@ -86,7 +83,7 @@ fn fixture_logits_match_transformers() -> Result<()> {
 #[test]
 fn sequence_logps_match_log_softmax_of_the_logits() -> Result<()> {
     let golden =
-        candle_core::safetensors::load(fixture().join("logits.safetensors"), &Device::Cpu)?;
+        candle_core::safetensors::load(trl_fixture().join("logits.safetensors"), &Device::Cpu)?;
     let ids = fixture_input_ids()?;
     let rows: Vec<Vec<u32>> = ids.to_vec2()?;
     let batch = batch_from_rows(&[(rows[0].clone(), 3), (rows[1][..6].to_vec(), 5)], 8, 0);
@@ -164,7 +161,10 @@ fn chunked_log_probs_equal_unchunked_in_value_and_gradient() -> Result<()> {
     let mut model = fixture_model_with_adapter()?;
     let whole = model.sequence_logps(&batch, AdapterChoice::Policy)?;
     let whole_grads = whole.logps.sum_all()?.backward()?;
-    model.set_logits_chunk_elements(128 * 3); // chunks of 3, 3, 3 and 2 tokens
+    model.set_options(ModelOptions {
+        logits_chunk_elements: 128 * 3, // chunks of 3, 3, 3 and 2 tokens
+        ..ModelOptions::default()
+    });
     let chunked = model.sequence_logps(&batch, AdapterChoice::Policy)?;
     let chunked_grads = chunked.logps.sum_all()?.backward()?;
     assert!(max_abs_diff(&whole.logps, &chunked.logps)? < 1e-5);
@@ -269,7 +269,7 @@ fn dropout_applies_to_adapter_passes_in_training_only() -> Result<()> {
     let batch = batch_from_rows(&[(ids[0].clone(), 2)], 8, 2);
     let mut model = fixture_model()?;
     let adapter = load_adapter(
-        &fixture().join("adapter_init"),
+        &trl_fixture().join("adapter_init"),
         model.config(),
         &Device::Cpu,
     )?;
@@ -319,7 +319,7 @@ fn peft_round_trip() -> Result<()> {
     let model = fixture_model()?;
     let dir = tempfile::tempdir()?;
     let original = load_adapter(
-        &fixture().join("adapter_init"),
+        &trl_fixture().join("adapter_init"),
         model.config(),
         &Device::Cpu,
     )?;
@@ -361,10 +361,10 @@ fn sharded_and_hub_cache_checkpoints_load() -> Result<()> {
     let sharded = tmp.path().join("sharded");
     tiny.write(&single, 11, 1)?;
     tiny.write(&sharded, 11, 3)?;
-    let ckpt = Checkpoint::from_dir(&sharded)?;
+    let ckpt = ModelFiles::from_dir(&sharded)?;
     assert_eq!(ckpt.weight_files.len(), 3);
     let ids = Tensor::new(&[[1u32, 5, 9, 3, 7, 2]], &Device::Cpu)?;
-    let a = LlamaModel::load(&Checkpoint::from_dir(&single)?, DType::F32, &Device::Cpu)?
+    let a = LlamaModel::load(&ModelFiles::from_dir(&single)?, DType::F32, &Device::Cpu)?
         .forward_logits(&ids, &[6], AdapterChoice::Reference)?;
     let b = LlamaModel::load(&ckpt, DType::F32, &Device::Cpu)?.forward_logits(
         &ids,
@@ -375,7 +375,7 @@ fn sharded_and_hub_cache_checkpoints_load() -> Result<()> {
 
     let cache = tmp.path().join("hub");
     tiny.write_to_hub_cache(&cache, "org/tiny", 11)?;
-    let cached = Checkpoint::locate_with_cache("org/tiny", &cache)?;
+    let cached = ModelFiles::locate_with_cache("org/tiny", &cache)?;
     let c = LlamaModel::load(&cached, DType::F32, &Device::Cpu)?.forward_logits(
         &ids,
         &[6],
@@ -384,13 +384,13 @@ fn sharded_and_hub_cache_checkpoints_load() -> Result<()> {
     assert_eq!(max_abs_diff(&a, &c)?, 0.0);
     // A folder path wins over the cache.
     assert_eq!(
-        Checkpoint::locate_with_cache(single.to_str().unwrap(), &cache)?.dir,
+        ModelFiles::locate_with_cache(single.to_str().unwrap(), &cache)?.dir,
         single
     );
 
     let err = format!(
         "{:#}",
-        Checkpoint::locate_with_cache("org/absent", &cache).unwrap_err()
+        ModelFiles::locate_with_cache("org/absent", &cache).unwrap_err()
     );
     assert!(
         err.contains("models--org--absent") && err.contains("hf download org/absent"),
@@ -429,7 +429,7 @@ fn bf16_and_qwen2_and_tied_models_run() -> Result<()> {
     ] {
         let dir = tmp.path().join(name);
         tiny.write(&dir, 3, 1)?;
-        let ckpt = Checkpoint::from_dir(&dir)?;
+        let ckpt = ModelFiles::from_dir(&dir)?;
         let f32_model = LlamaModel::load(&ckpt, DType::F32, &Device::Cpu)?;
         let bf16_model = LlamaModel::load(&ckpt, DType::BF16, &Device::Cpu)?;
         let a = f32_model.forward_logits(&ids, &[6], AdapterChoice::Reference)?;
@@ -458,7 +458,7 @@ fn bad_checkpoints_and_adapters_are_clear_errors() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let err = |r: Result<LlamaModel>| format!("{:#}", r.err().expect("an error"));
     let load = |dir: &Path| -> Result<LlamaModel> {
-        LlamaModel::load(&Checkpoint::from_dir(dir)?, DType::F32, &Device::Cpu)
+        LlamaModel::load(&ModelFiles::from_dir(dir)?, DType::F32, &Device::Cpu)
     };
 
     // Missing files.
@@ -506,10 +506,15 @@ fn bad_checkpoints_and_adapters_are_clear_errors() -> Result<()> {
     // The fixture's adapter on a model of another shape: the error names the tensor.
     let small = tmp.path().join("small");
     tiny.write(&small, 1, 1)?;
-    let small_cfg = Checkpoint::from_dir(&small)?.config;
+    let small_cfg = ModelFiles::from_dir(&small)?.config;
     let e = format!(
         "{:#}",
-        load_adapter(&fixture().join("adapter_init"), &small_cfg, &Device::Cpu).unwrap_err()
+        load_adapter(
+            &trl_fixture().join("adapter_init"),
+            &small_cfg,
+            &Device::Cpu
+        )
+        .unwrap_err()
     );
     assert!(
         e.contains("base_model.model.model.layers.0.") && e.contains("shape"),
@@ -523,7 +528,7 @@ fn bad_checkpoints_and_adapters_are_clear_errors() -> Result<()> {
     };
     let deep_dir = tmp.path().join("deep");
     deep.write(&deep_dir, 1, 1)?;
-    let deep_cfg = Checkpoint::from_dir(&deep_dir)?.config;
+    let deep_cfg = ModelFiles::from_dir(&deep_dir)?.config;
     let adapter = LoraAdapter::init(
         LoraConfig::new(2, 2.0, 0.0, false, &[LoraTarget::Q])?,
         &deep_cfg,
@@ -555,7 +560,10 @@ fn gradient_checkpointing_gives_the_same_values_and_gradients() -> Result<()> {
     };
     let plain_loss = loss_of(&model)?;
     let plain = model.backward(&plain_loss)?;
-    model.set_gradient_checkpointing(true);
+    model.set_options(ModelOptions {
+        gradient_checkpointing: true,
+        ..ModelOptions::default()
+    });
     let ckpt_loss = loss_of(&model)?;
     assert!(max_abs_diff(&plain_loss, &ckpt_loss)? < 1e-6);
     let ckpt = model.backward(&ckpt_loss)?;
@@ -583,7 +591,7 @@ fn checkpointed_layers_replay_their_dropout_masks() -> Result<()> {
     let batch = batch_from_rows(&[(ids[0].clone(), 2)], 8, 2);
     let mut model = fixture_model()?;
     let adapter = load_adapter(
-        &fixture().join("adapter_init"),
+        &trl_fixture().join("adapter_init"),
         model.config(),
         &Device::Cpu,
     )?;
@@ -602,7 +610,10 @@ fn checkpointed_layers_replay_their_dropout_masks() -> Result<()> {
         pairs,
         &Device::Cpu,
     )?))?;
-    model.set_gradient_checkpointing(true);
+    model.set_options(ModelOptions {
+        gradient_checkpointing: true,
+        ..ModelOptions::default()
+    });
     // Reseeding before every evaluation makes the loss a deterministic function of the weights.
     let loss_at = |model: &mut LlamaModel| -> Result<Tensor> {
         model.set_training(true, 9)?;
@@ -660,7 +671,7 @@ fn mistral_sliding_window_masks_distant_keys() -> Result<()> {
         let mut cfg = tiny.config_json();
         cfg["sliding_window"] = window;
         std::fs::write(dir.join("config.json"), cfg.to_string())?;
-        let model = LlamaModel::load(&Checkpoint::from_dir(&dir)?, DType::F32, &Device::Cpu)?;
+        let model = LlamaModel::load(&ModelFiles::from_dir(&dir)?, DType::F32, &Device::Cpu)?;
         let ids = Tensor::new(&[[1u32, 5, 9, 3, 7, 2]], &Device::Cpu)?;
         model.forward_logits(&ids, &[6], AdapterChoice::Reference)
     };
@@ -684,11 +695,11 @@ fn mistral_sliding_window_masks_distant_keys() -> Result<()> {
 fn bf16_log_probs_and_gradients_track_f32() -> Result<()> {
     let ids: Vec<Vec<u32>> = fixture_input_ids()?.to_vec2()?;
     let batch = batch_from_rows(&[(ids[0].clone(), 2), (ids[1][..7].to_vec(), 4)], 8, 2);
-    let ckpt = Checkpoint::from_dir(&fixture().join("model"))?;
+    let ckpt = ModelFiles::from_dir(&trl_fixture().join("model"))?;
     let run = |dtype: DType| -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
         let mut model = LlamaModel::load(&ckpt, dtype, &Device::Cpu)?;
         let adapter = load_adapter(
-            &fixture().join("adapter_init"),
+            &trl_fixture().join("adapter_init"),
             model.config(),
             &Device::Cpu,
         )?;

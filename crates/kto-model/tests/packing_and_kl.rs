@@ -5,15 +5,13 @@
 
 use anyhow::Result;
 use candle_core::{Device, Tensor};
-use kto_model::testing::{trl_fixture, with_fixture_adapter};
-use kto_model::{AdapterChoice, Checkpoint, LlamaModel, SequenceBatch, SequenceLogps};
+use kto_data::testing::trl_fixture;
+use kto_model::testing::with_fixture_adapter;
+use kto_model::{
+    AdapterChoice, LlamaModel, ModelFiles, ModelOptions, SequenceBatch, SequenceLogps,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use std::path::PathBuf;
-
-fn fixture() -> PathBuf {
-    trl_fixture()
-}
 
 /// The fixture's tiny Llama with its (non-zero) initial adapter as the policy; `sliding_window` makes it a Mistral.
 fn model(sliding_window: Option<usize>) -> Result<(LlamaModel, tempfile::TempDir)> {
@@ -23,10 +21,13 @@ fn model(sliding_window: Option<usize>) -> Result<(LlamaModel, tempfile::TempDir
         "tokenizer.json",
         "tokenizer_config.json",
     ] {
-        std::fs::copy(fixture().join("model").join(file), dir.path().join(file))?;
+        std::fs::copy(
+            trl_fixture().join("model").join(file),
+            dir.path().join(file),
+        )?;
     }
     let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
-        fixture().join("model/config.json"),
+        trl_fixture().join("model/config.json"),
     )?)?;
     if let Some(window) = sliding_window {
         config["model_type"] = "mistral".into();
@@ -34,7 +35,7 @@ fn model(sliding_window: Option<usize>) -> Result<(LlamaModel, tempfile::TempDir
         config["sliding_window"] = window.into();
     }
     std::fs::write(dir.path().join("config.json"), config.to_string())?;
-    let model = with_fixture_adapter(&Checkpoint::from_dir(dir.path())?)?;
+    let model = with_fixture_adapter(&ModelFiles::from_dir(dir.path())?)?;
     Ok((model, dir))
 }
 
@@ -104,17 +105,23 @@ fn check_every_switch(sliding_window: Option<usize>) -> Result<()> {
     let (mut model, _dir) = model(sliding_window)?;
     let (target, kl) = batches(model.config().vocab_size);
     for choice in [AdapterChoice::Policy, AdapterChoice::Reference] {
-        model.set_padding_free(false);
-        model.set_kl_prefix_sharing(false);
+        model.set_options(ModelOptions {
+            padding_free: false,
+            kl_prefix_sharing: false,
+            ..ModelOptions::default()
+        });
         let plain_target = model.sequence_logps(&target, choice)?;
         let plain_kl = model.sequence_logps(&kl, kl_choice(choice))?;
         assert_eq!(plain_target.forward_tokens, target.rows * target.width);
         // Segmented: attention block by block, as the GPU's dense attention runs packed rows and continuations.
         for (padding_free, sharing, segmented) in SWITCHES {
             {
-                model.set_padding_free(padding_free);
-                model.set_kl_prefix_sharing(sharing);
-                model.set_segmented_attention(segmented);
+                model.set_options(ModelOptions {
+                    padding_free,
+                    kl_prefix_sharing: sharing,
+                    segmented_attention: segmented,
+                    ..ModelOptions::default()
+                });
                 let what = format!("{choice:?} window {sliding_window:?} padding_free {padding_free} sharing {sharing} segmented {segmented}");
                 let (t, k) = model.sequence_logps_with_kl(&target, &kl, choice)?;
                 assert_rows_match(&format!("{what}: targets"), &t, &plain_target)?;
@@ -165,8 +172,11 @@ fn packed_policy_gradients_equal_padded_ones() -> Result<()> {
     let (target, kl) = batches(model.config().vocab_size);
     let mut gradients = Vec::new();
     for (padding_free, segmented) in [(false, false), (true, false), (true, true)] {
-        model.set_padding_free(padding_free);
-        model.set_segmented_attention(segmented);
+        model.set_options(ModelOptions {
+            padding_free,
+            segmented_attention: segmented,
+            ..ModelOptions::default()
+        });
         let (t, _) = model.sequence_logps_with_kl(&target, &kl, AdapterChoice::Policy)?;
         // Weigh rows differently so that a row mix-up shows.
         let weights = Tensor::new(&[1.0f32, -2.0, 0.5, 3.0, -1.0, 0.25], &Device::Cpu)?;

@@ -7,12 +7,8 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use kto_model::{load_adapter, AdapterChoice, Checkpoint, LlamaModel, SequenceBatch};
-use std::path::{Path, PathBuf};
-
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/trl-kto-parity")
-}
+use kto_data::testing::trl_fixture;
+use kto_model::{load_adapter, AdapterChoice, LlamaModel, ModelFiles, SequenceBatch};
 
 /// The fixture's WordLevel tokenizer: whitespace split, `wN` → N, `</s>` → 2, `<s>` → 1.
 fn tokenize(text: &str) -> Vec<u32> {
@@ -30,11 +26,12 @@ fn tokenize(text: &str) -> Vec<u32> {
 
 #[test]
 fn step_one_matches_trl() -> Result<()> {
-    let samples: Vec<serde_json::Value> = std::fs::read_to_string(fixture().join("data.jsonl"))?
-        .lines()
-        .take(4)
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()?;
+    let samples: Vec<serde_json::Value> =
+        std::fs::read_to_string(trl_fixture().join("data.jsonl"))?
+            .lines()
+            .take(4)
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()?;
     let rows: Vec<(Vec<u32>, usize, bool)> = samples
         .iter()
         .map(|s| {
@@ -62,11 +59,11 @@ fn step_one_matches_trl() -> Result<()> {
         pad_id: 2,
     };
 
-    let ckpt = Checkpoint::from_dir(&fixture().join("model"))?;
+    let ckpt = ModelFiles::from_dir(&trl_fixture().join("model"))?;
     let mut model = LlamaModel::load(&ckpt, DType::F32, &Device::Cpu)?;
-    let run = fixture().join("runs/kto");
+    let run = trl_fixture().join("runs/kto");
     model.set_policy_adapter(Some(load_adapter(
-        &fixture().join("adapter_init"),
+        &trl_fixture().join("adapter_init"),
         model.config(),
         &Device::Cpu,
     )?))?;

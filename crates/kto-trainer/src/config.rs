@@ -146,12 +146,23 @@ pub struct Config {
     pub train: TrainSection,
 }
 
+/// `[model] dtype`: the dtype the base weights are loaded in (the LoRA weights are f32 whatever it is).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Dtype {
     F32,
     Bf16,
     F16,
+}
+
+impl From<Dtype> for candle_core::DType {
+    fn from(dtype: Dtype) -> Self {
+        match dtype {
+            Dtype::F32 => Self::F32,
+            Dtype::Bf16 => Self::BF16,
+            Dtype::F16 => Self::F16,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -11,9 +11,10 @@ use anyhow::Result;
 use kto_data::batch::MicroBatch;
 use serde_json::{Map, Value};
 
-use crate::forward::{score_micro_batch, PolicyModel, Reference};
 use crate::loss::LossSettings;
 use crate::metrics::{json_f64, MetricsAccumulator};
+use crate::policy::{score_micro_batch, PolicyModel, Reference};
+use crate::world::Gather;
 
 /// Evaluates the policy on `batches` (the held-out set in dataset order): TRL's `eval_*` metrics (each averaged over
 /// batches, `eval_loss` weighted by batch size as transformers' evaluation loop does) plus reward accuracy, AUROC and,
@@ -30,7 +31,7 @@ pub fn evaluate_batches<M: PolicyModel>(
     let mut scored = Vec::new();
     let (mut loss_sum, mut count) = (0.0f64, 0usize);
     for batch in batches {
-        let out = score_micro_batch(model, &batch, reference, settings, false)?;
+        let out = score_micro_batch(model, &batch, reference, settings, false, Gather::alone())?;
         let rows = batch.labels.len();
         loss_sum += out.loss.loss.to_scalar::<f32>()? as f64 * rows as f64;
         count += rows;

@@ -1,5 +1,5 @@
-//! How a caller watches and steers a run, in one value passed to [`crate::run::run_training`],
-//! [`crate::train::train`] and [`crate::run::run_evaluation`]: where progress goes, what asks the run to stop, and
+//! How a caller watches and steers a run, in one value passed to [`crate::from_config::run_training`],
+//! [`crate::train::train`] and [`crate::from_config::run_evaluation`]: where progress goes, what asks the run to stop, and
 //! the probes tests use. Nothing of this is global; the default shows nothing and never stops early. (Faults for
 //! the crash and stop tests are injected elsewhere, by the process under test: [`kto_data::faults`].)
 

@@ -8,7 +8,7 @@ use candle_core::{Tensor, Var};
 use kto_data::batch::SequenceBatch;
 use kto_model::{AdapterChoice, LlamaModel, SequenceLogps};
 
-use crate::forward::PolicyModel;
+use crate::policy::PolicyModel;
 
 /// A Llama with its trained (policy) adapter and, optionally, a frozen reference adapter.
 pub struct LoraPolicy {

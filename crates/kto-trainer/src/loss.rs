@@ -42,8 +42,49 @@ pub struct LossOutput {
     pub policy_logps: Vec<f32>,
 }
 
-/// TRL's `_compute_loss`: losses of the desirable samples, then of the undesirable ones, each weighted, averaged.
+/// TRL's `_compute_loss` for one process alone: [`kto_loss_at`] with the KL reference point of this micro-batch.
 pub fn kto_loss(inputs: &LossInputs, settings: &LossSettings) -> Result<LossOutput> {
+    let kl = kl_estimate(inputs, settings)?.map_or(0.0, reference_point);
+    kto_loss_at(inputs, settings, kl)
+}
+
+/// The micro-batch's KL estimate before TRL gathers it over processes: the mean over the KL pairs of policy −
+/// reference (f32, no gradient); `None` when the loss uses no KL.
+pub fn kl_estimate(inputs: &LossInputs, settings: &LossSettings) -> Result<Option<f32>> {
+    let rows = inputs.labels.len();
+    match (
+        settings.loss_type.uses_kl(),
+        inputs.policy_kl_logps,
+        inputs.reference_kl_logps,
+    ) {
+        (false, _, _) => Ok(None),
+        (true, Some(p), Some(r)) => {
+            ensure!(
+                p.dims() == [rows] && r.dims() == [rows],
+                "KL log-prob tensors must have shape [{rows}]"
+            );
+            let diff = (p.to_dtype(DType::F32)?.detach() - r.to_dtype(DType::F32)?.detach())?;
+            Ok(Some(diff.mean_all()?.to_scalar::<f32>()?))
+        }
+        (true, _, _) => {
+            anyhow::bail!("loss_type kto needs the policy and reference log-probs of the KL pairs")
+        }
+    }
+}
+
+/// The KL reference point from the (gathered) mean estimate: clamped at 0 as TRL's `clamp(min=0)` (which also maps
+/// -0.0 to 0.0 and keeps NaN).
+pub fn reference_point(mean: f32) -> f32 {
+    if mean.is_nan() {
+        f32::NAN
+    } else {
+        mean.max(0.0)
+    }
+}
+
+/// TRL's `_compute_loss`: losses of the desirable samples, then of the undesirable ones, each weighted, averaged;
+/// `kl` is the reference point (0 for apo_zero_unpaired).
+pub fn kto_loss_at(inputs: &LossInputs, settings: &LossSettings, kl: f32) -> Result<LossOutput> {
     let rows = inputs.labels.len();
     ensure!(rows > 0, "empty micro-batch");
     ensure!(
@@ -55,31 +96,6 @@ pub fn kto_loss(inputs: &LossInputs, settings: &LossSettings) -> Result<LossOutp
     let device = inputs.policy_logps.device();
     let policy = inputs.policy_logps.to_dtype(DType::F32)?;
     let reference = inputs.reference_logps.to_dtype(DType::F32)?.detach();
-
-    let kl = match (
-        settings.loss_type.uses_kl(),
-        inputs.policy_kl_logps,
-        inputs.reference_kl_logps,
-    ) {
-        (false, _, _) => 0.0f32,
-        (true, Some(p), Some(r)) => {
-            ensure!(
-                p.dims() == [rows] && r.dims() == [rows],
-                "KL log-prob tensors must have shape [{rows}]"
-            );
-            let diff = (p.to_dtype(DType::F32)?.detach() - r.to_dtype(DType::F32)?.detach())?;
-            // mean() in f32, then clamp(min=0), as TRL (the clamp also maps -0.0 to 0.0 there: max(x, 0)).
-            let mean = diff.mean_all()?.to_scalar::<f32>()?;
-            if mean.is_nan() {
-                f32::NAN
-            } else {
-                mean.max(0.0)
-            }
-        }
-        (true, _, _) => {
-            anyhow::bail!("loss_type kto needs the policy and reference log-probs of the KL pairs")
-        }
-    };
 
     let logratios = (&policy - &reference)?;
     let chosen_idx: Vec<u32> = (0..rows as u32)
@@ -155,6 +171,69 @@ pub struct RowStats {
     pub sequence_tokens: Vec<usize>,
 }
 
+/// One process's sums and counts for a micro-batch's metrics, which TRL adds over processes
+/// (`gather_for_metrics(x).sum()`) before dividing. f32 sums (TRL's `nansum` on the device) are kept as f32 values.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MetricSums {
+    pub entropy_sum: f64,
+    pub completion_tokens: f64,
+    pub num_tokens: f64,
+    pub forward_tokens: f64,
+    pub chosen_logits: f64,
+    pub chosen_tokens: f64,
+    pub rejected_logits: f64,
+    pub rejected_tokens: f64,
+    pub num_chosen: f64,
+    pub num_rejected: f64,
+    pub chosen_rewards: f64,
+    pub chosen_logps: f64,
+    pub rejected_rewards: f64,
+    pub rejected_logps: f64,
+}
+
+impl MetricSums {
+    pub const LEN: usize = 14;
+
+    /// As one buffer for a collective sum.
+    pub fn to_array(&self) -> [f64; Self::LEN] {
+        [
+            self.entropy_sum,
+            self.completion_tokens,
+            self.num_tokens,
+            self.forward_tokens,
+            self.chosen_logits,
+            self.chosen_tokens,
+            self.rejected_logits,
+            self.rejected_tokens,
+            self.num_chosen,
+            self.num_rejected,
+            self.chosen_rewards,
+            self.chosen_logps,
+            self.rejected_rewards,
+            self.rejected_logps,
+        ]
+    }
+
+    pub fn from_array(a: [f64; Self::LEN]) -> Self {
+        Self {
+            entropy_sum: a[0],
+            completion_tokens: a[1],
+            num_tokens: a[2],
+            forward_tokens: a[3],
+            chosen_logits: a[4],
+            chosen_tokens: a[5],
+            rejected_logits: a[6],
+            rejected_tokens: a[7],
+            num_chosen: a[8],
+            num_rejected: a[9],
+            chosen_rewards: a[10],
+            chosen_logps: a[11],
+            rejected_rewards: a[12],
+            rejected_logps: a[13],
+        }
+    }
+}
+
 /// What TRL appends to its `_metrics` lists for one micro-batch. `None` where TRL appends nothing (no desirable
 /// samples: no `rewards/chosen`; margins only when both classes are present).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -175,61 +254,73 @@ pub struct MicroBatchMetrics {
     pub rewards_margins: Option<f64>,
 }
 
-/// The metrics of one micro-batch from its loss output and the policy's row statistics.
-pub fn batch_metrics(labels: &[bool], out: &LossOutput, rows: &RowStats) -> MicroBatchMetrics {
+/// This process's sums and counts of a micro-batch, from its loss output and the policy's row statistics.
+pub fn batch_sums(labels: &[bool], out: &LossOutput, rows: &RowStats) -> MetricSums {
     let n = labels.len();
     debug_assert!(rows.completion_tokens.len() == n && rows.entropy_sums.len() == n);
-    // TRL: entropy_sum / total_tokens over every completion token of the micro-batch.
-    let entropy_sum: f64 = rows.entropy_sums.iter().sum();
-    let total_tokens: usize = rows.completion_tokens.iter().sum();
-    let entropy = if total_tokens > 0 {
-        entropy_sum / total_tokens as f64
-    } else {
-        0.0
+    let of_class = |want: bool| (0..n).filter(move |&i| labels[i] == want);
+    // nansum in f32, as TRL sums on the device.
+    let nansum = |want: bool, values: &[f32]| -> f64 {
+        of_class(want)
+            .map(|i| values[i])
+            .filter(|v| !v.is_nan())
+            .sum::<f32>() as f64
     };
-
-    let class_mean = |want: bool, values: &[f32]| -> Option<f64> {
-        let count = labels.iter().filter(|&&l| l == want).count();
-        (count > 0).then(|| {
-            // nansum in f32, then `.item() / count` in f64.
-            let sum: f32 = (0..n)
-                .filter(|&i| labels[i] == want && !values[i].is_nan())
-                .map(|i| values[i])
-                .sum();
-            sum as f64 / count as f64
-        })
-    };
-    let logits_mean = |want: bool| -> Option<f64> {
-        let tokens: usize = (0..n)
-            .filter(|&i| labels[i] == want)
+    let tokens = |want: bool| {
+        of_class(want)
             .map(|i| rows.completion_tokens[i])
-            .sum();
-        (tokens > 0).then(|| {
-            let sum: f64 = (0..n)
-                .filter(|&i| labels[i] == want)
-                .map(|i| rows.mean_logit_sums[i])
-                .sum();
-            sum / tokens as f64
-        })
+            .sum::<usize>() as f64
     };
-    let rewards_chosen = class_mean(true, &out.rewards);
-    let rewards_rejected = class_mean(false, &out.rewards);
-    MicroBatchMetrics {
-        kl: out.kl as f64,
-        entropy,
-        num_tokens: rows.sequence_tokens.iter().sum::<usize>() as u64,
-        forward_tokens: 0,
-        logits_chosen: logits_mean(true),
-        logits_rejected: logits_mean(false),
-        rewards_chosen,
-        rewards_rejected,
-        logps_chosen: class_mean(true, &out.policy_logps),
-        logps_rejected: class_mean(false, &out.policy_logps),
-        rewards_margins: match (rewards_chosen, rewards_rejected) {
-            (Some(c), Some(r)) => Some(c - r),
-            _ => None,
-        },
+    let logits = |want: bool| of_class(want).map(|i| rows.mean_logit_sums[i]).sum::<f64>();
+    MetricSums {
+        entropy_sum: rows.entropy_sums.iter().sum(),
+        completion_tokens: rows.completion_tokens.iter().sum::<usize>() as f64,
+        num_tokens: rows.sequence_tokens.iter().sum::<usize>() as f64,
+        forward_tokens: 0.0,
+        chosen_logits: logits(true),
+        chosen_tokens: tokens(true),
+        rejected_logits: logits(false),
+        rejected_tokens: tokens(false),
+        num_chosen: of_class(true).count() as f64,
+        num_rejected: of_class(false).count() as f64,
+        chosen_rewards: nansum(true, &out.rewards),
+        chosen_logps: nansum(true, &out.policy_logps),
+        rejected_rewards: nansum(false, &out.rewards),
+        rejected_logps: nansum(false, &out.policy_logps),
     }
+}
+
+impl MicroBatchMetrics {
+    /// TRL's metrics from the sums and counts (gathered over processes) and the KL reference point.
+    pub fn from_sums(kl: f32, s: &MetricSums) -> Self {
+        let ratio = |sum: f64, count: f64| (count > 0.0).then(|| sum / count);
+        // The f32 sums of the processes add up in f32 on the device.
+        let f32_sum = |sum: f64| sum as f32 as f64;
+        let rewards_chosen = ratio(f32_sum(s.chosen_rewards), s.num_chosen);
+        let rewards_rejected = ratio(f32_sum(s.rejected_rewards), s.num_rejected);
+        MicroBatchMetrics {
+            kl: kl as f64,
+            // TRL: entropy_sum / total_tokens over every completion token.
+            entropy: ratio(s.entropy_sum, s.completion_tokens).unwrap_or(0.0),
+            num_tokens: s.num_tokens as u64,
+            forward_tokens: s.forward_tokens as u64,
+            logits_chosen: ratio(s.chosen_logits, s.chosen_tokens),
+            logits_rejected: ratio(s.rejected_logits, s.rejected_tokens),
+            rewards_chosen,
+            rewards_rejected,
+            logps_chosen: ratio(f32_sum(s.chosen_logps), s.num_chosen),
+            logps_rejected: ratio(f32_sum(s.rejected_logps), s.num_rejected),
+            rewards_margins: match (rewards_chosen, rewards_rejected) {
+                (Some(c), Some(r)) => Some(c - r),
+                _ => None,
+            },
+        }
+    }
+}
+
+/// The metrics of one micro-batch of a process alone.
+pub fn batch_metrics(labels: &[bool], out: &LossOutput, rows: &RowStats) -> MicroBatchMetrics {
+    MicroBatchMetrics::from_sums(out.kl, &batch_sums(labels, out, rows))
 }
 
 #[cfg(test)]

@@ -2,6 +2,8 @@
 //! 5.17's `Trainer.set_initial_training_values` and `_run_epoch` compute them.
 //!
 //! - an epoch is `ceil(samples / batch_size)` micro-batches (the last, partial batch is kept: `drop_last = false`);
+//!   with N processes each trains on `ceil(that / N)` of them (accelerate's `even_batches`, see
+//!   `kto_data::batch::Shard`), and everything below counts one process's micro-batches;
 //! - an epoch has `max(ceil(micro_batches / accumulation), 1)` optimizer steps; its last step accumulates the
 //!   remaining `micro_batches % accumulation` micro-batches (or a full group when that is 0), and the loss of each
 //!   micro-batch is divided by the size of its own group (`current_gradient_accumulation_steps`);
@@ -21,9 +23,29 @@ pub struct TrainingPlan {
 }
 
 impl TrainingPlan {
+    /// The plan of a process training alone.
     pub fn new(
         num_samples: usize,
         batch_size: usize,
+        gradient_accumulation_steps: usize,
+        max_steps: i64,
+        num_train_epochs: f64,
+    ) -> Result<Self> {
+        Self::for_world(
+            num_samples,
+            batch_size,
+            1,
+            gradient_accumulation_steps,
+            max_steps,
+            num_train_epochs,
+        )
+    }
+
+    /// The plan of each of `world_size` processes training together.
+    pub fn for_world(
+        num_samples: usize,
+        batch_size: usize,
+        world_size: usize,
         gradient_accumulation_steps: usize,
         max_steps: i64,
         num_train_epochs: f64,
@@ -36,7 +58,8 @@ impl TrainingPlan {
             batch_size > 0 && gradient_accumulation_steps > 0,
             "batch size and accumulation must be >= 1"
         );
-        let micro_batches_per_epoch = num_samples.div_ceil(batch_size);
+        ensure!(world_size > 0, "a world of no processes");
+        let micro_batches_per_epoch = num_samples.div_ceil(batch_size).div_ceil(world_size);
         let steps_per_epoch = micro_batches_per_epoch
             .div_ceil(gradient_accumulation_steps)
             .max(1);

@@ -10,6 +10,8 @@ use std::sync::Arc;
 use anyhow::Result;
 use signal_hook::consts::{SIGINT, SIGTERM};
 
+use crate::world::{Counted, World};
+
 /// A shared flag: the signal (or other reason, as a number) that asked the run to stop, once asked.
 #[derive(Debug, Clone, Default)]
 pub struct StopRequest(Arc<AtomicI32>);
@@ -58,6 +60,23 @@ impl StopRequest {
             signal => Some(signal),
         }
     }
+}
+
+/// Whether to stop, as every rank of `world` agrees: a stop requested on any rank stops them all at the same point
+/// (with this rank's own signal, or the signal of the ranks that asked). One collective sum per call; alone, just
+/// the request.
+pub fn agreed(stop: &StopRequest, world: &dyn World) -> Result<Option<i32>> {
+    let mine = stop.requested();
+    if world.size() == 1 {
+        return Ok(mine);
+    }
+    let mut asked = [mine.unwrap_or(0) as f64, mine.is_some() as u8 as f64];
+    world.sum_f64(&mut asked, Counted::All)?;
+    Ok(match (mine, asked[1] > 0.0) {
+        (Some(signal), _) => Some(signal),
+        (None, true) => Some((asked[0] / asked[1]).round() as i32),
+        (None, false) => None,
+    })
 }
 
 /// The exit status for a run stopped by `signal`: 130 for SIGINT, 143 for SIGTERM, as a shell reports them.

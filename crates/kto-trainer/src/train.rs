@@ -5,32 +5,38 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use kto_data::batch::{BatchConfig, BatchOrder, KlPairing, MicroBatch, MicroBatches};
 use kto_data::tokenize::TokenizedSample;
 
 use crate::checkpoint::{self, load_trainable, save_trainable, TrainerState};
 use crate::config::Config;
 use crate::evaluate::evaluate_batches;
-use crate::forward::{score_micro_batch, PolicyModel, Reference};
 use crate::hooks::Hooks;
 use crate::loss::LossSettings;
 use crate::metrics::{self, MetricsAccumulator, StepInfo};
 use crate::optimizer::{measure_grad_norm, scale_grads, AdamW, AdamWSettings};
 use crate::plan::TrainingPlan;
+use crate::policy::{score_micro_batch, PolicyModel, Reference};
 use crate::progress::{DataPass, PassProgress, TrainingProgress};
 use crate::reference_cache::ReferenceLogps;
 use crate::run_dir::RunLock;
 use crate::schedule::Schedule;
+use crate::stop;
+use crate::world::{Counted, Gather, World};
 use kto_data::faults::{self, Moment};
 
 /// Everything a training run needs besides the model.
 pub struct TrainJob<'a> {
     /// The resolved config; both loss weights must be numbers (resolve `"auto"` first).
     pub config: &'a Config,
-    /// The held run folder, where the run has begun ([`RunLock::begin`]): checkpoints, metrics and the adapter go
-    /// there.
-    pub run: &'a RunLock,
+    /// The run folder (`output_dir`).
+    pub output_dir: &'a Path,
+    /// Its held lock, where the run has begun ([`RunLock::begin`]): checkpoints, metrics and the adapter are written
+    /// through it. Only rank 0 of a world holds it and writes; the other ranks pass `None`.
+    pub lock: Option<&'a RunLock>,
+    /// The processes training together ([`crate::world::Alone`] for one).
+    pub world: &'a dyn World,
     pub train: &'a [TokenizedSample],
     pub eval: Option<&'a [TokenizedSample]>,
     pub pad_id: u32,
@@ -101,7 +107,8 @@ pub fn micro_batches<'a>(
 pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob, hooks: &Hooks) -> Result<TrainSummary> {
     let config = job.config;
     let t = &config.train;
-    let run = job.run;
+    let world = job.world;
+    let shard = world.shard();
     let settings = loss_settings(config)?;
     let train_batches = micro_batches(config, job.train, job.pad_id, false)?;
     let eval_batches = match job.eval {
@@ -110,9 +117,10 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob, hooks: &Hooks) -> Re
         }
         _ => None,
     };
-    let plan = TrainingPlan::new(
+    let plan = TrainingPlan::for_world(
         job.train.len(),
         t.per_device_train_batch_size,
+        shard.world_size,
         t.gradient_accumulation_steps,
         t.max_steps,
         t.num_train_epochs,
@@ -138,17 +146,12 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob, hooks: &Hooks) -> Re
             .train_reference
             .map_or(Reference::Online, Reference::Precomputed),
         settings: &settings,
-        output_dir: run.dir(),
+        output_dir: job.output_dir,
         hooks,
-    };
-    let evaluation = Evaluation {
-        batches: eval_batches.as_ref(),
-        samples: job.eval.map_or(0, <[_]>::len),
-        reference: job
-            .eval_reference
-            .map_or(Reference::Online, Reference::Precomputed),
-        settings: &settings,
-        hooks,
+        world,
+        samples: job.train.len(),
+        micro_batches_per_epoch: plan.micro_batches_per_epoch,
+        global_batch: t.per_device_train_batch_size * shard.world_size,
     };
 
     let (mut optimizer, mut state) = start_or_resume(job, &params)?;
@@ -161,11 +164,22 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob, hooks: &Hooks) -> Re
         plan.max_steps
     );
     let progress = TrainingProgress::start(&hooks.progress, state.global_step, plan.max_steps);
+    let evaluation = Evaluation {
+        batches: eval_batches.as_ref(),
+        samples: job.eval.map_or(0, <[_]>::len),
+        reference: job
+            .eval_reference
+            .map_or(Reference::Online, Reference::Precomputed),
+        settings: &settings,
+        hooks,
+        lock: job.lock,
+        progress: &progress,
+    };
     if state.evaluation_pending {
-        evaluate(model, &evaluation, &mut state, &pending, run, &progress)?;
+        evaluate(model, &evaluation, &mut state, &pending)?;
     }
     let mut since_log = Instant::now();
-    let mut stopped_by = hooks.stop.requested();
+    let mut stopped_by = stop::agreed(&hooks.stop, world)?;
     // The step whose state is on disk (a fresh run's step 0 needs none): a stop request seen before the next step
     // begins ends the run there; otherwise the step in progress finishes and is saved.
     let mut saved_step = state.global_step;
@@ -174,10 +188,10 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob, hooks: &Hooks) -> Re
     'epochs: for epoch in first_epoch..plan.num_epochs {
         // Built lazily, one micro-batch at a time; a resumed epoch skips the micro-batches already trained on.
         let skip = plan.micro_batches_of_step(first_step_in_epoch).start;
-        let mut epoch_batches = train_batches.epoch(epoch as u64).skip(skip);
+        let mut epoch_batches = train_batches.epoch_of(epoch as u64, shard).skip(skip);
         for step_in_epoch in first_step_in_epoch..plan.steps_per_epoch {
             if state.global_step == saved_step {
-                stopped_by = stopped_by.or(hooks.stop.requested());
+                stopped_by = stopped_by.or(stop::agreed(&hooks.stop, world)?);
             }
             if stopped_by.is_some()
                 || state.global_step >= plan.max_steps
@@ -196,7 +210,7 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob, hooks: &Hooks) -> Re
             let (grads, samples) = accumulate_gradients(
                 model,
                 micro_batches,
-                group.len(),
+                group.clone(),
                 step,
                 &stepping,
                 &mut pending,
@@ -220,18 +234,20 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob, hooks: &Hooks) -> Re
                 };
                 let row = pending.take_train_row(info, since_log.elapsed().as_secs_f64());
                 since_log = Instant::now();
-                log_row(row, &mut state, run, &progress)?;
+                log_row(row, &mut state, job.lock, &progress)?;
             }
             // Evaluate.
             if (t.eval_steps > 0 && step % t.eval_steps == 0) || is_last {
-                evaluate(model, &evaluation, &mut state, &pending, run, &progress)?;
+                evaluate(model, &evaluation, &mut state, &pending)?;
             }
             // Save; after a stop request the step just finished is saved whatever save_steps says.
-            stopped_by = hooks.stop.requested();
+            stopped_by = stop::agreed(&hooks.stop, world)?;
             let save_now = t.save_steps > 0 && (step % t.save_steps == 0 || is_last);
             if save_now || stopped_by.is_some() {
                 state.metrics_pending = pending.clone();
-                save_checkpoint(model, &params, &optimizer, &state, config, run)?;
+                if let Some(lock) = job.lock {
+                    save_checkpoint(model, &params, &optimizer, &state, config, lock)?;
+                }
                 saved_step = step;
             }
         }
@@ -240,10 +256,9 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob, hooks: &Hooks) -> Re
     drop(progress);
 
     let finished = state.global_step >= plan.max_steps && stopped_by.is_none();
-    let final_adapter = if finished {
-        Some(run.save_final_adapter(|tmp| model.save_adapter(tmp))?)
-    } else {
-        None
+    let final_adapter = match job.lock {
+        Some(lock) if finished => Some(lock.save_final_adapter(|tmp| model.save_adapter(tmp))?),
+        _ => None,
     };
     Ok(TrainSummary {
         global_step: state.global_step,
@@ -262,6 +277,11 @@ struct Stepping<'a> {
     settings: &'a LossSettings,
     output_dir: &'a Path,
     hooks: &'a Hooks<'a>,
+    world: &'a dyn World,
+    /// What says which ranks `gather_for_metrics` counts at a micro-batch ([`Counted::at`]).
+    samples: usize,
+    micro_batches_per_epoch: usize,
+    global_batch: usize,
 }
 
 /// The summed gradients of one accumulation group, by parameter name, and the number of samples it held. Each
@@ -269,18 +289,39 @@ struct Stepping<'a> {
 fn accumulate_gradients<M: PolicyModel>(
     model: &mut M,
     micro_batches: impl Iterator<Item = MicroBatch>,
-    group_size: usize,
+    group: std::ops::Range<usize>,
     step: usize,
     stepping: &Stepping,
     pending: &mut MetricsAccumulator,
 ) -> Result<(HashMap<String, Tensor>, usize)> {
+    let group_size = group.len();
     let mut grads: HashMap<String, Tensor> = HashMap::new();
     let (mut samples, mut micro_batches_seen) = (0, 0);
-    for batch in micro_batches {
-        let scored = score_micro_batch(model, &batch, stepping.reference, stepping.settings, true)?;
+    for (index, batch) in group.zip(micro_batches) {
+        let gather = Gather {
+            world: stepping.world,
+            counted: Counted::at(
+                index,
+                stepping.micro_batches_per_epoch,
+                stepping.samples,
+                stepping.global_batch,
+            ),
+        };
+        let scored = score_micro_batch(
+            model,
+            &batch,
+            stepping.reference,
+            stepping.settings,
+            true,
+            gather,
+        )?;
         let divisor = Tensor::new(group_size as f32, scored.loss.loss.device())?;
         let scaled = scored.loss.loss.broadcast_div(&divisor)?;
-        let scaled_value = scaled.to_scalar::<f32>()?;
+        // transformers logs the mean over ranks of each rank's loss.
+        let scaled_value = stepping
+            .world
+            .mean(scaled.to_scalar::<f32>()? as f64, Counted::All)?
+            as f32;
         if !scaled_value.is_finite() {
             bail!(non_finite_message("loss", step, stepping.output_dir));
         }
@@ -301,7 +342,48 @@ fn accumulate_gradients<M: PolicyModel>(
     if micro_batches_seen != group_size {
         bail!("step {step} expected {group_size} micro-batches, the epoch had {micro_batches_seen} left");
     }
+    if stepping.world.size() > 1 {
+        grads = average_over_ranks(grads, stepping)?;
+    }
     Ok((grads, samples))
+}
+
+/// DDP's all-reduce: every rank's gradients summed in one flat f32 buffer (in parameter order), divided by the
+/// number of ranks.
+fn average_over_ranks(
+    grads: HashMap<String, Tensor>,
+    stepping: &Stepping,
+) -> Result<HashMap<String, Tensor>> {
+    let mut flat = Vec::new();
+    let mut shapes = Vec::new();
+    for (name, var) in stepping.params {
+        let grad = match grads.get(name) {
+            Some(g) => g.to_dtype(DType::F32)?,
+            None => var.as_tensor().zeros_like()?.to_dtype(DType::F32)?,
+        };
+        shapes.push((
+            name,
+            grad.shape().clone(),
+            grad.device().clone(),
+            var.dtype(),
+        ));
+        flat.extend(grad.flatten_all()?.to_vec1::<f32>()?);
+    }
+    stepping.world.sum_f32(&mut flat)?;
+    let ranks = stepping.world.size() as f32;
+    let mut averaged = HashMap::new();
+    let mut offset = 0;
+    for (name, shape, device, dtype) in shapes {
+        let len = shape.elem_count();
+        let values: Vec<f32> = flat[offset..offset + len]
+            .iter()
+            .map(|g| g / ranks)
+            .collect();
+        offset += len;
+        let grad = Tensor::from_vec(values, shape, &device)?.to_dtype(dtype)?;
+        averaged.insert(name.clone(), grad);
+    }
+    Ok(averaged)
 }
 
 /// Clips the gradients to `max_grad_norm` (the coefficient is applied inside the fused AdamW step; the gradients
@@ -340,13 +422,17 @@ fn start_or_resume(job: &TrainJob, params: &[(String, Var)]) -> Result<(AdamW, T
         weight_decay: t.weight_decay,
     };
     let Some(dir) = job.resume_from else {
-        job.run.reset_metrics(&[])?;
+        if let Some(lock) = job.lock {
+            lock.reset_metrics(&[])?;
+        }
         return Ok((AdamW::new(adamw), fresh_state(t.seed)));
     };
     let state = TrainerState::load(dir)?;
     load_trainable(params, &dir.join(checkpoint::TRAINABLE))?;
     let optimizer = AdamW::load(&dir.join(checkpoint::OPTIMIZER), adamw, params)?;
-    job.run.reset_metrics(&state.metrics_rows)?;
+    if let Some(lock) = job.lock {
+        lock.reset_metrics(&state.metrics_rows)?;
+    }
     tracing::info!(
         "resuming from {} at step {}",
         dir.display(),
@@ -362,6 +448,9 @@ struct Evaluation<'a> {
     reference: Reference<'a>,
     settings: &'a LossSettings,
     hooks: &'a Hooks<'a>,
+    /// Where the row goes (rank 0) and who sees it.
+    lock: Option<&'a RunLock>,
+    progress: &'a TrainingProgress,
 }
 
 /// The held-out evaluation at the current step, logged as one metrics row. A stop request ends the pass after the
@@ -371,8 +460,6 @@ fn evaluate<M: PolicyModel>(
     evaluation: &Evaluation,
     state: &mut TrainerState,
     pending: &MetricsAccumulator,
-    run: &RunLock,
-    progress: &TrainingProgress,
 ) -> Result<bool> {
     let Some(batches) = evaluation.batches else {
         state.evaluation_pending = false;
@@ -407,18 +494,20 @@ fn evaluate<M: PolicyModel>(
         return Ok(false);
     }
     row.extend(figures?);
-    log_row(row, state, run, progress)?;
+    log_row(row, state, evaluation.lock, evaluation.progress)?;
     Ok(true)
 }
 
-/// Appends a metrics row to metrics.jsonl, shows it, and keeps it in the state a checkpoint saves.
+/// Appends a metrics row to metrics.jsonl (rank 0), shows it, and keeps it in the state a checkpoint saves.
 fn log_row(
     row: serde_json::Map<String, serde_json::Value>,
     state: &mut TrainerState,
-    run: &RunLock,
+    lock: Option<&RunLock>,
     progress: &TrainingProgress,
 ) -> Result<()> {
-    run.append_metrics(&row)?;
+    if let Some(lock) = lock {
+        lock.append_metrics(&row)?;
+    }
     tracing::debug!("{}", serde_json::to_string(&row)?);
     progress.metrics_logged(&row);
     state.metrics_rows.push(row);

@@ -2,24 +2,22 @@
 //! accumulation group at the epoch end, LoRA dropout on, gradient checkpointing off and on), checkpointed gradients
 //! equal to plain ones, and precomputed reference log-probs equal to online ones.
 
-use std::path::{Path, PathBuf};
+use kto_data::testing::trl_fixture;
+use std::path::Path;
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use kto_trainer::config::{Config, Override};
-use kto_trainer::forward::{score_micro_batch, PolicyModel, Reference};
+use kto_trainer::from_config::{load_model, load_samples, run_training};
 use kto_trainer::hooks::Hooks;
-use kto_trainer::run::{load_model, load_samples, run_training};
+use kto_trainer::policy::{score_micro_batch, PolicyModel, Reference};
 use kto_trainer::run_dir::{Begin, RunLock};
 use kto_trainer::train::{loss_settings, micro_batches, train, TrainJob};
+use kto_trainer::world::{Alone, Gather};
 use serde_json::{Map, Value};
 
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/trl-kto-parity")
-}
-
 fn config(out: &Path, extra: &[&str]) -> Result<Config> {
-    let fx = fixture();
+    let fx = trl_fixture();
     let text = format!(
         "[model]\npath = \"{}\"\n[lora]\nr = 2\nalpha = 4\ndropout = 0.1\ntarget_modules = [\"q_proj\", \"v_proj\", \"down_proj\"]\n\
          [data]\ntrain_file = \"{}\"\neval_file = \"{}\"\nmax_length = 64\n\
@@ -51,7 +49,9 @@ fn run(config: &Config, resume: Option<&Path>, stop: Option<usize>) -> Result<()
     let lock = RunLock::acquire(config.train.output_dir.as_deref().expect("output_dir set"))?;
     let job = TrainJob {
         config,
-        run: &lock,
+        output_dir: lock.dir(),
+        lock: Some(&lock),
+        world: &Alone,
         train: &samples,
         eval: Some(&eval),
         pad_id: loaded.tokenizer.pad_id,
@@ -165,7 +165,7 @@ fn resume_is_exact(extra: &[&str]) -> Result<()> {
 fn gradient_checkpointing_gives_the_plain_gradients() -> Result<()> {
     let init = format!(
         "lora.init_adapter={}",
-        fixture().join("adapter_init").display()
+        trl_fixture().join("adapter_init").display()
     );
     checkpointed_gradients_equal_plain(&[&init], true)?;
     checkpointed_gradients_equal_plain(&["kto.disable_dropout=true"], false)
@@ -179,7 +179,7 @@ fn checkpointed_gradients_equal_plain(extra: &[&str], every_nonzero: bool) -> Re
         let sets: Vec<&str> = extra.iter().copied().chain([switch.as_str()]).collect();
         let config = config(out.path(), &sets)?;
         let mut loaded = load_model(&config, None)?;
-        assert_eq!(loaded.policy.model.gradient_checkpointing(), on);
+        assert_eq!(loaded.policy.model.options().gradient_checkpointing, on);
         let samples = load_samples(
             &config,
             &loaded.tokenizer,
@@ -192,7 +192,14 @@ fn checkpointed_gradients_equal_plain(extra: &[&str], every_nonzero: bool) -> Re
         let params = loaded.policy.trainable_parameters();
         let score = |policy: &mut kto_trainer::llama_policy::LoraPolicy| -> Result<Tensor> {
             policy.begin_step(7)?;
-            let scored = score_micro_batch(&*policy, &batch, Reference::Online, &settings, true)?;
+            let scored = score_micro_batch(
+                &*policy,
+                &batch,
+                Reference::Online,
+                &settings,
+                true,
+                Gather::alone(),
+            )?;
             Ok(scored.loss.loss)
         };
         let loss = score(&mut loaded.policy)?;
@@ -247,7 +254,7 @@ fn checkpointed_gradients_equal_plain(extra: &[&str], every_nonzero: bool) -> Re
 fn train_locked(config: &Config) -> Result<()> {
     let lock = RunLock::acquire(config.train.output_dir.as_deref().expect("output_dir set"))?;
     let start = lock.begin(Begin::Fresh)?;
-    run_training(config, &lock, &start, &Hooks::default())?;
+    run_training(config, Some(&lock), &start, &Alone, &Hooks::default())?;
     Ok(())
 }
 
@@ -259,7 +266,7 @@ fn precomputed_reference_matches_online_and_is_cached() -> Result<()> {
         "train.save_steps=0".to_string(),
         format!(
             "lora.init_adapter={}",
-            fixture().join("adapter_init").display()
+            trl_fixture().join("adapter_init").display()
         ),
     ];
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();

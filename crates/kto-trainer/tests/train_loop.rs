@@ -7,10 +7,11 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use kto_data::batch::SequenceBatch;
 use kto_data::tokenize::TokenizedSample;
 use kto_trainer::config::{Config, LossType, Override};
-use kto_trainer::forward::{precompute_reference, AdapterChoice, PolicyModel, SequenceLogps};
 use kto_trainer::hooks::Hooks;
+use kto_trainer::policy::{precompute_reference, AdapterChoice, PolicyModel, SequenceLogps};
 use kto_trainer::run_dir::{RunDir, RunLock};
 use kto_trainer::train::{micro_batches, train, TrainJob};
+use kto_trainer::world::Alone;
 use serde_json::{Map, Value};
 
 const VOCAB: usize = 8;
@@ -165,7 +166,9 @@ fn run(out: &Path, extra: &[&str], resume: Option<&Path>, stop: Option<usize>) -
     let lock = RunLock::acquire(out)?;
     let job = TrainJob {
         config: &config,
-        run: &lock,
+        output_dir: lock.dir(),
+        lock: Some(&lock),
+        world: &Alone,
         train: &train_set,
         eval: Some(&eval_set),
         pad_id: 0,
@@ -256,7 +259,7 @@ fn held_out_metrics_of_an_untrained_policy() -> Result<()> {
     let row = kto_trainer::evaluate::evaluate_batches(
         &model,
         batches.epoch(0),
-        kto_trainer::forward::Reference::Online,
+        kto_trainer::policy::Reference::Online,
         &settings,
         7,
     )?;
@@ -294,7 +297,9 @@ fn precomputed_reference_equals_online() -> Result<()> {
     let lock = RunLock::acquire(pre.path())?;
     let job = TrainJob {
         config: &config,
-        run: &lock,
+        output_dir: lock.dir(),
+        lock: Some(&lock),
+        world: &Alone,
         train: &train_set,
         eval: Some(&eval_set),
         pad_id: 0,
@@ -355,7 +360,9 @@ fn non_finite_loss_stops_with_the_step_and_keeps_checkpoints() -> Result<()> {
     let lock = RunLock::acquire(out.path())?;
     let job = TrainJob {
         config: &config,
-        run: &lock,
+        output_dir: lock.dir(),
+        lock: Some(&lock),
+        world: &Alone,
         train: &train_set,
         eval: None,
         pad_id: 0,

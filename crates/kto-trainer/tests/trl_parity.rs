@@ -8,22 +8,24 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
+use kto_data::testing::trl_fixture;
 use kto_trainer::config::{Config, Override};
+use kto_trainer::from_config::run_training;
 use kto_trainer::hooks::Hooks;
-use kto_trainer::run::run_training;
 use kto_trainer::run_dir::{Begin, RunLock};
+use kto_trainer::world::Alone;
 use serde_json::Value;
 
 /// The fixture folder: `KTO_FIXTURE_DIR` when set (a test binary carried to another machine), else the checkout's.
-fn fixture() -> PathBuf {
+fn parity_fixture() -> PathBuf {
     if let Some(dir) = std::env::var_os("KTO_FIXTURE_DIR") {
         return PathBuf::from(dir);
     }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/trl-kto-parity")
+    trl_fixture()
 }
 
 /// Device and base dtype of the run: `KTO_TEST_DEVICE` (default cpu) and `KTO_TEST_DTYPE` (default f32).
@@ -53,7 +55,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
 }
 
 fn check_run(name: &str, kto_section: &str, switches: &[&str]) -> Result<()> {
-    let fx = fixture();
+    let fx = parity_fixture();
     let run_dir = fx.join("runs").join(name);
     let out = tempfile::tempdir()?;
     let config_path = out.path().join("kto.toml");
@@ -90,7 +92,7 @@ fn check_run(name: &str, kto_section: &str, switches: &[&str]) -> Result<()> {
         gradients: Some(&hook),
         ..Hooks::default()
     };
-    let summary = run_training(&config, &lock, &start, &hooks)?;
+    let summary = run_training(&config, Some(&lock), &start, &Alone, &hooks)?;
     assert_eq!(summary.global_step, 3);
 
     // Per-step metrics.

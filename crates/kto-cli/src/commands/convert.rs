@@ -3,7 +3,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use kto_model::Checkpoint;
+use kto_model::ModelFiles;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -45,7 +45,7 @@ pub fn run(args: ConvertArgs) -> Result<()> {
             args.out.display()
         );
     }
-    let checkpoint = Checkpoint::from_gguf(&args.gguf)?;
+    let checkpoint = ModelFiles::from_gguf(&args.gguf)?;
     let dtype = args
         .dtype
         .as_deref()

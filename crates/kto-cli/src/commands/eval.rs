@@ -39,7 +39,7 @@ pub fn run(args: EvalArgs, progress: Arc<dyn Observer>) -> Result<()> {
         progress,
         ..Hooks::default()
     };
-    let results = kto_trainer::run::run_evaluation(&config, adapter.as_deref(), &hooks)?;
+    let results = kto_trainer::from_config::run_evaluation(&config, adapter.as_deref(), &hooks)?;
     let width = results.keys().map(String::len).max().unwrap_or(0);
     for (key, value) in &results {
         match value.as_f64() {

@@ -5,6 +5,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use kto_data::tokenize::TokenizerBundle;
 use kto_model::{AdapterChoice, GenerationOptions, LlamaModel};
+use kto_trainer::base_model::BaseModel;
 
 use super::model_source::ModelSource;
 
@@ -93,36 +94,30 @@ impl Generator {
     /// Loads the config's model and the adapter chosen by `args` (saying which on the log).
     pub fn load(args: &ModelArgs) -> Result<Self> {
         let (config, adapter) = args.source.load(args.no_adapter)?;
-        let checkpoint = args.source.base_model(&config)?;
-        let device = kto_model::open_device(&config.model.device)?;
-        let dtype = kto_model::parse_dtype(&format!("{:?}", config.model.dtype).to_lowercase())?;
-        let mut model = LlamaModel::load(&checkpoint, dtype, &device)?;
-        let tokenizer = checkpoint.tokenizer()?;
+        let mut base = BaseModel::from_checkpoint(&config, args.source.base_model(&config)?)?;
+        let source = base.checkpoint.source().display().to_string();
         let choice = match &adapter {
             Some(dir) => {
-                let lora = kto_model::peft::load_adapter(dir, &checkpoint.config, &device)
+                let lora = base
+                    .load_adapter(dir)
                     .with_context(|| format!("adapter {}", dir.display()))?;
-                model.set_policy_adapter(Some(lora))?;
-                tracing::info!(
-                    "model {} with adapter {}",
-                    checkpoint.source().display(),
-                    dir.display()
-                );
+                base.model.set_policy_adapter(Some(lora))?;
+                tracing::info!("model {source} with adapter {}", dir.display());
                 AdapterChoice::PolicyNoGrad
             }
             None => {
-                tracing::info!("model {} without adapter", checkpoint.source().display());
+                tracing::info!("model {source} without adapter");
                 AdapterChoice::Reference
             }
         };
-        model.set_training(false, 0)?;
-        let mut stop_tokens = checkpoint.config.eos_token_ids.clone();
-        if !stop_tokens.contains(&tokenizer.eos_id) {
-            stop_tokens.push(tokenizer.eos_id);
+        base.model.set_training(false, 0)?;
+        let mut stop_tokens = base.checkpoint.config.eos_token_ids.clone();
+        if !stop_tokens.contains(&base.tokenizer.eos_id) {
+            stop_tokens.push(base.tokenizer.eos_id);
         }
         Ok(Self {
-            model,
-            tokenizer,
+            model: base.model,
+            tokenizer: base.tokenizer,
             choice,
             stop_tokens,
         })

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use kto_model::Checkpoint;
+use kto_model::ModelFiles;
 use kto_trainer::config::{Config, Override};
 use kto_trainer::run_dir::{RunDir, FINAL_ADAPTER_DIR};
 
@@ -58,7 +58,7 @@ impl ModelSource {
     }
 
     /// The base model of `[model] path` (a folder, a .gguf file or a hub id in the local cache).
-    pub fn base_model(&self, config: &Config) -> Result<Checkpoint> {
+    pub fn base_model(&self, config: &Config) -> Result<ModelFiles> {
         base_model(&self.config, config)
     }
 }
@@ -76,14 +76,14 @@ pub struct ConfigSource {
 
 impl ConfigSource {
     /// The config with the overrides applied and its base model.
-    pub fn load(&self) -> Result<(Config, Checkpoint)> {
+    pub fn load(&self) -> Result<(Config, ModelFiles)> {
         let config = Config::load(&self.config, &self.sets)?;
         let checkpoint = base_model(&self.config, &config)?;
         Ok((config, checkpoint))
     }
 }
 
-fn base_model(config_path: &Path, config: &Config) -> Result<Checkpoint> {
+fn base_model(config_path: &Path, config: &Config) -> Result<ModelFiles> {
     let spec = config.model.path.as_ref().with_context(|| {
         format!(
             "{}: [model] path is not set (a model folder, a .gguf file or a hub id: the base model the adapter was \
@@ -91,7 +91,7 @@ fn base_model(config_path: &Path, config: &Config) -> Result<Checkpoint> {
             config_path.display()
         )
     })?;
-    Checkpoint::locate(&spec.to_string_lossy())
+    ModelFiles::locate(&spec.to_string_lossy())
 }
 
 fn is_adapter(dir: &Path) -> bool {

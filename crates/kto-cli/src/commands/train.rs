@@ -81,33 +81,58 @@ pub fn run(args: TrainArgs, progress: Arc<dyn Observer>) -> Result<()> {
         .clone()
         .expect("checked by require_for_training");
     kto_data::faults::check_environment()?;
-    // Before the lock: a Ctrl-C while the model loads already stops gracefully.
+    let world = crate::world::join()?;
+    let world = world.as_ref();
+    // Before the lock: a Ctrl-C while the model loads already stops gracefully. Rank 0 alone shows progress.
     let hooks = Hooks {
-        progress,
+        progress: match world.is_main() {
+            true => progress,
+            false => Arc::new(kto_trainer::progress::Silent),
+        },
         stop: StopRequest::on_signals()?,
         ..Hooks::default()
     };
-    // Held until the process ends; nothing is written to output_dir before it is taken.
-    let lock = RunLock::acquire(&output_dir)?;
     let begin = match &args.resume {
-        Some(from) => Begin::Resume(from.clone()),
-        None if args.overwrite || config.train.overwrite_output_dir => Begin::Overwrite,
-        None => Begin::Fresh,
+        Some(_) if world.size() > 1 => Err(anyhow::anyhow!(
+            "--resume with {} processes: resuming a data-parallel run is not implemented yet",
+            world.size()
+        )),
+        Some(from) => Ok(Begin::Resume(from.clone())),
+        None if args.overwrite || config.train.overwrite_output_dir => Ok(Begin::Overwrite),
+        None => Ok(Begin::Fresh),
     };
-    let start = lock.begin(begin)?;
+    // Rank 0 alone takes the lock (held until the process ends; nothing is written to output_dir before it is
+    // taken) and begins the run there; every rank learns whether it could.
+    let begun = match world.is_main() {
+        true => begin.and_then(|begin| {
+            let lock = RunLock::acquire(&output_dir)?;
+            let start = lock.begin(begin)?;
+            Ok((Some(lock), start))
+        }),
+        false => begin.map(|_| (None, Start::Fresh)),
+    };
+    let (lock, start) = crate::world::all_ok(world, begun)?;
     match &start {
         Start::Overwrote(removed) if !removed.is_empty() => eprintln!(
             "--overwrite: removed the earlier run's {} from {}",
             removed.join(", "),
-            lock.dir().display()
+            output_dir.display()
         ),
         Start::NothingToResume => eprintln!(
             "--resume: no checkpoint in {} yet: starting from the beginning",
-            lock.dir().display()
+            output_dir.display()
         ),
         _ => {}
     }
-    let summary = kto_trainer::run::run_training(&config, &lock, &start, &hooks)?;
+    let summary =
+        kto_trainer::from_config::run_training(&config, lock.as_ref(), &start, world, &hooks)?;
+    let Some(lock) = lock else {
+        // Ranks other than 0 end here: rank 0 reports, plots and summarizes.
+        return match summary.stopped_by {
+            Some(signal) => std::process::exit(kto_trainer::stop::exit_status(signal)),
+            None => Ok(()),
+        };
+    };
     if let Some(signal) = summary.stopped_by {
         eprintln!(
             "stopped at step {} of {}; continue with --resume",

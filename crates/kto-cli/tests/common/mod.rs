@@ -1,26 +1,47 @@
-//! What the process-level tests share: running `kto` in a test's folder, the fixture run (`write_config`), launching
-//! `kto train` on it, and reading what a run leaves (metrics without wall-clock figures, the final adapter's bytes).
+//! What the process-level tests share: running `kto` in a test's folder and reading what it printed, the fixture
+//! run (`write_config`), launching `kto train` on it, and reading what a run leaves (metrics without wall-clock
+//! figures, the final adapter's bytes). Every test file of kto-cli runs `kto` through [`kto_command`].
 #![allow(dead_code)] // each test binary uses its own subset
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
+use kto_data::testing::trl_fixture;
 use serde_json::{Map, Value};
 use tempfile::TempDir;
 
-/// `kto ARGS` in `dir`, with the reference cache kept inside the test's folder.
+/// `kto ARGS` in `dir`, with the reference cache kept inside the test's folder, and none of the caller's
+/// `RUST_LOG` or backtrace settings (so kto logs and reports errors as it does for a user).
 pub fn kto_command(dir: &Path, args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_kto"));
     command
         .args(args)
         .current_dir(dir)
         .env("KTO_CACHE_DIR", dir.join("cache"))
-        .env_remove("RUST_LOG");
+        .env_remove("RUST_LOG")
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE");
     command
 }
 
 pub fn kto(dir: &Path, args: &[&str]) -> Output {
     kto_command(dir, args).output().unwrap()
+}
+
+/// [`kto`] logging warnings and errors only (`RUST_LOG=warn`).
+pub fn kto_warn(dir: &Path, args: &[&str]) -> Output {
+    kto_command(dir, args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// [`kto`] that must succeed (its stderr in the panic message otherwise).
@@ -37,15 +58,8 @@ pub fn kto_ok(dir: &Path, args: &[&str]) -> Output {
 
 pub const MAX_STEPS: usize = 12;
 
-pub fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/trl-kto-parity")
-        .canonicalize()
-        .unwrap()
-}
-
 pub fn write_config(dir: &Path) {
-    let fx = fixture();
+    let fx = trl_fixture();
     let text = format!(
         "[model]\npath = \"{m}\"\n[lora]\nr = 4\nalpha = 8\ndropout = 0.1\ntarget_modules = [\"q_proj\", \"v_proj\"]\n\
          [data]\ntrain_file = \"{d}\"\nmax_length = 64\n[kto]\nbeta = 0.1\n[train]\noutput_dir = \"out\"\n\

@@ -111,7 +111,10 @@ pub fn gguf_metadata(tiny: &TinyModel, vocab: &TestVocab) -> Vec<(String, Value)
             "llama.block_count".into(),
             Value::U32(tiny.num_hidden_layers as u32),
         ),
-        ("llama.context_length".into(), Value::U32(128)),
+        (
+            "llama.context_length".into(),
+            Value::U32(tiny.max_position_embeddings as u32),
+        ),
         (
             "llama.embedding_length".into(),
             Value::U32(tiny.hidden_size as u32),

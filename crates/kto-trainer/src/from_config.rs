@@ -11,46 +11,41 @@ use kto_data::formats::{read_dataset, ReadOptions};
 use kto_data::hub::CachedDataset;
 use kto_data::tokenize::{tokenize_dataset, TokenizationConfig, TokenizedSample, TokenizerBundle};
 use kto_model::lora::{LoraAdapter, LoraConfig, LoraTarget};
-use kto_model::{Checkpoint, LlamaModel};
+use kto_model::ModelFiles;
 use serde_json::{Map, Value};
 
+use crate::base_model::BaseModel;
 use crate::checkpoint::TrainerState;
 use crate::config::{Config, Weight};
 use crate::evaluate::evaluate_batches;
-use crate::forward::{precompute_reference, Reference};
 use crate::hooks::Hooks;
 use crate::llama_policy::LoraPolicy;
 use crate::plan::TrainingPlan;
+use crate::policy::{precompute_reference, Reference};
 use crate::progress::{DataPass, PassProgress};
 use crate::reference_cache::{self, CacheKeyBuilder, ReferenceLogps};
 use crate::run_dir::{check_resumable, plain, RunLock, Start};
+use crate::stop;
 use crate::train::{loss_settings, micro_batches, train, TrainJob, TrainSummary};
+use crate::world::World;
 use kto_data::faults::{self, Moment};
 
 /// A loaded model with its tokenizer.
 pub struct Loaded {
     pub policy: LoraPolicy,
     pub tokenizer: TokenizerBundle,
-    pub checkpoint: Checkpoint,
+    pub checkpoint: ModelFiles,
 }
 
 /// Loads the base model and installs the adapters: `init_adapter` (trained) plus a frozen copy as the reference,
 /// or a fresh LoRA (B = 0) whose reference is the base model with the adapter disabled. `adapter_override` (for
 /// `kto eval --adapter`) replaces the policy adapter and keeps the reference as the config defines it.
 pub fn load_model(config: &Config, adapter_override: Option<&Path>) -> Result<Loaded> {
-    let spec = config
-        .model
-        .path
-        .as_ref()
-        .context("[model] path is not set")?;
-    let checkpoint = Checkpoint::locate(&spec.to_string_lossy())?;
-    let device = kto_model::open_device(&config.model.device)?;
-    let dtype = kto_model::parse_dtype(&format!("{:?}", config.model.dtype).to_lowercase())?;
-    let mut model = LlamaModel::load(&checkpoint, dtype, &device)?;
-    let tokenizer = checkpoint.tokenizer()?;
+    let base = BaseModel::load(config)?;
     let (policy, reference) = match &config.lora.init_adapter {
         Some(dir) => {
-            let adapter = kto_model::peft::load_adapter(dir, &checkpoint.config, &device)
+            let adapter = base
+                .load_adapter(dir)
                 .with_context(|| format!("[lora] init_adapter = {}", dir.display()))?;
             let reference = adapter.deep_copy()?;
             (adapter, Some(reference))
@@ -70,25 +65,39 @@ pub fn load_model(config: &Config, adapter_override: Option<&Path>) -> Result<Lo
                 &targets,
             )?;
             (
-                LoraAdapter::init(lora, &checkpoint.config, config.train.seed, &device)?,
+                LoraAdapter::init(
+                    lora,
+                    &base.checkpoint.config,
+                    config.train.seed,
+                    &base.device,
+                )?,
                 None,
             )
         }
     };
     let policy = match adapter_override {
-        Some(dir) => kto_model::peft::load_adapter(dir, &checkpoint.config, &device)
+        Some(dir) => base
+            .load_adapter(dir)
             .with_context(|| format!("adapter {}", dir.display()))?,
         None => policy,
     };
+    let BaseModel {
+        mut model,
+        tokenizer,
+        checkpoint,
+        ..
+    } = base;
     let dropout_active = !config.kto.disable_dropout && policy.config().dropout > 0.0;
-    model.set_padding_free(config.kto.padding_free);
-    model.set_kl_prefix_sharing(config.kto.kl_prefix_sharing);
-    model.set_gradient_checkpointing(config.train.gradient_checkpointing);
     model.set_policy_adapter(Some(policy))?;
     model.set_reference_adapter(reference)?;
     // Evaluation mode until training starts (the reference precompute runs without dropout, as in TRL).
     model.set_training(false, config.train.seed)?;
-    let base_model_name = spec.to_string_lossy().into_owned();
+    let base_model_name = config
+        .model
+        .path
+        .as_ref()
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
     Ok(Loaded {
         policy: LoraPolicy {
             model,
@@ -140,7 +149,7 @@ impl DataSource {
 }
 
 fn cached_dataset(config: &Config, name: &str) -> Result<CachedDataset> {
-    let cache_dir = kto_model::checkpoint::default_cache_dir()?;
+    let cache_dir = kto_model::model_files::default_cache_dir()?;
     CachedDataset::locate(&cache_dir, name, config.data.dataset_config.as_deref())
         .with_context(|| format!("[data] dataset_name = {name:?}"))
 }
@@ -280,6 +289,7 @@ fn reference_for(
     samples: &[TokenizedSample],
     eval: bool,
     hooks: &Hooks,
+    world: &dyn World,
 ) -> Result<Option<ReferenceLogps>> {
     let t = &config.train;
     let batch_size = config.kto.precompute_ref_batch_size.unwrap_or(if eval {
@@ -292,7 +302,7 @@ fn reference_for(
         key = key.file_identity("model weights", file)?;
     }
     // A GGUF file's identity covers its metadata (config and tokenizer); a folder keeps them in files of their own.
-    if let kto_model::CheckpointFormat::Safetensors = loaded.checkpoint.format {
+    if let kto_model::ModelFormat::Safetensors = loaded.checkpoint.format {
         key = key
             .file_contents("model config", &loaded.checkpoint.dir.join("config.json"))?
             .file_contents("tokenizer", &loaded.checkpoint.dir.join("tokenizer.json"))?;
@@ -342,7 +352,7 @@ fn reference_for(
         &loaded.policy,
         batches
             .epoch(0)
-            .take_while(|_| hooks.stop.requested().is_none())
+            .take_while(|_| matches!(stop::agreed(&hooks.stop, world), Ok(None)))
             .inspect(|batch| {
                 faults::signal_at(Moment::PrecomputeBatch);
                 pass.advance(batch.indices.len())
@@ -352,11 +362,14 @@ fn reference_for(
         label,
     );
     drop(pass);
-    if hooks.stop.requested().is_some() {
+    if stop::agreed(&hooks.stop, world)?.is_some() {
         return Ok(None);
     }
     let logps = logps?;
-    reference_cache::store(&dir, &key, &logps)?;
+    // Every rank computed the same values; rank 0 keeps them.
+    if world.is_main() {
+        reference_cache::store(&dir, &key, &logps)?;
+    }
     Ok(Some(logps))
 }
 
@@ -388,27 +401,49 @@ fn stopped_before_training(
 }
 
 /// `kto train`: everything from the config, then the training loop. `lock` is the held lock of the config's
-/// `output_dir` (taken before anything is written there) and `start` what [`RunLock::begin`] chose there, once:
-/// a fresh run, or the checkpoint to continue from.
+/// `output_dir` (taken before anything is written there; rank 0 of a world holds it, the other ranks pass `None`)
+/// and `start` what [`RunLock::begin`] chose there, once: a fresh run, or the checkpoint to continue from.
 pub fn run_training(
     config: &Config,
-    lock: &RunLock,
+    lock: Option<&RunLock>,
     start: &Start,
+    world: &dyn World,
     hooks: &Hooks,
 ) -> Result<TrainSummary> {
     let resume = start.checkpoint();
     config.require_for_training()?;
-    ensure!(
-        config.train.output_dir.as_deref().map(plain).as_deref() == Some(lock.dir()),
-        "the run lock is for {}, the config's output_dir is {:?}",
-        lock.dir().display(),
-        config.train.output_dir
+    let output_dir = plain(
+        config
+            .train
+            .output_dir
+            .as_deref()
+            .context("[train] output_dir is not set")?,
     );
+    if let Some(lock) = lock {
+        ensure!(
+            output_dir == lock.dir(),
+            "the run lock is for {}, the config's output_dir is {}",
+            lock.dir().display(),
+            output_dir.display()
+        );
+    }
+    ensure!(
+        lock.is_some() == world.is_main(),
+        "rank 0, and only rank 0, holds the run folder's lock"
+    );
+    // Before the model loads: the evaluation data (eval_file, or the test split of dataset_name in the cache).
+    let eval_data = eval_source(config, false)?;
+    if world.size() > 1 && eval_data.is_some() {
+        bail!(
+            "[data] eval_file (or dataset_name's dataset_test_split) with {} processes: data-parallel evaluation is \
+             not implemented yet; run the evaluation alone (kto eval) or train without evaluation data",
+            world.size()
+        );
+    }
     let mut config = config.clone();
     let mut loaded = load_model(&config, None)?;
     let train_data = train_source(&config)?;
     let train_samples = load_source(&config, &loaded.tokenizer, &train_data)?;
-    let eval_data = eval_source(&config, false)?;
     let eval_samples = match &eval_data {
         Some(source) => Some(load_source(&config, &loaded.tokenizer, source)?),
         None => None,
@@ -416,14 +451,22 @@ pub fn run_training(
     require_both_classes(&train_data.name, &train_samples)?;
     resolve_weights(&mut config, &train_samples);
     let (train_reference, eval_reference) = if config.kto.precompute_ref_log_probs {
-        let train_ref = reference_for(&config, &loaded, &train_data, &train_samples, false, hooks)?;
+        let train_ref = reference_for(
+            &config,
+            &loaded,
+            &train_data,
+            &train_samples,
+            false,
+            hooks,
+            world,
+        )?;
         let eval_ref = match (&eval_data, &eval_samples, &train_ref) {
             (Some(source), Some(samples), Some(_)) => {
-                reference_for(&config, &loaded, source, samples, true, hooks)?
+                reference_for(&config, &loaded, source, samples, true, hooks, world)?
             }
             _ => None,
         };
-        if let Some(signal) = hooks.stop.requested() {
+        if let Some(signal) = stop::agreed(&hooks.stop, world)? {
             return stopped_before_training(&config, train_samples.len(), resume, signal);
         }
         (train_ref, eval_ref)
@@ -435,10 +478,14 @@ pub fn run_training(
     if let Some(checkpoint) = resume {
         check_resumable(&config, checkpoint)?;
     }
-    lock.write_config(&config)?;
+    if let Some(lock) = lock {
+        lock.write_config(&config)?;
+    }
     let job = TrainJob {
         config: &config,
-        run: lock,
+        output_dir: &output_dir,
+        lock,
+        world,
         train: &train_samples,
         eval: eval_samples.as_deref(),
         pad_id: loaded.tokenizer.pad_id,

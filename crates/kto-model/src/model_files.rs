@@ -1,5 +1,5 @@
-//! Locating a checkpoint (a Hugging Face folder, a hub id in the local cache, or a GGUF file) and reading its
-//! weights and tokenizer; the rest of kto does not care which format it came in.
+//! A base model's files ([`ModelFiles`]): locating them (a Hugging Face folder, a hub id in the local cache, or a GGUF
+//! file) and reading their weights and tokenizer; the rest of kto does not care which format it came in.
 //!
 //! There is no network access: a hub id must already be in the cache (`HF_HUB_CACHE`, else `HF_HOME/hub`, else
 //! `~/.cache/huggingface/hub`), laid out as `huggingface_hub` writes it (`models--org--name/refs/main` →
@@ -36,7 +36,7 @@ pub const TOKENIZER_FILES: &[&str] = &[
 
 /// How a checkpoint's weights and tokenizer are stored.
 #[derive(Debug, Clone)]
-pub enum CheckpointFormat {
+pub enum ModelFormat {
     /// A Hugging Face folder: config.json, safetensors, tokenizer.json and tokenizer_config.json.
     Safetensors,
     /// One GGUF file holding config, (quantized) weights and tokenizer.
@@ -46,20 +46,20 @@ pub enum CheckpointFormat {
 /// A located checkpoint: its folder, parsed config and the files holding its weights (the safetensors files, or
 /// the one GGUF file).
 #[derive(Debug, Clone)]
-pub struct Checkpoint {
+pub struct ModelFiles {
     pub dir: PathBuf,
     pub config: ModelConfig,
     pub weight_files: Vec<PathBuf>,
-    pub format: CheckpointFormat,
+    pub format: ModelFormat,
 }
 
-impl Checkpoint {
+impl ModelFiles {
     /// `spec` is a folder, a `.gguf` file, or a hub id (`org/name`, optionally `org/name@revision`) in the default cache.
     pub fn locate(spec: &str) -> Result<Self> {
         Self::locate_with_cache(spec, &default_cache_dir()?)
     }
 
-    /// Like [`Checkpoint::locate`] with an explicit hub cache folder (the one holding `models--*`).
+    /// Like [`ModelFiles::locate`] with an explicit hub cache folder (the one holding `models--*`).
     pub fn locate_with_cache(spec: &str, cache_dir: &Path) -> Result<Self> {
         // `~/` as a shell would expand it: recipes name files in the user's cache (scripts/get-smollm2.sh).
         let expanded = match (spec.strip_prefix("~/"), std::env::var_os("HOME")) {
@@ -116,7 +116,7 @@ impl Checkpoint {
             dir: dir.to_path_buf(),
             config,
             weight_files,
-            format: CheckpointFormat::Safetensors,
+            format: ModelFormat::Safetensors,
         })
     }
 
@@ -133,15 +133,15 @@ impl Checkpoint {
             dir,
             config,
             weight_files: vec![file.to_path_buf()],
-            format: CheckpointFormat::Gguf(Arc::new(gguf)),
+            format: ModelFormat::Gguf(Arc::new(gguf)),
         })
     }
 
     /// What the checkpoint is, for messages: the folder, or the GGUF file.
     pub fn source(&self) -> &Path {
         match &self.format {
-            CheckpointFormat::Safetensors => &self.dir,
-            CheckpointFormat::Gguf(gguf) => gguf.path(),
+            ModelFormat::Safetensors => &self.dir,
+            ModelFormat::Gguf(gguf) => gguf.path(),
         }
     }
 
@@ -150,13 +150,13 @@ impl Checkpoint {
     pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
         match &self.format {
             // SAFETY: the files are mapped read-only; modifying them while the model is loaded is unsupported.
-            CheckpointFormat::Safetensors => {
+            ModelFormat::Safetensors => {
                 unsafe { VarBuilder::from_mmaped_safetensors(&self.weight_files, dtype, device) }
                     .with_context(|| {
                         format!("cannot map the safetensors files of {}", self.dir.display())
                     })
             }
-            CheckpointFormat::Gguf(gguf) => {
+            ModelFormat::Gguf(gguf) => {
                 let tensors = gguf.hf_tensors(&self.config)?.into_iter().collect();
                 Ok(VarBuilder::from_tensors(tensors, dtype, device))
             }
@@ -166,7 +166,7 @@ impl Checkpoint {
     /// Every weight on the CPU under its Hugging Face name, sorted by name, in its stored dtype (f32 for GGUF).
     pub fn tensors(&self) -> Result<Vec<(String, Tensor)>> {
         match &self.format {
-            CheckpointFormat::Safetensors => {
+            ModelFormat::Safetensors => {
                 // SAFETY: read-only mapping of the checkpoint's files.
                 let files = unsafe { MmapedSafetensors::multi(&self.weight_files) }
                     .with_context(|| format!("cannot map the weights of {}", self.dir.display()))?;
@@ -178,7 +178,7 @@ impl Checkpoint {
                 tensors.sort_by(|a, b| a.0.cmp(&b.0));
                 Ok(tensors)
             }
-            CheckpointFormat::Gguf(gguf) => gguf.hf_tensors(&self.config),
+            ModelFormat::Gguf(gguf) => gguf.hf_tensors(&self.config),
         }
     }
 
@@ -186,8 +186,8 @@ impl Checkpoint {
     /// metadata describes.
     pub fn tokenizer(&self) -> Result<TokenizerBundle> {
         match &self.format {
-            CheckpointFormat::Safetensors => TokenizerBundle::from_dir(&self.dir),
-            CheckpointFormat::Gguf(gguf) => GgufTokenizer::from_gguf(gguf)?
+            ModelFormat::Safetensors => TokenizerBundle::from_dir(&self.dir),
+            ModelFormat::Gguf(gguf) => GgufTokenizer::from_gguf(gguf)?
                 .bundle()
                 .with_context(|| format!("tokenizer of {}", gguf.path().display())),
         }
@@ -196,7 +196,7 @@ impl Checkpoint {
     /// config.json as transformers reads it: the folder's own, or one written from the GGUF metadata.
     pub fn hf_config_json(&self) -> Result<serde_json::Value> {
         match &self.format {
-            CheckpointFormat::Safetensors => {
+            ModelFormat::Safetensors => {
                 let path = self.dir.join(CONFIG_FILE);
                 serde_json::from_str(
                     &std::fs::read_to_string(&path)
@@ -204,7 +204,7 @@ impl Checkpoint {
                 )
                 .with_context(|| format!("{}: invalid JSON", path.display()))
             }
-            CheckpointFormat::Gguf(_) => Ok(self.config.to_hf_json()),
+            ModelFormat::Gguf(_) => Ok(self.config.to_hf_json()),
         }
     }
 
@@ -212,7 +212,7 @@ impl Checkpoint {
     /// or tokenizer.json and tokenizer_config.json rebuilt from the GGUF metadata.
     pub fn write_tokenizer_files(&self, out_dir: &Path) -> Result<()> {
         match &self.format {
-            CheckpointFormat::Safetensors => {
+            ModelFormat::Safetensors => {
                 for file in TOKENIZER_FILES {
                     let src = self.dir.join(file);
                     if src.is_file() {
@@ -221,7 +221,7 @@ impl Checkpoint {
                     }
                 }
             }
-            CheckpointFormat::Gguf(gguf) => {
+            ModelFormat::Gguf(gguf) => {
                 let tokenizer = GgufTokenizer::from_gguf(gguf)?;
                 for (name, value) in [
                     ("tokenizer.json", &tokenizer.tokenizer_json),

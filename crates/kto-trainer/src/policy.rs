@@ -10,9 +10,11 @@ use kto_data::batch::{MicroBatch, SequenceBatch};
 pub use kto_model::{AdapterChoice, SequenceLogps};
 
 use crate::loss::{
-    batch_metrics, kto_loss, LossInputs, LossOutput, LossSettings, MicroBatchMetrics, RowStats,
+    batch_sums, kl_estimate, kto_loss_at, reference_point, LossInputs, LossOutput, LossSettings,
+    MetricSums, MicroBatchMetrics, RowStats,
 };
 use crate::reference_cache::ReferenceLogps;
+use crate::world::Gather;
 
 /// What the training loop needs from a model with a trainable adapter, in kto-model's own terms.
 pub trait PolicyModel {
@@ -65,13 +67,15 @@ pub struct ScoredBatch {
 }
 
 /// Runs the forward passes of one micro-batch and computes its loss and metrics. With `with_grad` the policy pass
-/// over the targets records the graph (training); the KL passes never do.
+/// over the targets records the graph (training); the KL passes never do. The KL reference point and the metrics
+/// are gathered over the processes `gather` names, as TRL's `gather_for_metrics` does (alone: nothing to gather).
 pub fn score_micro_batch<M: PolicyModel>(
     model: &M,
     batch: &MicroBatch,
     reference: Reference,
     settings: &LossSettings,
     with_grad: bool,
+    gather: Gather,
 ) -> Result<ScoredBatch> {
     // TRL's order: the policy's passes, then the reference's (each model runs its KL sequences as it sees fit).
     let kl_batch = batch.kl.as_ref().filter(|_| settings.loss_type.uses_kl());
@@ -117,24 +121,30 @@ pub fn score_micro_batch<M: PolicyModel>(
             (pick(&cache.targets)?, kl)
         }
     };
-    let loss = kto_loss(
-        &LossInputs {
-            policy_logps: &policy.logps,
-            reference_logps: &reference_targets,
-            policy_kl_logps: policy_kl.as_ref(),
-            reference_kl_logps: reference_kl.as_ref(),
-            labels: &batch.labels,
-        },
-        settings,
-    )?;
+    let inputs = LossInputs {
+        policy_logps: &policy.logps,
+        reference_logps: &reference_targets,
+        policy_kl_logps: policy_kl.as_ref(),
+        reference_kl_logps: reference_kl.as_ref(),
+        labels: &batch.labels,
+    };
+    // TRL: `gather_for_metrics(kl).mean().clamp(min=0)`.
+    let kl = match kl_estimate(&inputs, settings)? {
+        Some(kl) => reference_point(gather.world.mean(kl as f64, gather.counted)? as f32),
+        None => 0.0,
+    };
+    let loss = kto_loss_at(&inputs, settings, kl)?;
     let rows = RowStats {
         completion_tokens: policy.token_counts.clone(),
         mean_logit_sums: policy.mean_logit_sums.clone(),
         entropy_sums: policy.entropy_sums.clone(),
         sequence_tokens: batch.target.lengths.clone(),
     };
-    let mut metrics = batch_metrics(&batch.labels, &loss, &rows);
-    metrics.forward_tokens = forward_tokens as u64;
+    let mut sums = batch_sums(&batch.labels, &loss, &rows);
+    sums.forward_tokens = forward_tokens as f64;
+    let mut gathered = sums.to_array();
+    gather.world.sum_f64(&mut gathered, gather.counted)?;
+    let metrics = MicroBatchMetrics::from_sums(kl, &MetricSums::from_array(gathered));
     Ok(ScoredBatch { loss, metrics })
 }
 
