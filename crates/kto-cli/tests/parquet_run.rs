@@ -2,15 +2,13 @@
 //! from the JSONL of the same rows (wall-clock figures aside), on the fixture's tiny model.
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use common::{deterministic, fixture, kto_command, metrics_rows};
+use common::{deterministic, kto_command, metrics_rows};
+use kto_data::testing::trl_fixture as fixture;
 
 fn data_kinds() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/data-kinds")
-        .canonicalize()
-        .unwrap()
+    kto_data::testing::fixture("data-kinds")
 }
 
 /// `kto train` in a fresh folder with `[data]` given by `data` (TOML lines) and the Hugging Face cache at the
