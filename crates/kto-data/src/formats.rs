@@ -1,5 +1,7 @@
-//! Input formats: detect (per file, from the first row's keys) or force one of five, and read JSONL or a JSON array
-//! into unpaired [`Sample`]s, with `file:line` errors.
+//! Input formats: detect (per data set, from the first row's keys) or force one of five, and read the rows of any
+//! file kind of [`crate::sources`] (JSONL or a JSON array, compressed or not, Parquet, Arrow, CSV; a folder or glob
+//! of shards as one data set) into unpaired [`Sample`]s. Errors name the file and the row: `file:line` for JSON,
+//! `file: row N` for the table kinds, and the column (`field `label` ...`).
 //!
 //! | format | keys | samples per row |
 //! |---|---|---|
@@ -26,6 +28,7 @@ use serde_json::{value::RawValue, Map, Value};
 use crate::drops::DropCounts;
 use crate::hh;
 use crate::sample::{Message, Sample, Text};
+use crate::sources::{self, FileRows, Place, Row, RowError};
 
 /// Rows per `datasets.map(batched=True)` call in TRL's unpairing (the `datasets` default batch size).
 const TRL_UNPAIR_CHUNK: usize = 1000;
@@ -225,14 +228,39 @@ fn offset_pairs(samples: &mut [Sample], offset: u64) {
     }
 }
 
+/// Reads one data path: a file of any kind of [`crate::sources`], a folder or a glob of shards (one data set: the
+/// format is detected once, paired rows are unpaired over all of them, as `datasets` concatenates shards).
 pub fn read_file(path: &Path, options: &ReadOptions) -> Result<ReadOutput> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let text = decode_text(&path.display().to_string(), bytes)?;
-    let mut output = parse_str(&path.display().to_string(), &text, options)?;
-    if let Some((_, format)) = output.report.files.pop() {
-        output.report.files.push((path.to_owned(), format));
+    let files = sources::expand(path)?;
+    read_dataset(&path.display().to_string(), &files, options)
+}
+
+/// Reads `files` in order as one data set; `name` names it in the errors that concern all of them.
+pub fn read_dataset(name: &str, files: &[PathBuf], options: &ReadOptions) -> Result<ReadOutput> {
+    let mut reader = RowReader::new(options);
+    for file in files {
+        let source = file.display().to_string();
+        match sources::read_rows(file)? {
+            FileRows::Json(text) => {
+                let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+                for row in split_rows(&source, text)? {
+                    reader.push(&source, Place::Line(row.line), parse_row(&row))?;
+                }
+            }
+            FileRows::Table(rows) => {
+                for Row { place, object } in rows {
+                    reader.push(&source, place, object)?;
+                }
+            }
+        }
     }
-    Ok(output)
+    if reader.report.rows == 0 {
+        match files {
+            [one] => bail!("{}: no rows (the file is empty)", one.display()),
+            _ => bail!("{name}: no rows in any of its {} files", files.len()),
+        }
+    }
+    Ok(reader.finish(files.to_vec()))
 }
 
 /// A data file's bytes as text. Data files are UTF-8 (a byte-order mark is allowed and skipped by [`parse_str`]);
@@ -264,51 +292,96 @@ pub fn decode_text(source: &str, bytes: Vec<u8>) -> Result<String> {
     })
 }
 
-/// Parses the text of one file; `source` names it in errors.
+/// Parses the text of one JSON file; `source` names it in errors.
 pub fn parse_str(source: &str, text: &str, options: &ReadOptions) -> Result<ReadOutput> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let rows = split_rows(source, text)?;
     if rows.is_empty() {
         bail!("{source}: no rows (the file is empty)");
     }
-    let mut report = ReadReport::default();
-    let mut format = options.format;
-    let mut unpaired = Vec::new();
-    let mut pairs: Vec<(Sample, Sample)> = Vec::new();
+    let mut reader = RowReader::new(options);
     for row in &rows {
-        report.rows += 1;
-        let object = match parse_row(row) {
-            Ok(object) => object,
-            Err(error) => {
-                skip_or_fail(source, row.line, error, options, &mut report)?;
-                continue;
-            }
-        };
-        if format == Format::Auto {
-            format = detect_format(&object).with_context(|| format!("{source}:{}", row.line))?;
-        }
-        if format.is_paired() {
-            report.pairs += 1;
-        }
-        match convert_row(format, &object) {
-            Ok(Converted::One(sample)) => unpaired.push(sample),
-            Ok(Converted::Pair(chosen, rejected)) => {
-                let id = pairs.len() as u64;
-                pairs.push((chosen.with_pair(id), rejected.with_pair(id)));
-            }
-            Ok(Converted::Dropped(reason)) => report.drops.add(reason),
-            Err(error) => skip_or_fail(source, row.line, error, options, &mut report)?,
+        reader.push(source, Place::Line(row.line), parse_row(row))?;
+    }
+    Ok(reader.finish(vec![PathBuf::from(source)]))
+}
+
+/// Rows in, samples out: detects the format at the first good row, converts each row, skips or fails on bad ones.
+struct RowReader<'a> {
+    options: &'a ReadOptions,
+    format: Format,
+    report: ReadReport,
+    unpaired: Vec<Sample>,
+    pairs: Vec<(Sample, Sample)>,
+}
+
+impl<'a> RowReader<'a> {
+    fn new(options: &'a ReadOptions) -> Self {
+        Self {
+            options,
+            format: options.format,
+            report: ReadReport::default(),
+            unpaired: Vec::new(),
+            pairs: Vec::new(),
         }
     }
-    let samples = if format.is_paired() {
-        unpair_like_trl(pairs)
-    } else {
-        unpaired
-    };
-    report.desirable = samples.iter().filter(|s| s.label).count();
-    report.undesirable = samples.len() - report.desirable;
-    report.files.push((PathBuf::from(source), format));
-    Ok(ReadOutput { samples, report })
+
+    fn push(
+        &mut self,
+        source: &str,
+        place: Place,
+        object: Result<Map<String, Value>, RowError>,
+    ) -> Result<()> {
+        self.report.rows += 1;
+        let object = match object {
+            Ok(object) => object,
+            Err(error) => return self.skip_or_fail(source, place, error),
+        };
+        if self.format == Format::Auto {
+            self.format = detect_format(&object).with_context(|| format!("{source}{place}"))?;
+        }
+        if self.format.is_paired() {
+            self.report.pairs += 1;
+        }
+        match convert_row(self.format, &object) {
+            Ok(Converted::One(sample)) => self.unpaired.push(sample),
+            Ok(Converted::Pair(chosen, rejected)) => {
+                let id = self.pairs.len() as u64;
+                self.pairs
+                    .push((chosen.with_pair(id), rejected.with_pair(id)));
+            }
+            Ok(Converted::Dropped(reason)) => self.report.drops.add(reason),
+            Err(error) => self.skip_or_fail(source, place, error)?,
+        }
+        Ok(())
+    }
+
+    fn skip_or_fail(&mut self, source: &str, place: Place, error: RowError) -> Result<()> {
+        if !self.options.skip_invalid {
+            bail!("{source}{place}: {error}");
+        }
+        tracing::warn!("skipping invalid row {source}{place}: {error}");
+        self.report.skipped_invalid += 1;
+        Ok(())
+    }
+
+    fn finish(mut self, files: Vec<PathBuf>) -> ReadOutput {
+        let samples = if self.format.is_paired() {
+            unpair_like_trl(self.pairs)
+        } else {
+            self.unpaired
+        };
+        self.report.desirable = samples.iter().filter(|s| s.label).count();
+        self.report.undesirable = samples.len() - self.report.desirable;
+        let format = self.format;
+        self.report
+            .files
+            .extend(files.into_iter().map(|file| (file, format)));
+        ReadOutput {
+            samples,
+            report: self.report,
+        }
+    }
 }
 
 fn unpair_like_trl(pairs: Vec<(Sample, Sample)>) -> Vec<Sample> {
@@ -318,21 +391,6 @@ fn unpair_like_trl(pairs: Vec<(Sample, Sample)>) -> Vec<Sample> {
         samples.extend(chunk.iter().map(|(_, rejected)| rejected.clone()));
     }
     samples
-}
-
-fn skip_or_fail(
-    source: &str,
-    line: usize,
-    error: RowError,
-    options: &ReadOptions,
-    report: &mut ReadReport,
-) -> Result<()> {
-    if !options.skip_invalid {
-        bail!("{source}:{line}: {error}");
-    }
-    tracing::warn!("skipping invalid row {source}:{line}: {error}");
-    report.skipped_invalid += 1;
-    Ok(())
 }
 
 struct RawRow<'a> {
@@ -368,16 +426,6 @@ fn split_rows<'a>(source: &str, text: &'a str) -> Result<Vec<RawRow<'a>>> {
         .filter(|(_, line)| !line.trim().is_empty())
         .map(|(i, json)| RawRow { line: i + 1, json })
         .collect())
-}
-
-/// A row-level problem; the caller adds `file:line`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct RowError(String);
-
-impl fmt::Display for RowError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
 }
 
 fn row_error(message: impl Into<String>) -> RowError {

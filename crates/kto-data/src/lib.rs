@@ -1,6 +1,7 @@
 //! Preference data for KTO: input formats, HH-RLHF conversion, TRL's tokenization, batches.
 //!
-//! text files → [`formats`] (+ [`hh`]) → [`Sample`]s → [`tokenize`] (+ [`chat_template`]) → [`TokenizedSample`]s
+//! data files ([`sources`]: JSON, compressed JSON, Parquet, Arrow, CSV, folders, globs; [`hub`]: a data set in the
+//! Hugging Face cache) → [`formats`] (+ [`hh`]) → [`Sample`]s → [`tokenize`] (+ [`chat_template`]) → [`TokenizedSample`]s
 //! → [`batch`] → [`SequenceBatch`]es; [`balance`] for class weights; [`prepare`] for `kto prepare`.
 pub mod atomic;
 pub mod balance;
@@ -10,8 +11,10 @@ pub mod drops;
 pub mod faults;
 pub mod formats;
 pub mod hh;
+pub mod hub;
 pub mod prepare;
 pub mod sample;
+pub mod sources;
 #[cfg(any(test, feature = "testing"))]
 #[doc(hidden)]
 pub mod testing;

@@ -35,6 +35,10 @@ pub const SECTIONS: &[(&str, &[&str])] = &[
         &[
             "train_file",
             "eval_file",
+            "dataset_name",
+            "dataset_config",
+            "dataset_train_split",
+            "dataset_test_split",
             "format",
             "max_length",
             "max_prompt_length",
@@ -86,13 +90,42 @@ pub const SECTIONS: &[(&str, &[&str])] = &[
 ];
 
 /// What a key costs and saves, shown above it by `--print-config` (keys whose trade-off is not obvious).
-const KEY_NOTES: &[(&str, &str, &str)] = &[(
-    "train",
-    "gradient_checkpointing",
-    "true: recompute each decoder layer in backward (TRL's gradient_checkpointing). Costs about one more forward\n\
-     pass of compute per step; saves the layers' activations between forward and backward (only their inputs stay).\n\
-     The same gradients, except that LoRA dropout (disable_dropout = false) then draws other masks.",
-)];
+const KEY_NOTES: &[(&str, &str, &str)] = &[
+    (
+        "data",
+        "train_file",
+        "A file, a folder or a glob of shards (\"data/train-*.parquet\", read in name order as one data set):\n\
+         .jsonl / .json (also .gz, .zst), .parquet, .arrow (save_to_disk folders, datasets cache files), .csv.\n\
+         The format (unpaired, nemo, paired, hh, conversational) is detected from the columns as for JSONL.",
+    ),
+    (
+        "data",
+        "dataset_name",
+        "TRL's dataset_name: a data set id (owner/name, or owner/name@revision) read from the local Hugging Face\n\
+         cache (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub) instead of train_file; nothing is\n\
+         downloaded (fill the cache with `hf download --repo-type dataset owner/name`). Its dataset_train_split is\n\
+         trained on; its dataset_test_split, when the cache has it, is evaluated (eval_file, when set, instead).",
+    ),
+    (
+        "data",
+        "dataset_config",
+        "TRL's dataset_config (load_dataset's name): the data set's folder of that name, as push_to_hub writes a\n\
+         config (CONFIG/train-00000-of-00001.parquet).",
+    ),
+    (
+        "data",
+        "dataset_train_split",
+        "The splits' files are found as datasets finds them: data/SPLIT-00000-of-00001.parquet shards, else a\n\
+         folder or file named after train / validation / test (train.jsonl.gz), else every file is train.",
+    ),
+    (
+        "train",
+        "gradient_checkpointing",
+        "true: recompute each decoder layer in backward (TRL's gradient_checkpointing). Costs about one more forward\n\
+         pass of compute per step; saves the layers' activations between forward and backward (only their inputs stay).\n\
+         The same gradients, except that LoRA dropout (disable_dropout = false) then draws other masks.",
+    ),
+];
 
 /// Keys holding paths, resolved against the config file's folder.
 const PATH_KEYS: &[(&str, &str)] = &[
@@ -195,8 +228,17 @@ pub use kto_data::tokenize::TruncationMode;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataSection {
+    /// A data file, folder or glob of shards (any kind of `kto_data::sources`).
     pub train_file: Option<PathBuf>,
     pub eval_file: Option<PathBuf>,
+    /// TRL's `dataset_name`: a data set id in the local Hugging Face cache, instead of `train_file`.
+    pub dataset_name: Option<String>,
+    /// TRL's `dataset_config`: the data set's config (its folder of that name).
+    pub dataset_config: Option<String>,
+    /// TRL's `dataset_train_split` (default `train`).
+    pub dataset_train_split: String,
+    /// TRL's `dataset_test_split` (default `test`): evaluated when the cache has it and `eval_file` is not set.
+    pub dataset_test_split: String,
     /// `auto | unpaired | nemo | paired | hh | conversational` (kto-data's readers; `auto` detects per file).
     pub format: kto_data::Format,
     pub max_length: usize,
@@ -211,6 +253,10 @@ impl Default for DataSection {
         Self {
             train_file: None,
             eval_file: None,
+            dataset_name: None,
+            dataset_config: None,
+            dataset_train_split: "train".into(),
+            dataset_test_split: "test".into(),
             format: kto_data::Format::Auto,
             max_length: 1024,
             max_prompt_length: None,
@@ -482,6 +528,23 @@ impl Config {
         let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| anyhow!("{e}"))?;
         check_known_keys(&table)?;
         resolve_paths(&mut table, base_dir);
+        // The training data is a file or a data set: `--set data.dataset_name=...` replaces the file's train_file
+        // and eval_file, `--set data.train_file=...` its dataset_name and dataset_config.
+        let overridden = |key: &str| {
+            overrides
+                .iter()
+                .any(|o| o.section == "data" && o.key == key)
+        };
+        if let Some(data) = table.get_mut("data").and_then(toml::Value::as_table_mut) {
+            if overridden("dataset_name") {
+                data.remove("train_file");
+                data.remove("eval_file");
+            }
+            if overridden("train_file") {
+                data.remove("dataset_name");
+                data.remove("dataset_config");
+            }
+        }
         for o in overrides {
             let section = table
                 .entry(o.section.clone())
@@ -546,6 +609,24 @@ impl Config {
             bail!("[lora] target_modules is empty: name at least one module, e.g. [\"q_proj\", \"v_proj\"]");
         }
         let d = &self.data;
+        if let (Some(name), Some(file)) = (&d.dataset_name, &d.train_file) {
+            bail!(
+                "[data] dataset_name = {name:?} and [data] train_file = {:?} are both set: the training data is one \
+                 or the other; remove one of them",
+                file.display().to_string()
+            );
+        }
+        if d.dataset_config.is_some() && d.dataset_name.is_none() {
+            bail!("[data] dataset_config is set without [data] dataset_name");
+        }
+        for (key, split) in [
+            ("dataset_train_split", &d.dataset_train_split),
+            ("dataset_test_split", &d.dataset_test_split),
+        ] {
+            if split.is_empty() || split.contains('/') {
+                bail!("[data] {key} = {split:?}: a split name such as \"train\" or \"test\"");
+            }
+        }
         if d.max_length == 0 {
             bail!("[data] max_length = 0: must be >= 1");
         }
@@ -626,8 +707,10 @@ impl Config {
         if self.model.path.is_none() {
             bail!("[model] path is not set: a model folder or a hub id in the local Hugging Face cache");
         }
-        if self.data.train_file.is_none() {
-            bail!("[data] train_file is not set");
+        if self.data.train_file.is_none() && self.data.dataset_name.is_none() {
+            bail!(
+                "[data] train_file is not set (nor [data] dataset_name, a data set in the local Hugging Face cache)"
+            );
         }
         if self.train.output_dir.is_none() {
             bail!("[train] output_dir is not set");
@@ -643,15 +726,15 @@ impl Config {
             let values = table.get(*section).and_then(|v| v.as_table());
             let _ = writeln!(out, "[{section}]");
             for key in *keys {
+                if let Some((_, _, note)) =
+                    KEY_NOTES.iter().find(|(s, k, _)| s == section && k == key)
+                {
+                    for line in note.lines() {
+                        let _ = writeln!(out, "# {line}");
+                    }
+                }
                 match values.and_then(|t| t.get(*key)) {
                     Some(v) => {
-                        if let Some((_, _, note)) =
-                            KEY_NOTES.iter().find(|(s, k, _)| s == section && k == key)
-                        {
-                            for line in note.lines() {
-                                let _ = writeln!(out, "# {line}");
-                            }
-                        }
                         let _ = writeln!(out, "{key} = {}", format_value(v));
                     }
                     None => {
@@ -899,6 +982,58 @@ mod tests {
         let err = "train.lr=1".parse::<Override>().unwrap_err().to_string();
         assert!(err.contains("learning_rate"), "{err}");
         assert!("learning_rate=1".parse::<Override>().is_err());
+    }
+
+    #[test]
+    fn dataset_name_is_trls_and_excludes_train_file() {
+        let err = parse("[data]\ntrain_file = \"a.jsonl\"\ndataset_name = \"o/n\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("[data] dataset_name") && err.contains("[data] train_file"),
+            "{err}"
+        );
+        let c = parse("[data]\ndataset_name = \"trl-lib/kto-mix-14k\"\n").unwrap();
+        assert_eq!(c.data.dataset_name.as_deref(), Some("trl-lib/kto-mix-14k"));
+        assert_eq!(
+            (
+                c.data.dataset_train_split.as_str(),
+                c.data.dataset_test_split.as_str()
+            ),
+            ("train", "test")
+        );
+        assert!(parse("[data]\ndataset_config = \"c\"\n").is_err());
+        assert!(parse("[data]\ndataset_name = \"o/n\"\ndataset_train_split = \"\"\n").is_err());
+        // --set of one replaces the other given in the file.
+        let sets = ["data.dataset_name=o/n".parse().unwrap()];
+        let c = Config::from_toml_str(
+            "[data]\ntrain_file = \"a.jsonl\"\neval_file = \"b.jsonl\"\n",
+            Path::new("/cfg"),
+            &sets,
+        )
+        .unwrap();
+        assert_eq!((c.data.train_file, c.data.eval_file), (None, None));
+        assert_eq!(c.data.dataset_name.as_deref(), Some("o/n"));
+        let sets = ["data.train_file=x.parquet".parse().unwrap()];
+        let c = Config::from_toml_str(
+            "[data]\ndataset_name = \"o/n\"\ndataset_config = \"c\"\n",
+            Path::new("/cfg"),
+            &sets,
+        )
+        .unwrap();
+        assert_eq!((c.data.dataset_name, c.data.dataset_config), (None, None));
+        assert_eq!(c.data.train_file, Some(PathBuf::from("x.parquet")));
+        // --print-config explains the keys, set or not.
+        let printed = parse("").unwrap().to_toml_string();
+        for expected in [
+            "# TRL's dataset_name: a data set id",
+            "# dataset_name is not set",
+            "dataset_train_split = \"train\"",
+            "dataset_test_split = \"test\"",
+            "# A file, a folder or a glob of shards",
+        ] {
+            assert!(printed.contains(expected), "{expected}: {printed}");
+        }
     }
 
     #[test]

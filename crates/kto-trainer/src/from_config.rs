@@ -7,7 +7,8 @@ use anyhow::{bail, ensure, Context, Result};
 use kto_data::balance::{
     auto_desirable_weight, auto_undesirable_weight, balance_warning, ClassCounts,
 };
-use kto_data::formats::{read_file, ReadOptions};
+use kto_data::formats::{read_dataset, ReadOptions};
+use kto_data::hub::CachedDataset;
 use kto_data::tokenize::{tokenize_dataset, TokenizationConfig, TokenizedSample, TokenizerBundle};
 use kto_model::lora::{LoraAdapter, LoraConfig, LoraTarget};
 use kto_model::ModelFiles;
@@ -117,28 +118,111 @@ fn tokenization(config: &Config) -> TokenizationConfig {
     }
 }
 
-/// Reads and tokenizes one data file as TRL does.
+/// A data set to read: its name in messages (the path, or `owner/name` and the split) and its files in order.
+#[derive(Debug, Clone)]
+pub struct DataSource {
+    pub name: String,
+    pub files: Vec<PathBuf>,
+}
+
+impl DataSource {
+    /// A data path: a file of any kind, a folder or a glob of shards (`kto_data::sources::expand`).
+    pub fn path(path: &Path) -> Result<Self> {
+        Ok(Self {
+            name: path.display().to_string(),
+            files: kto_data::sources::expand(path)?,
+        })
+    }
+
+    /// `split` of `[data] dataset_name` (and `dataset_config`) in the local Hugging Face cache.
+    fn hub(dataset: &CachedDataset, split: &str) -> Result<Self> {
+        let config = dataset
+            .config
+            .as_deref()
+            .map(|c| format!(" (config {c})"))
+            .unwrap_or_default();
+        Ok(Self {
+            name: format!("{}{config} split {split}", dataset.id),
+            files: dataset.split_files(split)?,
+        })
+    }
+}
+
+fn cached_dataset(config: &Config, name: &str) -> Result<CachedDataset> {
+    let cache_dir = kto_model::model_files::default_cache_dir()?;
+    CachedDataset::locate(&cache_dir, name, config.data.dataset_config.as_deref())
+        .with_context(|| format!("[data] dataset_name = {name:?}"))
+}
+
+/// The training data: `[data] train_file`, or `dataset_train_split` of `[data] dataset_name`.
+pub fn train_source(config: &Config) -> Result<DataSource> {
+    let data = &config.data;
+    match (&data.train_file, &data.dataset_name) {
+        (Some(path), _) => DataSource::path(path),
+        (None, Some(name)) => DataSource::hub(&cached_dataset(config, name)?, &data.dataset_train_split)
+            .context("[data] dataset_train_split"),
+        (None, None) => bail!(
+            "[data] train_file is not set (nor [data] dataset_name, a data set in the local Hugging Face cache)"
+        ),
+    }
+}
+
+/// The evaluation data: `[data] eval_file`, else `dataset_test_split` of `[data] dataset_name` when the cache has
+/// that split (`required`: an error when it does not); `None`: no evaluation data.
+pub fn eval_source(config: &Config, required: bool) -> Result<Option<DataSource>> {
+    let data = &config.data;
+    match (&data.eval_file, &data.dataset_name) {
+        (Some(path), _) => DataSource::path(path).map(Some),
+        (None, Some(name)) => {
+            let dataset = cached_dataset(config, name)?;
+            let split = &data.dataset_test_split;
+            if !required && !dataset.splits().contains(split) {
+                tracing::info!(
+                    "{name}: no split {split:?} in the cache (splits: {}), so no evaluation",
+                    dataset.splits().join(", ")
+                );
+                return Ok(None);
+            }
+            DataSource::hub(&dataset, split)
+                .context("[data] dataset_test_split")
+                .map(Some)
+        }
+        (None, None) if required => bail!("[data] eval_file is not set (nor [data] dataset_name)"),
+        (None, None) => Ok(None),
+    }
+}
+
+/// Reads and tokenizes one data path (a file, folder or glob of shards) as TRL does.
 pub fn load_samples(
     config: &Config,
     tokenizer: &TokenizerBundle,
     path: &Path,
 ) -> Result<Vec<TokenizedSample>> {
+    load_source(config, tokenizer, &DataSource::path(path)?)
+}
+
+/// Reads and tokenizes one data set as TRL does.
+pub fn load_source(
+    config: &Config,
+    tokenizer: &TokenizerBundle,
+    source: &DataSource,
+) -> Result<Vec<TokenizedSample>> {
     let options = ReadOptions {
         format: config.data.format,
         ..Default::default()
     };
-    let read = read_file(path, &options)?;
-    tracing::info!("{}: {}", path.display(), read.report);
+    let name = &source.name;
+    let read = read_dataset(name, &source.files, &options)?;
+    tracing::info!("{name}: {}", read.report);
     let (samples, report) = tokenize_dataset(tokenizer, &read.samples, &tokenization(config))
-        .with_context(|| format!("tokenizing {}", path.display()))?;
+        .with_context(|| format!("tokenizing {name}"))?;
     if !report.drops.is_empty() {
-        tracing::warn!("{}: dropped {}", path.display(), report.drops);
+        tracing::warn!("{name}: dropped {}", report.drops);
     }
     if samples.is_empty() {
         bail!(
-            "{}: no samples left after tokenization ({}): every prompt reaches [data] max_length = {} tokens; \
+            "{name}: no samples left after tokenization ({}): every prompt reaches [data] max_length = {} tokens; \
              raise max_length or shorten the prompts",
-            path.display(),
             report.drops,
             config.data.max_length
         );
@@ -148,7 +232,7 @@ pub fn load_samples(
 
 /// KTO learns from the contrast of desirable and undesirable examples; a training set with one class is almost
 /// always a labelling mistake (TRL only warns, with a weight range computed from a count clamped to 1).
-fn require_both_classes(path: &Path, samples: &[TokenizedSample]) -> Result<()> {
+fn require_both_classes(name: &str, samples: &[TokenizedSample]) -> Result<()> {
     let counts = ClassCounts::from_labels(samples.iter().map(|s| s.label));
     if counts.desirable == 0 || counts.undesirable == 0 {
         let (present, missing) = if counts.desirable == 0 {
@@ -157,8 +241,7 @@ fn require_both_classes(path: &Path, samples: &[TokenizedSample]) -> Result<()> 
             ("desirable (label true)", "undesirable (label false)")
         };
         bail!(
-            "{}: all {} samples are {present}, none is {missing}: KTO needs both classes",
-            path.display(),
+            "{name}: all {} samples are {present}, none is {missing}: KTO needs both classes",
             samples.len()
         );
     }
@@ -202,7 +285,7 @@ pub fn reference_cache_dir() -> PathBuf {
 fn reference_for(
     config: &Config,
     loaded: &Loaded,
-    data_file: &Path,
+    data: &DataSource,
     samples: &[TokenizedSample],
     eval: bool,
     hooks: &Hooks,
@@ -227,8 +310,10 @@ fn reference_for(
     if let Some(dir) = &config.lora.init_adapter {
         key = key.file_contents("reference adapter", &dir.join("adapter_model.safetensors"))?;
     }
+    for file in &data.files {
+        key = key.file_contents("data", file)?;
+    }
     key = key
-        .file_contents("data", data_file)?
         .text(
             "tokenization",
             &format!("{:?} format={}", tokenization(config), config.data.format),
@@ -248,10 +333,7 @@ fn reference_for(
     let key = key.finish();
     let dir = reference_cache_dir();
     if let Some(cached) = reference_cache::load(&dir, &key, samples.len())? {
-        tracing::info!(
-            "reference log-probs of {} from the cache",
-            data_file.display()
-        );
+        tracing::info!("reference log-probs of {} from the cache", data.name);
         return Ok(Some(cached));
     }
     // Dataset order in batches of `batch_size`; KL pairs still rotate within chunks of the *train* batch size.
@@ -349,40 +431,38 @@ pub fn run_training(
         lock.is_some() == world.is_main(),
         "rank 0, and only rank 0, holds the run folder's lock"
     );
-    if world.size() > 1 && config.data.eval_file.is_some() {
+    // Before the model loads: the evaluation data (eval_file, or the test split of dataset_name in the cache).
+    let eval_data = eval_source(config, false)?;
+    if world.size() > 1 && eval_data.is_some() {
         bail!(
-            "[data] eval_file with {} processes: data-parallel evaluation is not implemented yet; run the \
-             evaluation alone (kto eval) or train without eval_file",
+            "[data] eval_file (or dataset_name's dataset_test_split) with {} processes: data-parallel evaluation is \
+             not implemented yet; run the evaluation alone (kto eval) or train without evaluation data",
             world.size()
         );
     }
     let mut config = config.clone();
     let mut loaded = load_model(&config, None)?;
-    let train_file = config
-        .data
-        .train_file
-        .clone()
-        .context("[data] train_file is not set")?;
-    let train_samples = load_samples(&config, &loaded.tokenizer, &train_file)?;
-    let eval_samples = match &config.data.eval_file {
-        Some(path) => Some(load_samples(&config, &loaded.tokenizer, path)?),
+    let train_data = train_source(&config)?;
+    let train_samples = load_source(&config, &loaded.tokenizer, &train_data)?;
+    let eval_samples = match &eval_data {
+        Some(source) => Some(load_source(&config, &loaded.tokenizer, source)?),
         None => None,
     };
-    require_both_classes(&train_file, &train_samples)?;
+    require_both_classes(&train_data.name, &train_samples)?;
     resolve_weights(&mut config, &train_samples);
     let (train_reference, eval_reference) = if config.kto.precompute_ref_log_probs {
         let train_ref = reference_for(
             &config,
             &loaded,
-            &train_file,
+            &train_data,
             &train_samples,
             false,
             hooks,
             world,
         )?;
-        let eval_ref = match (&config.data.eval_file, &eval_samples, &train_ref) {
-            (Some(path), Some(samples), Some(_)) => {
-                reference_for(&config, &loaded, path, samples, true, hooks, world)?
+        let eval_ref = match (&eval_data, &eval_samples, &train_ref) {
+            (Some(source), Some(samples), Some(_)) => {
+                reference_for(&config, &loaded, source, samples, true, hooks, world)?
             }
             _ => None,
         };
@@ -424,23 +504,19 @@ pub fn run_evaluation(
 ) -> Result<Map<String, Value>> {
     let mut config = config.clone();
     let loaded = load_model(&config, adapter)?;
-    let eval_file = config
-        .data
-        .eval_file
-        .clone()
-        .context("[data] eval_file is not set")?;
-    let samples = load_samples(&config, &loaded.tokenizer, &eval_file)?;
-    if let Some(train_file) = config.data.train_file.clone() {
-        if matches!(
-            (config.kto.desirable_weight, config.kto.undesirable_weight),
-            (Weight::Auto, _) | (_, Weight::Auto)
-        ) {
-            let train_samples = load_samples(&config, &loaded.tokenizer, &train_file)?;
-            resolve_weights(&mut config, &train_samples);
-        }
+    let eval_data = eval_source(&config, true)?.context("[data] eval_file is not set")?;
+    let samples = load_source(&config, &loaded.tokenizer, &eval_data)?;
+    let has_train_data = config.data.train_file.is_some() || config.data.dataset_name.is_some();
+    let auto_weight = matches!(
+        (config.kto.desirable_weight, config.kto.undesirable_weight),
+        (Weight::Auto, _) | (_, Weight::Auto)
+    );
+    if has_train_data && auto_weight {
+        let train_samples = load_source(&config, &loaded.tokenizer, &train_source(&config)?)?;
+        resolve_weights(&mut config, &train_samples);
     }
     let settings = loss_settings(&config).context(
-        "a weight is \"auto\": set [data] train_file so it can be resolved, or give a number",
+        "a weight is \"auto\": set [data] train_file (or dataset_name) so it can be resolved, or give a number",
     )?;
     let batches = micro_batches(&config, &samples, loaded.tokenizer.pad_id, true)?;
     let pass = PassProgress::start(&hooks.progress, DataPass::Evaluation, samples.len());

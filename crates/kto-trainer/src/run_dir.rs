@@ -504,6 +504,7 @@ fn same_file(_file: &File, path: &Path) -> bool {
 const CHANGEABLE_ON_RESUME: &[&str] = &[
     "model.device",
     "data.eval_file",
+    "data.dataset_test_split",
     "kto.precompute_ref_log_probs",
     "kto.precompute_ref_batch_size",
     "train.output_dir",

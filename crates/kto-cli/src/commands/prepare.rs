@@ -16,7 +16,15 @@ Examples:
   # NeMo Aligner field names, 20% held out, reproducible split
   kto prepare --input pairs.jsonl --out data/nemo --style nemo --test-fraction 0.2 --seed 7
 
-One example of each input format (one JSON object per line):
+  # the files a TRL user has: Parquet shards (a quoted glob, read in name order), gzipped JSONL, a save_to_disk
+  # folder, a datasets cache file, CSV
+  kto prepare --input 'kto-mix-14k/data/train-*.parquet' --out data/mix
+  kto prepare --input hh-rlhf/harmless-base/train.jsonl.gz hh-rlhf/harmless-base/test.jsonl.gz --out data/hh
+  kto prepare --input my_dataset/train --out data/mine      # Dataset.save_to_disk(\"my_dataset/train\")
+  kto prepare --input prefs.csv --out data/csv
+
+Files: .jsonl, .json (also .gz, .zst), .parquet, .arrow, .csv, a folder or a glob of shards.
+One example of each input format (one JSON object per line; the same columns in Parquet, Arrow or CSV):
   unpaired (TRL)   {\"prompt\": \"Hi\", \"completion\": \" Hello!\", \"label\": true}
   nemo             {\"prompt\": \"Hi\", \"response\": \" Hello!\", \"preference\": \"chosen\"}
   paired           {\"prompt\": \"Hi\", \"chosen\": \" Hello!\", \"rejected\": \" Go away.\"}
@@ -26,12 +34,12 @@ One example of each input format (one JSON object per line):
 
 /// Read preference data, split it into train and test, and write unpaired JSONL files.
 ///
-/// Inputs may be TRL unpaired, NeMo, paired, raw Anthropic HH-RLHF or conversational data (JSONL or a JSON array),
-/// detected per file. Inputs already named as a train and a test file keep their split.
+/// Inputs may be TRL unpaired, NeMo, paired, raw Anthropic HH-RLHF or conversational data (JSONL or a JSON array,
+/// gzip/zstd JSON, Parquet, Arrow, CSV; a folder or glob of shards is one input), detected per input. Inputs already named as a train and a test file keep their split.
 #[derive(Debug, Args)]
 #[command(after_help = EXAMPLES)]
 pub struct PrepareArgs {
-    /// Input files (JSONL or a JSON array).
+    /// Input data: files (.jsonl, .json, .jsonl.gz, .json.gz, .jsonl.zst, .parquet, .arrow, .csv), folders, globs.
     #[arg(long = "input", required = true, num_args = 1..)]
     pub inputs: Vec<PathBuf>,
     /// Output folder for train.jsonl and test.jsonl.

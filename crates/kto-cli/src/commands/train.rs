@@ -23,6 +23,12 @@ Examples:
   kto train --config configs/tiny.toml --set train.output_dir=runs/try2 --set kto.beta=0.2 \\
             --set 'lora.target_modules=[\"q_proj\", \"v_proj\"]'
 
+  # other data: Parquet shards (a glob, read in name order), a save_to_disk folder, .jsonl.gz, .csv, ...
+  kto train --config configs/tiny.toml --set 'data.train_file=data/train-*.parquet'
+  # a data set already in the local Hugging Face cache (hf download --repo-type dataset trl-lib/kto-mix-14k):
+  # replaces the config's train_file and eval_file; its test split is evaluated
+  kto train --config configs/tiny.toml --set data.dataset_name=trl-lib/kto-mix-14k
+
   # every key with its default, as the run would use it
   kto train --config configs/tiny.toml --print-config
 
