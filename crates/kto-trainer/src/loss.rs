@@ -42,12 +42,6 @@ pub struct LossOutput {
     pub policy_logps: Vec<f32>,
 }
 
-/// TRL's `_compute_loss` for one process alone: [`kto_loss_at`] with the KL reference point of this micro-batch.
-pub fn kto_loss(inputs: &LossInputs, settings: &LossSettings) -> Result<LossOutput> {
-    let kl = kl_estimate(inputs, settings)?.map_or(0.0, reference_point);
-    kto_loss_at(inputs, settings, kl)
-}
-
 /// The micro-batch's KL estimate before TRL gathers it over processes: the mean over the KL pairs of policy −
 /// reference (f32, no gradient); `None` when the loss uses no KL.
 pub fn kl_estimate(inputs: &LossInputs, settings: &LossSettings) -> Result<Option<f32>> {
@@ -318,14 +312,20 @@ impl MicroBatchMetrics {
     }
 }
 
-/// The metrics of one micro-batch of a process alone.
-pub fn batch_metrics(labels: &[bool], out: &LossOutput, rows: &RowStats) -> MicroBatchMetrics {
-    MicroBatchMetrics::from_sums(out.kl, &batch_sums(labels, out, rows))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One process alone: the KL reference point of this micro-batch, then the loss (what `score_micro_batch` does
+    /// with nothing to gather).
+    fn kto_loss(inputs: &LossInputs, settings: &LossSettings) -> Result<LossOutput> {
+        let kl = kl_estimate(inputs, settings)?.map_or(0.0, reference_point);
+        kto_loss_at(inputs, settings, kl)
+    }
+
+    fn batch_metrics(labels: &[bool], out: &LossOutput, rows: &RowStats) -> MicroBatchMetrics {
+        MicroBatchMetrics::from_sums(out.kl, &batch_sums(labels, out, rows))
+    }
     use candle_core::{Device, Var};
 
     fn sigmoid(x: f64) -> f64 {

@@ -284,8 +284,9 @@ struct Stepping<'a> {
     global_batch: usize,
 }
 
-/// The summed gradients of one accumulation group, by parameter name, and the number of samples it held. Each
-/// micro-batch's loss is divided by the group size, as transformers does before `backward`.
+/// The gradients of one accumulation group, by parameter name (summed over its micro-batches, then averaged over
+/// the world's ranks as DDP does), and the number of samples this rank trained on. Each micro-batch's loss is
+/// divided by the group size, as transformers does before `backward`.
 fn accumulate_gradients<M: PolicyModel>(
     model: &mut M,
     micro_batches: impl Iterator<Item = MicroBatch>,
