@@ -1,7 +1,8 @@
 //! Which processes train this run: alone, or the MPI world that `mpirun -n N kto train` (or `srun`) started, when
 //! kto is built with the `mpi` feature. A kto without it refuses to run as one of several launched processes,
 //! rather than have N independent runs write one folder.
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use kto_trainer::run_dir::Start;
 use kto_trainer::world::{launched_processes, Alone, Counted, World};
 
 /// The world this process trains in.
@@ -15,6 +16,9 @@ pub fn join() -> Result<Box<dyn World>> {
             world.shard().rank,
             world.shard().world_size
         );
+        // Gradients on a GPU are summed by NCCL (its communicator is made at the first such sum); on the CPU, MPI.
+        #[cfg(feature = "nccl")]
+        let world = kto_trainer::nccl::NcclWorld::over(Box::new(world));
         return Ok(Box::new(world));
     }
     if let Some((n, var)) = launched {
@@ -45,4 +49,23 @@ pub fn all_ok<T>(world: &dyn World, result: Result<T>) -> Result<T> {
         ),
         Ok(value) => Ok(value),
     }
+}
+
+/// Rank 0's `start` on every rank: the other ranks continue from the checkpoint rank 0 chose (read from the same
+/// path: resuming a data-parallel run needs `output_dir` on a file system every rank sees, as transformers' does).
+pub fn shared_start(world: &dyn World, start: Start) -> Result<Start> {
+    if world.size() == 1 {
+        return Ok(start);
+    }
+    let mut checkpoint = start
+        .checkpoint()
+        .map(|dir| dir.as_os_str().as_encoded_bytes().to_vec())
+        .unwrap_or_default();
+    world.broadcast_bytes(&mut checkpoint)?;
+    Ok(match (world.is_main(), checkpoint.is_empty()) {
+        (true, _) | (false, true) => start,
+        (false, false) => Start::Resume(std::path::PathBuf::from(
+            String::from_utf8(checkpoint).context("the checkpoint path rank 0 sent is not UTF-8")?,
+        )),
+    })
 }

@@ -254,6 +254,16 @@ impl<'a> MicroBatches<'a> {
         self.samples.len().div_ceil(self.config.batch_size)
     }
 
+    /// Samples of an epoch.
+    pub fn num_samples(&self) -> usize {
+        self.samples.len()
+    }
+
+    /// Samples per micro-batch (the last of an epoch may hold fewer).
+    pub fn batch_size(&self) -> usize {
+        self.config.batch_size
+    }
+
     /// Micro-batches per epoch that `shard`'s rank trains on (the same for every rank).
     pub fn len_of(&self, shard: Shard) -> usize {
         self.len().div_ceil(shard.world_size)

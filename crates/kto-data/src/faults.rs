@@ -6,7 +6,7 @@
 //!
 //! | variable | effect |
 //! |---|---|
-//! | `KTO_TEST_SIGNAL=SIG@MOMENT[,…]` | the process sends itself SIGINT or SIGTERM when MOMENT begins: `step:N` (optimizer step N), `eval:N` (the process's N-th evaluation batch), `precompute:N` (its N-th reference-precompute batch) |
+//! | `KTO_TEST_SIGNAL=SIG@MOMENT[,…]` | the process sends itself SIGINT, SIGTERM or SIGKILL (a process that dies) when MOMENT begins: `step:N` (optimizer step N), `eval:N` (the process's N-th evaluation batch), `precompute:N` (its N-th reference-precompute batch) |
 //! | `KTO_FAULT_DELAY_MS=N` | every checkpoint and final-adapter write sleeps N ms after its files are written and before it is sealed, so a test can kill the process mid-write |
 //! | `KTO_FAULT_WRITE_ERROR=NAME@N` | the N-th (1-based) atomic write of a file named NAME fails after its temporary is written, with the OS error of a full disk (ENOSPC) |
 
@@ -18,7 +18,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGINT, SIGKILL, SIGTERM};
 
 pub const SIGNAL_ENV: &str = "KTO_TEST_SIGNAL";
 pub const SEAL_DELAY_ENV: &str = "KTO_FAULT_DELAY_MS";
@@ -81,11 +81,12 @@ fn parse_signals(spec: &str) -> Result<Vec<(i32, String, usize)>> {
     spec.split(',')
         .map(|item| {
             let bad =
-                || anyhow!("{SIGNAL_ENV}={spec}: expected SIGINT|SIGTERM@step|eval|precompute:N");
+                || anyhow!("{SIGNAL_ENV}={spec}: expected SIGINT|SIGTERM|SIGKILL@step|eval|precompute:N");
             let (signal, moment) = item.trim().split_once('@').ok_or_else(bad)?;
             let signal = match signal {
                 "SIGINT" => SIGINT,
                 "SIGTERM" => SIGTERM,
+                "SIGKILL" => SIGKILL,
                 _ => bail!(bad()),
             };
             let (kind, n) = moment.split_once(':').ok_or_else(bad)?;
@@ -156,8 +157,12 @@ mod tests {
     #[test]
     fn signal_plan_parses_and_rejects_typos() -> Result<()> {
         assert_eq!(
-            parse_signals("SIGTERM@step:3,SIGINT@eval:2")?,
-            vec![(SIGTERM, "step".into(), 3), (SIGINT, "eval".into(), 2)]
+            parse_signals("SIGTERM@step:3,SIGINT@eval:2,SIGKILL@precompute:1")?,
+            vec![
+                (SIGTERM, "step".into(), 3),
+                (SIGINT, "eval".into(), 2),
+                (SIGKILL, "precompute".into(), 1)
+            ]
         );
         for bad in ["SIGHUP@step:1", "SIGINT@steps:1", "SIGINT@step", "SIGINT"] {
             assert!(parse_signals(bad).is_err(), "{bad}");

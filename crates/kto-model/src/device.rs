@@ -3,7 +3,8 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 
-/// `cpu | cuda | cuda:N | auto`.
+/// `cpu | cuda | cuda:N | auto`. `cuda` and `auto` mean the GPU of the process's local rank when a launcher started
+/// several processes per machine (one GPU each, as accelerate places them), else GPU 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceSpec {
     Cpu,
@@ -19,7 +20,7 @@ impl DeviceSpec {
         let text = text.trim();
         match text {
             "cpu" => Ok(Self::Cpu),
-            "cuda" => Ok(Self::Cuda(0)),
+            "cuda" => Ok(Self::Cuda(local_rank())),
             "auto" => Ok(Self::Auto),
             _ => match text.strip_prefix("cuda:") {
                 Some(n) => n.parse().map(Self::Cuda).with_context(|| {
@@ -45,7 +46,7 @@ impl DeviceSpec {
             }
             Self::Auto => {
                 if candle_core::utils::cuda_is_available() {
-                    if let Ok(device) = Device::new_cuda(0) {
+                    if let Ok(device) = Device::new_cuda(local_rank()) {
                         return Ok(device);
                     }
                 }
@@ -53,6 +54,20 @@ impl DeviceSpec {
             }
         }
     }
+}
+
+/// This process's index among the processes a launcher started on its machine (0 without one): Open MPI's
+/// `OMPI_COMM_WORLD_LOCAL_RANK`, MPICH's `MPI_LOCALRANKID`, Slurm's `SLURM_LOCALID`, torchrun's `LOCAL_RANK`.
+pub fn local_rank() -> usize {
+    [
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "MPI_LOCALRANKID",
+        "SLURM_LOCALID",
+        "LOCAL_RANK",
+    ]
+    .into_iter()
+    .find_map(|var| std::env::var(var).ok()?.trim().parse().ok())
+    .unwrap_or(0)
 }
 
 /// Opens a device from its name (`cpu | cuda | cuda:N | auto`).

@@ -43,6 +43,14 @@ pub struct TrainerState {
     pub evaluation_pending: bool,
     /// The kto version that wrote the state: resuming needs the same arithmetic.
     pub kto_version: String,
+    /// The number of processes that trained the run (data parallelism): each one's share of the data, and so
+    /// every step, depends on it. Checkpoints from before it was recorded were written by one process.
+    #[serde(default = "one_process")]
+    pub world_size: usize,
+}
+
+fn one_process() -> usize {
+    1
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -195,6 +203,27 @@ impl TrainerState {
         }
         Ok(state)
     }
+
+    /// Refuses to continue the run with another number of processes than trained it.
+    pub fn require_world_size(&self, dir: &Path, world_size: usize) -> Result<()> {
+        let processes = |n: usize| match n {
+            1 => "1 process".to_string(),
+            n => format!("{n} processes"),
+        };
+        ensure!(
+            self.world_size == world_size,
+            "cannot resume from {}: it was trained by {} and this run has {}; resume it with {} (each \
+             process's share of the data, and so every step, depends on their number)",
+            dir.display(),
+            processes(self.world_size),
+            processes(world_size),
+            match self.world_size {
+                1 => "one process (kto train --resume, without mpirun)".to_string(),
+                n => format!("mpirun -n {n} kto train --resume"),
+            }
+        );
+        Ok(())
+    }
 }
 
 /// The trainable tensors bit for bit (the PEFT adapter may be written in another dtype).
@@ -279,6 +308,7 @@ mod tests {
             metrics_rows: vec![Map::new()],
             evaluation_pending: true,
             kto_version: env!("CARGO_PKG_VERSION").into(),
+            world_size: 2,
         };
         state.save(dir.path())?;
         assert_eq!(TrainerState::load(dir.path())?, state);

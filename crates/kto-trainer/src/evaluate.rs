@@ -14,43 +14,61 @@ use serde_json::{Map, Value};
 use crate::loss::LossSettings;
 use crate::metrics::{json_f64, MetricsAccumulator};
 use crate::policy::{score_micro_batch, PolicyModel, Reference};
-use crate::world::Gather;
+use crate::world::{Counted, Dealt, Gather, World};
 
-/// Evaluates the policy on `batches` (the held-out set in dataset order): TRL's `eval_*` metrics (each averaged over
-/// batches, `eval_loss` weighted by batch size as transformers' evaluation loop does) plus reward accuracy, AUROC and,
-/// when samples carry pair ids, pair accuracy. `train_tokens` is the training token count TRL repeats as
-/// `eval_num_tokens`.
+/// Evaluates the policy on `batches` (this rank's share of the held-out set, in dataset order, dealt as `dealt`
+/// says): TRL's `eval_*` metrics (each averaged over batches, `eval_loss` weighted by batch size as transformers'
+/// evaluation loop does) plus reward accuracy, AUROC and, when samples carry pair ids, pair accuracy. `train_tokens`
+/// is the training token count TRL repeats as `eval_num_tokens`.
+///
+/// With several ranks every figure is over the whole set, gathered as accelerate's `gather_for_metrics` gathers
+/// it: transformers repeats each rank's batch loss once per row, gathers, and drops `even_batches`' padding rows;
+/// TRL's metric sums and the KL reference point go through [`Gather`]; the samples behind the extra figures are
+/// gathered by index, each kept row from the rank that scored it.
 pub fn evaluate_batches<M: PolicyModel>(
     model: &M,
     batches: impl Iterator<Item = MicroBatch>,
+    world: &dyn World,
+    dealt: Dealt,
     reference: Reference,
     settings: &LossSettings,
     train_tokens: u64,
 ) -> Result<Map<String, Value>> {
+    let rank = world.shard().rank;
     let mut acc = MetricsAccumulator::default();
-    let mut scored = Vec::new();
-    let (mut loss_sum, mut count) = (0.0f64, 0usize);
-    for batch in batches {
-        let out = score_micro_batch(model, &batch, reference, settings, false, Gather::alone())?;
-        let rows = batch.labels.len();
-        loss_sum += out.loss.loss.to_scalar::<f32>()? as f64 * rows as f64;
-        count += rows;
+    let mut scored = ScoredSlots::new(dealt.samples);
+    // Σ loss × kept rows and Σ kept rows.
+    let mut loss = [0.0f64; 2];
+    for (index, batch) in batches.enumerate() {
+        let gather = Gather {
+            world,
+            counted: dealt.counted(index),
+        };
+        let out = score_micro_batch(model, &batch, reference, settings, false, gather)?;
+        let kept = dealt.kept_rows(index, rank, batch.labels.len());
+        loss[0] += out.loss.loss.to_scalar::<f32>()? as f64 * kept as f64;
+        loss[1] += kept as f64;
         acc.add_eval_batch(&out.metrics);
         let reference_point = settings.beta * out.loss.kl as f64;
-        for (i, &desirable) in batch.labels.iter().enumerate() {
-            scored.push(ScoredSample {
-                desirable,
-                reward: out.loss.rewards[i] as f64,
-                reference_point,
-                pair_id: batch.pairs[i],
-            });
+        for i in 0..kept {
+            scored.fill(
+                batch.indices[i],
+                ScoredSample {
+                    desirable: batch.labels[i],
+                    reward: out.loss.rewards[i] as f64,
+                    reference_point,
+                    pair_id: batch.pairs[i],
+                },
+            );
         }
     }
+    world.sum_f64(&mut loss, Counted::All)?;
+    let scored = scored.gathered(world)?;
     let mut row = Map::new();
     row.insert(
         "eval_loss".into(),
-        json_f64(if count > 0 {
-            loss_sum / count as f64
+        json_f64(if loss[1] > 0.0 {
+            loss[0] / loss[1]
         } else {
             f64::NAN
         }),
@@ -66,8 +84,52 @@ pub fn evaluate_batches<M: PolicyModel>(
             row.insert(name.into(), json_f64(v));
         }
     }
-    row.insert("eval_samples".into(), Value::from(count));
+    row.insert("eval_samples".into(), Value::from(scored.len()));
     Ok(row)
+}
+
+/// The scored samples of a data set by sample index, each filled by the rank that scored it, then summed over the
+/// ranks (a slot filled nowhere stays empty).
+struct ScoredSlots(Vec<f64>);
+
+impl ScoredSlots {
+    /// Per sample: filled, desirable, reward, reference point, pair id + 1 (0: none).
+    const WIDTH: usize = 5;
+
+    fn new(samples: usize) -> Self {
+        Self(vec![0.0; samples * Self::WIDTH])
+    }
+
+    fn fill(&mut self, index: usize, sample: ScoredSample) {
+        let pair = sample.pair_id.map_or(0.0, |id| {
+            // Pair ids are row numbers of the data set, far below f64's exact integers.
+            debug_assert!(id < 1 << 52);
+            id as f64 + 1.0
+        });
+        let slot = &mut self.0[index * Self::WIDTH..(index + 1) * Self::WIDTH];
+        slot.copy_from_slice(&[
+            1.0,
+            sample.desirable as u8 as f64,
+            sample.reward,
+            sample.reference_point,
+            pair,
+        ]);
+    }
+
+    fn gathered(mut self, world: &dyn World) -> Result<Vec<ScoredSample>> {
+        world.sum_f64(&mut self.0, Counted::All)?;
+        Ok(self
+            .0
+            .chunks_exact(Self::WIDTH)
+            .filter(|slot| slot[0] > 0.0)
+            .map(|slot| ScoredSample {
+                desirable: slot[1] > 0.0,
+                reward: slot[2],
+                reference_point: slot[3],
+                pair_id: (slot[4] > 0.0).then(|| slot[4] as u64 - 1),
+            })
+            .collect())
+    }
 }
 
 /// One evaluated sample.

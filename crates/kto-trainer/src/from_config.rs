@@ -7,6 +7,7 @@ use anyhow::{bail, ensure, Context, Result};
 use kto_data::balance::{
     auto_desirable_weight, auto_undesirable_weight, balance_warning, ClassCounts,
 };
+use kto_data::batch::Shard;
 use kto_data::formats::{read_dataset, ReadOptions};
 use kto_data::hub::CachedDataset;
 use kto_data::tokenize::{tokenize_dataset, TokenizationConfig, TokenizedSample, TokenizerBundle};
@@ -27,7 +28,7 @@ use crate::reference_cache::{self, CacheKeyBuilder, ReferenceLogps};
 use crate::run_dir::{check_resumable, plain, RunLock, Start};
 use crate::stop;
 use crate::train::{loss_settings, micro_batches, train, TrainJob, TrainSummary};
-use crate::world::World;
+use crate::world::{Alone, Counted, Dealt, World};
 use kto_data::faults::{self, Moment};
 
 /// A loaded model with its tokenizer.
@@ -332,7 +333,11 @@ fn reference_for(
         );
     let key = key.finish();
     let dir = reference_cache_dir();
-    if let Some(cached) = reference_cache::load(&dir, &key, samples.len())? {
+    // The cache is per machine: the ranks take it only when every one has it, else all compute their shares.
+    let cached = reference_cache::load(&dir, &key, samples.len())?;
+    let mut missing = [cached.is_none() as u8 as f64];
+    world.sum_f64(&mut missing, Counted::All)?;
+    if let (Some(cached), 0.0) = (cached, missing[0]) {
         tracing::info!("reference log-probs of {} from the cache", data.name);
         return Ok(Some(cached));
     }
@@ -348,16 +353,18 @@ fn reference_for(
         },
         samples.len(),
     );
+    let shard = world.shard();
     let logps = precompute_reference(
         &loaded.policy,
         batches
-            .epoch(0)
+            .epoch_of(0, shard)
             .take_while(|_| matches!(stop::agreed(&hooks.stop, world), Ok(None)))
             .inspect(|batch| {
                 faults::signal_at(Moment::PrecomputeBatch);
-                pass.advance(batch.indices.len())
+                pass.advance(batch.indices.len() * shard.world_size)
             }),
-        samples.len(),
+        world,
+        Dealt::of(&batches, shard),
         config.kto.loss_type.uses_kl(),
         label,
     );
@@ -366,7 +373,7 @@ fn reference_for(
         return Ok(None);
     }
     let logps = logps?;
-    // Every rank computed the same values; rank 0 keeps them.
+    // Every rank holds the gathered values; rank 0 keeps them.
     if world.is_main() {
         reference_cache::store(&dir, &key, &logps)?;
     }
@@ -433,13 +440,6 @@ pub fn run_training(
     );
     // Before the model loads: the evaluation data (eval_file, or the test split of dataset_name in the cache).
     let eval_data = eval_source(config, false)?;
-    if world.size() > 1 && eval_data.is_some() {
-        bail!(
-            "[data] eval_file (or dataset_name's dataset_test_split) with {} processes: data-parallel evaluation is \
-             not implemented yet; run the evaluation alone (kto eval) or train without evaluation data",
-            world.size()
-        );
-    }
     let mut config = config.clone();
     let mut loaded = load_model(&config, None)?;
     let train_data = train_source(&config)?;
@@ -477,6 +477,7 @@ pub fn run_training(
     // refused run leaves the earlier run's files as they were.
     if let Some(checkpoint) = resume {
         check_resumable(&config, checkpoint)?;
+        TrainerState::load(checkpoint)?.require_world_size(checkpoint, world.size())?;
     }
     if let Some(lock) = lock {
         lock.write_config(&config)?;
@@ -520,9 +521,12 @@ pub fn run_evaluation(
     )?;
     let batches = micro_batches(&config, &samples, loaded.tokenizer.pad_id, true)?;
     let pass = PassProgress::start(&hooks.progress, DataPass::Evaluation, samples.len());
+    let dealt = Dealt::of(&batches, Shard::WHOLE);
     evaluate_batches(
         &loaded.policy,
         batches.epoch(0).inspect(|b| pass.advance(b.indices.len())),
+        &Alone,
+        dealt,
         Reference::Online,
         &settings,
         0,

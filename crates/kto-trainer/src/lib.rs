@@ -15,7 +15,8 @@
 //!   [`evaluate`] (held-out loss, rewards, reward accuracy, AUROC, pair accuracy), [`policy`] (what the loop asks
 //!   of a model and how one micro-batch is scored), [`progress`] (steps, precompute and evaluation reported to an
 //!   observer), [`stop`] (graceful stop on request or signal).
-//! - [`world`]: the processes training one run together (data parallelism) and the sums the step gathers over them.
+//! - [`world`]: the processes training one run together (data parallelism) and the sums the step gathers over them;
+//!   `nccl` (feature `nccl`): the gradient sum on GPUs through NCCL.
 //! - [`hooks`]: what a caller passes to watch and steer a run (progress, stop, test probes); nothing is global.
 pub mod base_model;
 pub mod checkpoint;
@@ -26,6 +27,8 @@ pub mod hooks;
 pub mod llama_policy;
 pub mod loss;
 pub mod metrics;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod optimizer;
 pub mod plan;
 pub mod policy;

@@ -14,7 +14,7 @@ use crate::loss::{
     MetricSums, MicroBatchMetrics, RowStats,
 };
 use crate::reference_cache::ReferenceLogps;
-use crate::world::Gather;
+use crate::world::{Counted, Dealt, Gather, World};
 
 /// What the training loop needs from a model with a trainable adapter, in kto-model's own terms.
 pub trait PolicyModel {
@@ -164,37 +164,50 @@ fn target_and_kl<M: PolicyModel>(
     })
 }
 
-/// One pass over `batches` computing the reference log-probs of every sample (targets, and KL pairs when
-/// `with_kl`), stored by sample index.
+/// One pass over `batches` (this rank's share of the data set, dealt as `dealt` says) computing the reference
+/// log-probs of its samples (targets, and KL pairs when `with_kl`), then gathered by sample index over the ranks as
+/// TRL gathers its sharded precompute (`gather_for_metrics`: `even_batches`' padding rows are dropped), so every
+/// rank ends with every sample's values, each computed in the micro-batch it has in the whole data set's order.
 pub fn precompute_reference<M: PolicyModel>(
     model: &M,
     batches: impl Iterator<Item = MicroBatch>,
-    num_samples: usize,
+    world: &dyn World,
+    dealt: Dealt,
     with_kl: bool,
     label: &str,
 ) -> Result<ReferenceLogps> {
-    let mut targets = vec![f32::NAN; num_samples];
-    let mut kl = with_kl.then(|| vec![f32::NAN; num_samples]);
-    for batch in batches {
-        let kl_batch = batch.kl.as_ref().filter(|_| kl.is_some());
+    // Per sample: computed here (1), target, KL.
+    const WIDTH: usize = 3;
+    let mut slots = vec![0f64; dealt.samples * WIDTH];
+    let rank = world.shard().rank;
+    for (index, batch) in batches.enumerate() {
+        let kl_batch = batch.kl.as_ref().filter(|_| with_kl);
         let (target_logps, kl_logps) =
             target_and_kl(model, &batch.target, kl_batch, AdapterChoice::Reference)?;
-        for (&i, v) in batch
-            .indices
-            .iter()
-            .zip(target_logps.logps.to_vec1::<f32>()?)
-        {
-            targets[i] = v;
-        }
-        if let (Some(kl_out), Some(kl_logps)) = (kl.as_mut(), kl_logps) {
-            for (&i, v) in batch.indices.iter().zip(kl_logps.logps.to_vec1::<f32>()?) {
-                kl_out[i] = v;
-            }
+        let targets = target_logps.logps.to_vec1::<f32>()?;
+        let kl = kl_logps.map(|k| k.logps.to_vec1::<f32>()).transpose()?;
+        let kept = dealt.kept_rows(index, rank, batch.indices.len());
+        for (row, &i) in batch.indices.iter().enumerate().take(kept) {
+            let slot = &mut slots[i * WIDTH..(i + 1) * WIDTH];
+            slot[0] = 1.0;
+            slot[1] = targets[row] as f64;
+            slot[2] = kl.as_ref().map_or(0.0, |kl| kl[row] as f64);
         }
     }
+    world.sum_f64(&mut slots, Counted::All)?;
     ensure!(
-        targets.iter().all(|v| !v.is_nan()),
+        slots.chunks_exact(WIDTH).all(|slot| slot[0] == 1.0),
         "reference precompute missed samples ({label})"
     );
-    Ok(ReferenceLogps { targets, kl })
+    // Exact: each slot is one rank's f32 plus zeros.
+    let column = |k: usize| {
+        slots
+            .chunks_exact(WIDTH)
+            .map(|slot| slot[k] as f32)
+            .collect::<Vec<f32>>()
+    };
+    Ok(ReferenceLogps {
+        targets: column(1),
+        kl: with_kl.then(|| column(2)),
+    })
 }

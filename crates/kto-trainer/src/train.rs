@@ -23,7 +23,7 @@ use crate::reference_cache::ReferenceLogps;
 use crate::run_dir::RunLock;
 use crate::schedule::Schedule;
 use crate::stop;
-use crate::world::{Counted, Gather, World};
+use crate::world::{Counted, Dealt, Gather, World};
 use kto_data::faults::{self, Moment};
 
 /// Everything a training run needs besides the model.
@@ -149,9 +149,7 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob, hooks: &Hooks) -> Re
         output_dir: job.output_dir,
         hooks,
         world,
-        samples: job.train.len(),
-        micro_batches_per_epoch: plan.micro_batches_per_epoch,
-        global_batch: t.per_device_train_batch_size * shard.world_size,
+        dealt: Dealt::of(&train_batches, shard),
     };
 
     let (mut optimizer, mut state) = start_or_resume(job, &params)?;
@@ -172,6 +170,7 @@ pub fn train<M: PolicyModel>(model: &mut M, job: &TrainJob, hooks: &Hooks) -> Re
             .map_or(Reference::Online, Reference::Precomputed),
         settings: &settings,
         hooks,
+        world,
         lock: job.lock,
         progress: &progress,
     };
@@ -278,10 +277,8 @@ struct Stepping<'a> {
     output_dir: &'a Path,
     hooks: &'a Hooks<'a>,
     world: &'a dyn World,
-    /// What says which ranks `gather_for_metrics` counts at a micro-batch ([`Counted::at`]).
-    samples: usize,
-    micro_batches_per_epoch: usize,
-    global_batch: usize,
+    /// How each epoch is dealt over the ranks: what `gather_for_metrics` counts at a micro-batch.
+    dealt: Dealt,
 }
 
 /// The gradients of one accumulation group, by parameter name (summed over its micro-batches, then averaged over
@@ -301,12 +298,7 @@ fn accumulate_gradients<M: PolicyModel>(
     for (index, batch) in group.zip(micro_batches) {
         let gather = Gather {
             world: stepping.world,
-            counted: Counted::at(
-                index,
-                stepping.micro_batches_per_epoch,
-                stepping.samples,
-                stepping.global_batch,
-            ),
+            counted: stepping.dealt.counted(index),
         };
         let scored = score_micro_batch(
             model,
@@ -349,42 +341,34 @@ fn accumulate_gradients<M: PolicyModel>(
     Ok((grads, samples))
 }
 
-/// DDP's all-reduce: every rank's gradients summed in one flat f32 buffer (in parameter order), divided by the
-/// number of ranks.
+/// DDP's all-reduce: every rank's gradients summed in one flat f32 buffer (in parameter order) on their device,
+/// divided by the number of ranks.
 fn average_over_ranks(
-    grads: HashMap<String, Tensor>,
+    mut grads: HashMap<String, Tensor>,
     stepping: &Stepping,
 ) -> Result<HashMap<String, Tensor>> {
-    let mut flat = Vec::new();
-    let mut shapes = Vec::new();
+    let mut pieces = Vec::with_capacity(stepping.params.len());
     for (name, var) in stepping.params {
-        let grad = match grads.get(name) {
+        let grad = match grads.remove(name) {
             Some(g) => g.to_dtype(DType::F32)?,
             None => var.as_tensor().zeros_like()?.to_dtype(DType::F32)?,
         };
-        shapes.push((
-            name,
-            grad.shape().clone(),
-            grad.device().clone(),
-            var.dtype(),
-        ));
-        flat.extend(grad.flatten_all()?.to_vec1::<f32>()?);
+        pieces.push(grad.flatten_all()?);
     }
-    stepping.world.sum_f32(&mut flat)?;
-    let ranks = stepping.world.size() as f32;
-    let mut averaged = HashMap::new();
+    let flat = Tensor::cat(&pieces, 0)?;
+    let ranks = Tensor::new(stepping.world.size() as f32, flat.device())?;
+    let averaged = stepping.world.sum_f32_tensor(&flat)?.broadcast_div(&ranks)?;
     let mut offset = 0;
-    for (name, shape, device, dtype) in shapes {
-        let len = shape.elem_count();
-        let values: Vec<f32> = flat[offset..offset + len]
-            .iter()
-            .map(|g| g / ranks)
-            .collect();
+    for (name, var) in stepping.params {
+        let len = var.elem_count();
+        let grad = averaged
+            .narrow(0, offset, len)?
+            .reshape(var.shape())?
+            .to_dtype(var.dtype())?;
         offset += len;
-        let grad = Tensor::from_vec(values, shape, &device)?.to_dtype(dtype)?;
-        averaged.insert(name.clone(), grad);
+        grads.insert(name.clone(), grad);
     }
-    Ok(averaged)
+    Ok(grads)
 }
 
 /// Clips the gradients to `max_grad_norm` (the coefficient is applied inside the fused AdamW step; the gradients
@@ -426,7 +410,7 @@ fn start_or_resume(job: &TrainJob, params: &[(String, Var)]) -> Result<(AdamW, T
         if let Some(lock) = job.lock {
             lock.reset_metrics(&[])?;
         }
-        return Ok((AdamW::new(adamw), fresh_state(t.seed)));
+        return Ok((AdamW::new(adamw), fresh_state(t.seed, job.world.size())));
     };
     let state = TrainerState::load(dir)?;
     load_trainable(params, &dir.join(checkpoint::TRAINABLE))?;
@@ -449,13 +433,15 @@ struct Evaluation<'a> {
     reference: Reference<'a>,
     settings: &'a LossSettings,
     hooks: &'a Hooks<'a>,
+    world: &'a dyn World,
     /// Where the row goes (rank 0) and who sees it.
     lock: Option<&'a RunLock>,
     progress: &'a TrainingProgress,
 }
 
-/// The held-out evaluation at the current step, logged as one metrics row. A stop request ends the pass after the
-/// batch in progress: nothing is logged, the state says the evaluation is still due, and Ok(false) is returned.
+/// The held-out evaluation at the current step, logged as one metrics row; each rank evaluates its share of the
+/// set. A stop request (agreed by every rank) ends the pass after the batch in progress: nothing is logged, the
+/// state says the evaluation is still due, and Ok(false) is returned.
 fn evaluate<M: PolicyModel>(
     model: &mut M,
     evaluation: &Evaluation,
@@ -467,7 +453,9 @@ fn evaluate<M: PolicyModel>(
         return Ok(true);
     };
     model.begin_evaluation()?;
-    let stop = &evaluation.hooks.stop;
+    let (stop, world) = (&evaluation.hooks.stop, evaluation.world);
+    let shard = world.shard();
+    let dealt = Dealt::of(batches, shard);
     let pass = PassProgress::start(
         &evaluation.hooks.progress,
         DataPass::Evaluation,
@@ -476,21 +464,33 @@ fn evaluate<M: PolicyModel>(
     let mut row = serde_json::Map::new();
     row.insert("step".into(), state.global_step.into());
     row.insert("epoch".into(), metrics::json_f64(state.epoch));
+    let disagreement = std::cell::Cell::new(None);
     let figures = evaluate_batches(
         model,
         batches
-            .epoch(0)
-            .take_while(|_| stop.requested().is_none())
+            .epoch_of(0, shard)
+            .take_while(|_| match stop::agreed(stop, world) {
+                Ok(stopped) => stopped.is_none(),
+                Err(err) => {
+                    disagreement.set(Some(err));
+                    false
+                }
+            })
             .inspect(|b| {
                 faults::signal_at(Moment::EvalBatch);
-                pass.advance(b.indices.len())
+                pass.advance(b.indices.len() * shard.world_size)
             }),
+        world,
+        dealt,
         evaluation.reference,
         evaluation.settings,
         pending.total_tokens,
     );
     drop(pass);
-    state.evaluation_pending = stop.requested().is_some();
+    if let Some(err) = disagreement.take() {
+        return Err(err);
+    }
+    state.evaluation_pending = stop::agreed(stop, world)?.is_some();
     if state.evaluation_pending {
         return Ok(false);
     }
@@ -515,7 +515,7 @@ fn log_row(
     Ok(())
 }
 
-fn fresh_state(seed: u64) -> TrainerState {
+fn fresh_state(seed: u64, world_size: usize) -> TrainerState {
     TrainerState {
         global_step: 0,
         epoch: 0.0,
@@ -526,6 +526,7 @@ fn fresh_state(seed: u64) -> TrainerState {
         metrics_rows: Vec::new(),
         evaluation_pending: false,
         kto_version: env!("CARGO_PKG_VERSION").into(),
+        world_size,
     }
 }
 

@@ -2,13 +2,13 @@
 //! collective the step needs, a sum over ranks. A run alone is [`Alone`]; `mpirun -n N kto train` gives an MPI
 //! world (`kto-cli`'s `mpi` feature). Every rank calls the same collectives in the same order.
 //!
-//! accelerate's `gather_for_metrics`, which TRL uses for the KL reference point and every logged metric, drops the
-//! values of the padding that `even_batches` added to a data set's last global batch; for a per-rank scalar that
-//! means it keeps only the first `remainder` ranks' values at the data loader's last batch (remainder = samples mod
-//! global batch, when not 0). [`Counted`] says which ranks a sum counts.
+//! accelerate's `gather_for_metrics`, which TRL uses for the KL reference point and every logged metric (and
+//! transformers for the evaluation loss), drops the values of the padding that `even_batches` added to a data set's
+//! last global batch: [`Dealt`] says what it keeps, [`Counted`] which ranks a sum counts.
 
 use anyhow::Result;
-use kto_data::batch::Shard;
+use candle_core::Tensor;
+use kto_data::batch::{MicroBatches, Shard};
 
 /// Which ranks' values a reduction counts: all, or the first `n` (see the module doc).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,22 +18,56 @@ pub enum Counted {
 }
 
 impl Counted {
-    /// What `gather_for_metrics` counts at micro-batch `index` (0-based) of a data loader of `batches` micro-batches
-    /// per rank over `samples` samples in global batches of `global_batch`.
-    pub fn at(index: usize, batches: usize, samples: usize, global_batch: usize) -> Counted {
-        let remainder = samples % global_batch;
-        if index + 1 == batches && remainder > 0 {
-            Counted::First(remainder)
-        } else {
-            Counted::All
-        }
-    }
-
     /// How many of `world_size` ranks are counted.
     pub fn ranks(self, world_size: usize) -> usize {
         match self {
             Counted::All => world_size,
             Counted::First(n) => n.min(world_size),
+        }
+    }
+}
+
+/// A data set of `samples` dealt to `world_size` ranks in micro-batches of `batch_size` ([`Shard::deal`]),
+/// `batches_per_rank` each: what `gather_for_metrics` keeps of the values gathered at each micro-batch. At the
+/// data loader's last batch it keeps the first `remainder = samples mod (batch_size · world_size)` gathered
+/// elements (when not 0): of one value per rank, the first `remainder` ranks'; of one value per sample, the first
+/// `remainder` samples in rank order, which are the data set's last real samples (the rest is `even_batches`'
+/// padding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dealt {
+    pub samples: usize,
+    pub batch_size: usize,
+    pub world_size: usize,
+    pub batches_per_rank: usize,
+}
+
+impl Dealt {
+    /// How `batches`' epochs are dealt to `shard`'s world.
+    pub fn of(batches: &MicroBatches, shard: Shard) -> Self {
+        Dealt {
+            samples: batches.num_samples(),
+            batch_size: batches.batch_size(),
+            world_size: shard.world_size,
+            batches_per_rank: batches.len_of(shard),
+        }
+    }
+
+    /// The remainder `gather_for_metrics` truncates to at micro-batch `index` (0-based), if it truncates there.
+    fn remainder_at(&self, index: usize) -> Option<usize> {
+        let remainder = self.samples % (self.batch_size * self.world_size);
+        (index + 1 == self.batches_per_rank && remainder > 0).then_some(remainder)
+    }
+
+    /// Which ranks' per-rank values count at micro-batch `index`.
+    pub fn counted(&self, index: usize) -> Counted {
+        self.remainder_at(index).map_or(Counted::All, Counted::First)
+    }
+
+    /// How many of the first rows of `rank`'s micro-batch `index` (of `rows`) count as samples.
+    pub fn kept_rows(&self, index: usize, rank: usize, rows: usize) -> usize {
+        match self.remainder_at(index) {
+            Some(remainder) => remainder.saturating_sub(rank * self.batch_size).min(rows),
+            None => rows,
         }
     }
 }
@@ -62,8 +96,24 @@ pub trait World {
     /// Replaces `values` by their element-wise sum over every rank.
     fn sum_f32(&self, values: &mut [f32]) -> Result<()>;
 
+    /// The element-wise sum over every rank of a flat f32 tensor, on its device: through host memory and
+    /// [`World::sum_f32`] unless the world has a collective on the device (NCCL).
+    fn sum_f32_tensor(&self, flat: &Tensor) -> Result<Tensor> {
+        let mut values = flat.to_vec1::<f32>()?;
+        self.sum_f32(&mut values)?;
+        Ok(Tensor::from_vec(values, flat.shape(), flat.device())?)
+    }
+
     /// Replaces `values` by their element-wise sum over the ranks `counted` names (the others contribute nothing).
     fn sum_f64(&self, values: &mut [f64], counted: Counted) -> Result<()>;
+
+    /// Replaces `bytes` on every rank by rank 0's.
+    fn broadcast_bytes(&self, bytes: &mut Vec<u8>) -> Result<()>;
+
+    /// Returns once every rank has called it.
+    fn barrier(&self) -> Result<()> {
+        self.sum_f64(&mut [0.0], Counted::All)
+    }
 
     fn is_main(&self) -> bool {
         self.shard().rank == 0
@@ -97,6 +147,10 @@ impl World for Alone {
     fn sum_f64(&self, _values: &mut [f64], _counted: Counted) -> Result<()> {
         Ok(())
     }
+
+    fn broadcast_bytes(&self, _bytes: &mut Vec<u8>) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// How many processes the launcher that started this one says it started, if one did: Open MPI's `mpirun`
@@ -114,7 +168,7 @@ pub mod mpi_world {
     use kto_data::batch::Shard;
     use mpi::collective::SystemOperation;
     use mpi::topology::Communicator;
-    use mpi::traits::CommunicatorCollectives;
+    use mpi::traits::{CommunicatorCollectives, Root};
 
     use super::{Counted, World};
 
@@ -164,6 +218,18 @@ pub mod mpi_world {
                 .all_reduce_into(&send[..], values, SystemOperation::sum());
             Ok(())
         }
+
+        fn broadcast_bytes(&self, bytes: &mut Vec<u8>) -> Result<()> {
+            let root = self.world.process_at_rank(0);
+            let mut len = bytes.len() as u64;
+            root.broadcast_into(&mut len);
+            bytes.resize(len as usize, 0);
+            // Open MPI refuses an empty slice's dangling pointer even for a count of 0.
+            if len > 0 {
+                root.broadcast_into(&mut bytes[..]);
+            }
+            Ok(())
+        }
     }
 }
 
@@ -172,14 +238,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn gather_for_metrics_counts_the_first_remainder_ranks_at_the_last_batch() {
+    fn gather_for_metrics_keeps_the_first_remainder_elements_at_the_last_batch() {
+        let dealt = |samples, batch_size, world_size, batches_per_rank| Dealt {
+            samples,
+            batch_size,
+            world_size,
+            batches_per_rank,
+        };
         // 7 samples in global batches of 6 (3 per rank, 2 ranks): 2 batches per rank, remainder 1.
-        assert_eq!(Counted::at(0, 2, 7, 6), Counted::All);
-        assert_eq!(Counted::at(1, 2, 7, 6), Counted::First(1));
+        let seven = dealt(7, 3, 2, 2);
+        assert_eq!(seven.counted(0), Counted::All);
+        assert_eq!(seven.counted(1), Counted::First(1));
         assert_eq!(Counted::First(1).ranks(2), 1);
-        // A remainder of at least the world size counts every rank.
-        assert_eq!(Counted::at(4, 5, 29, 6).ranks(2), 2);
-        assert_eq!(Counted::at(2, 3, 12, 4), Counted::All);
+        // Of the last batch's rows, rank 0 keeps its first (sample 6), rank 1 none (padding); earlier batches all.
+        assert_eq!(
+            [seven.kept_rows(1, 0, 3), seven.kept_rows(1, 1, 3)],
+            [1, 0]
+        );
+        assert_eq!(seven.kept_rows(0, 1, 3), 3);
+        // 29 samples, 4 per rank: remainder 5 counts both ranks' values, rank 0's 4 rows and rank 1's first.
+        let wrap = dealt(29, 4, 2, 4);
+        assert_eq!(wrap.counted(3).ranks(2), 2);
+        assert_eq!([wrap.kept_rows(3, 0, 4), wrap.kept_rows(3, 1, 4)], [4, 1]);
+        assert_eq!(dealt(12, 2, 2, 3).counted(2), Counted::All);
+        // Alone, the last batch is short and keeps all its rows.
+        let alone = dealt(7, 3, 1, 3);
+        assert_eq!((alone.counted(2).ranks(1), alone.kept_rows(2, 0, 1)), (1, 1));
         assert_eq!(Alone.mean(2.5, Counted::All).unwrap(), 2.5);
     }
 }

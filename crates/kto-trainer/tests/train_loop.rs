@@ -4,14 +4,14 @@ use std::path::Path;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var, D};
-use kto_data::batch::SequenceBatch;
+use kto_data::batch::{SequenceBatch, Shard};
 use kto_data::tokenize::TokenizedSample;
 use kto_trainer::config::{Config, LossType, Override};
 use kto_trainer::hooks::Hooks;
 use kto_trainer::policy::{precompute_reference, AdapterChoice, PolicyModel, SequenceLogps};
 use kto_trainer::run_dir::{RunDir, RunLock};
 use kto_trainer::train::{micro_batches, train, TrainJob};
-use kto_trainer::world::Alone;
+use kto_trainer::world::{Alone, Dealt};
 use serde_json::{Map, Value};
 
 const VOCAB: usize = 8;
@@ -259,6 +259,8 @@ fn held_out_metrics_of_an_untrained_policy() -> Result<()> {
     let row = kto_trainer::evaluate::evaluate_batches(
         &model,
         batches.epoch(0),
+        &Alone,
+        Dealt::of(&batches, Shard::WHOLE),
         kto_trainer::policy::Reference::Online,
         &settings,
         7,
@@ -285,15 +287,23 @@ fn precomputed_reference_equals_online() -> Result<()> {
     let mut model = Bigram::new(1)?;
     let train_batches = micro_batches(&config, &train_set, 0, false)?;
     let eval_batches = micro_batches(&config, &eval_set, 0, true)?;
+    let alone = |batches| Dealt::of(batches, Shard::WHOLE);
     let train_ref = precompute_reference(
         &model,
         train_batches.epoch(0),
-        train_set.len(),
+        &Alone,
+        alone(&train_batches),
         true,
         "train",
     )?;
-    let eval_ref =
-        precompute_reference(&model, eval_batches.epoch(0), eval_set.len(), true, "eval")?;
+    let eval_ref = precompute_reference(
+        &model,
+        eval_batches.epoch(0),
+        &Alone,
+        alone(&eval_batches),
+        true,
+        "eval",
+    )?;
     let lock = RunLock::acquire(pre.path())?;
     let job = TrainJob {
         config: &config,

@@ -93,10 +93,6 @@ pub fn run(args: TrainArgs, progress: Arc<dyn Observer>) -> Result<()> {
         ..Hooks::default()
     };
     let begin = match &args.resume {
-        Some(_) if world.size() > 1 => Err(anyhow::anyhow!(
-            "--resume with {} processes: resuming a data-parallel run is not implemented yet",
-            world.size()
-        )),
         Some(from) => Ok(Begin::Resume(from.clone())),
         None if args.overwrite || config.train.overwrite_output_dir => Ok(Begin::Overwrite),
         None => Ok(Begin::Fresh),
@@ -112,6 +108,7 @@ pub fn run(args: TrainArgs, progress: Arc<dyn Observer>) -> Result<()> {
         false => begin.map(|_| (None, Start::Fresh)),
     };
     let (lock, start) = crate::world::all_ok(world, begun)?;
+    let start = crate::world::shared_start(world, start)?;
     match &start {
         Start::Overwrote(removed) if !removed.is_empty() => eprintln!(
             "--overwrite: removed the earlier run's {} from {}",
@@ -126,6 +123,9 @@ pub fn run(args: TrainArgs, progress: Arc<dyn Observer>) -> Result<()> {
     }
     let summary =
         kto_trainer::from_config::run_training(&config, lock.as_ref(), &start, world, &hooks)?;
+    // Every rank waits for rank 0's last write: a launcher ends all ranks when one exits with an error status (a
+    // stop's 143), which must not cut rank 0's checkpoint short.
+    world.barrier()?;
     let Some(lock) = lock else {
         // Ranks other than 0 end here: rank 0 reports, plots and summarizes.
         return match summary.stopped_by {
