@@ -1,20 +1,254 @@
-//! A frozen base linear layer whose backward computes only the input gradient.
+//! Frozen base weights and their products: a linear layer whose backward computes only the input gradient, over a
+//! weight held dense or as quantized blocks ([`FrozenWeight`]).
 //!
 //! candle's `matmul` backward always computes both operand gradients, so `x.matmul(&w.t())` on the training path
 //! would spend one extra GEMM per linear per step on a weight gradient nobody reads (and hold it in memory).
 //! [`FrozenMatmul`] is a custom op over the input only: the weight is captured by the op, the forward calls the
 //! backend's own GEMM (cuBLAS on CUDA, gemm on CPU), and the backward returns `grad · W`.
+//!
+//! A quantized weight is dequantized for each product (forward, input gradient) and dropped after it, so only one
+//! weight is ever dense at a time, and the product is the one a dense twin holding the dequantized values computes.
 
 use candle_core::backend::BackendStorage;
+use candle_core::quantized::QTensor;
 use candle_core::{
     bail, CpuStorage, CudaStorage, CustomOp1, DType, Layout, MetalStorage, Result, Shape, Storage,
     Tensor,
 };
+use std::sync::Arc;
+
+/// A frozen base matrix ([out, in] for a linear, [vocab, hidden] for an embedding).
+#[derive(Debug, Clone)]
+pub enum FrozenWeight {
+    /// In the model dtype.
+    Dense(Tensor),
+    /// Quantized blocks, read as `dtype`: `parts` stacked along the rows (the fused q|k|v or gate|up weights when
+    /// their block types differ; one part otherwise).
+    Quantized {
+        parts: Vec<Arc<QTensor>>,
+        dtype: DType,
+        shape: (usize, usize),
+    },
+}
+
+impl FrozenWeight {
+    /// `parts` (each [rows, in], same `in`) stacked along the rows, dequantized to `dtype` where used.
+    pub fn quantized(parts: Vec<Arc<QTensor>>, dtype: DType) -> Result<Self> {
+        let mut rows = 0;
+        let mut cols = None;
+        for part in &parts {
+            let (r, c) = part.shape().dims2()?;
+            if cols.is_some_and(|cols| cols != c) {
+                bail!("stacked quantized weights differ in row length: {c} and {cols:?}");
+            }
+            cols = Some(c);
+            rows += r;
+        }
+        let Some(cols) = cols else {
+            bail!("a quantized weight needs at least one part");
+        };
+        Ok(Self::Quantized {
+            parts,
+            dtype,
+            shape: (rows, cols),
+        })
+    }
+
+    /// `weights` stacked along the rows, as one weight: dense ones concatenated, quantized ones of one block type
+    /// concatenated block for block (a row is whole blocks, so that is their bytes end to end), others kept as parts.
+    pub fn stack_rows(weights: Vec<FrozenWeight>) -> Result<Self> {
+        if weights.len() == 1 {
+            return Ok(weights.into_iter().next().expect("one weight"));
+        }
+        if weights.iter().all(|w| matches!(w, FrozenWeight::Dense(_))) {
+            let dense: Vec<Tensor> = weights
+                .into_iter()
+                .map(|w| match w {
+                    FrozenWeight::Dense(t) => t,
+                    FrozenWeight::Quantized { .. } => unreachable!("all dense"),
+                })
+                .collect();
+            return Ok(FrozenWeight::Dense(Tensor::cat(&dense, 0)?));
+        }
+        let mut parts = Vec::new();
+        let mut dtype = None;
+        for weight in weights {
+            match weight {
+                FrozenWeight::Quantized {
+                    parts: p, dtype: d, ..
+                } => {
+                    dtype = Some(d);
+                    parts.extend(p);
+                }
+                FrozenWeight::Dense(_) => bail!("cannot stack a dense weight with quantized ones"),
+            }
+        }
+        let dtype = dtype.expect("at least one quantized weight");
+        let block_type = parts[0].dtype();
+        if parts.iter().all(|p| p.dtype() == block_type) {
+            let device = parts[0].device();
+            let mut bytes = Vec::new();
+            for part in &parts {
+                bytes.extend_from_slice(&part.data()?);
+            }
+            let rows: usize = parts.iter().map(|p| p.shape().dims()[0]).sum();
+            let cols = parts[0].shape().dims()[1];
+            let storage = candle_core::quantized::QStorage::from_data(
+                std::borrow::Cow::Owned(bytes),
+                &device,
+                block_type,
+            )?;
+            parts = vec![Arc::new(QTensor::new(storage, (rows, cols))?)];
+        }
+        Self::quantized(parts, dtype)
+    }
+
+    /// (rows, columns).
+    pub fn dims2(&self) -> Result<(usize, usize)> {
+        match self {
+            FrozenWeight::Dense(t) => t.dims2(),
+            FrozenWeight::Quantized { shape, .. } => Ok(*shape),
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self {
+            FrozenWeight::Dense(t) => t.dtype(),
+            FrozenWeight::Quantized { dtype, .. } => *dtype,
+        }
+    }
+
+    pub fn is_quantized(&self) -> bool {
+        matches!(self, FrozenWeight::Quantized { .. })
+    }
+
+    /// Bytes held in memory.
+    pub fn storage_bytes(&self) -> usize {
+        match self {
+            FrozenWeight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            FrozenWeight::Quantized { parts, .. } => {
+                parts.iter().map(|p| p.storage_size_in_bytes()).sum()
+            }
+        }
+    }
+
+    /// The weight as a dense tensor in its dtype: the held tensor, or a fresh dequantized one (contiguous).
+    pub fn dense(&self) -> Result<Tensor> {
+        match self {
+            FrozenWeight::Dense(t) => Ok(t.clone()),
+            FrozenWeight::Quantized {
+                parts,
+                dtype,
+                shape,
+            } if parts.iter().all(|p| p.device().is_cpu()) => {
+                // The parts dequantized straight into their rows of one buffer, in parallel (candle's own
+                // `dequantize` is one thread, and a concatenation would copy the weight once more).
+                let mut dense = vec![0f32; shape.0 * shape.1];
+                let mut rest = dense.as_mut_slice();
+                for part in parts {
+                    let (rows, others) = rest.split_at_mut(part.shape().elem_count());
+                    dequantize_cpu(part, rows)?;
+                    rest = others;
+                }
+                Tensor::from_vec(dense, *shape, &candle_core::Device::Cpu)?.to_dtype(*dtype)
+            }
+            FrozenWeight::Quantized { parts, dtype, .. } => {
+                let dense = parts
+                    .iter()
+                    .map(|p| p.dequantize(&p.device()))
+                    .collect::<Result<Vec<_>>>()?;
+                let dense = if dense.len() == 1 {
+                    dense.into_iter().next().expect("one part")
+                } else {
+                    Tensor::cat(&dense, 0)?
+                };
+                dense.to_dtype(*dtype)
+            }
+        }
+    }
+
+    /// `grad` [m, rows] · `W` [rows, columns] in the weight's dtype: the input gradient of `x Wᵀ`.
+    pub fn input_gradient(&self, grad: &Tensor) -> Result<Tensor> {
+        grad.to_dtype(self.dtype())?.matmul(&self.dense()?)
+    }
+
+    /// Rows `ids` (u32, any shape) → [..ids, columns] in the weight's dtype: an embedding lookup; a quantized weight
+    /// dequantizes only the rows gathered.
+    pub fn gather_rows(&self, ids: &Tensor) -> Result<Tensor> {
+        match self {
+            FrozenWeight::Dense(t) => {
+                let flat = t.index_select(&ids.flatten_all()?, 0)?;
+                let mut dims = ids.dims().to_vec();
+                dims.push(t.dim(1)?);
+                flat.reshape(dims)
+            }
+            FrozenWeight::Quantized { parts, dtype, .. } => match parts.as_slice() {
+                [blocks] => blocks.embedding(ids)?.to_dtype(*dtype),
+                _ => bail!(
+                    "an embedding is one quantized tensor, not {} parts",
+                    parts.len()
+                ),
+            },
+        }
+    }
+}
+
+/// `blocks` (on the CPU) dequantized into `out` (their element count) in chunks of whole blocks on rayon's threads:
+/// each block is decoded by candle's own `to_float`, so the values are `QTensor::dequantize`'s.
+fn dequantize_cpu(blocks: &QTensor, out: &mut [f32]) -> Result<()> {
+    use candle_core::quantized::k_quants::*;
+    use candle_core::quantized::GgmlDType as G;
+    let bytes = blocks.data()?;
+    match blocks.dtype() {
+        G::F32 => decode::<f32>(&bytes, out),
+        G::F16 => decode::<half::f16>(&bytes, out),
+        G::BF16 => decode::<half::bf16>(&bytes, out),
+        G::Q4_0 => decode::<BlockQ4_0>(&bytes, out),
+        G::Q4_1 => decode::<BlockQ4_1>(&bytes, out),
+        G::Q5_0 => decode::<BlockQ5_0>(&bytes, out),
+        G::Q5_1 => decode::<BlockQ5_1>(&bytes, out),
+        G::Q8_0 => decode::<BlockQ8_0>(&bytes, out),
+        G::Q8_1 => decode::<BlockQ8_1>(&bytes, out),
+        G::Q2K => decode::<BlockQ2K>(&bytes, out),
+        G::Q3K => decode::<BlockQ3K>(&bytes, out),
+        G::Q4K => decode::<BlockQ4K>(&bytes, out),
+        G::Q5K => decode::<BlockQ5K>(&bytes, out),
+        G::Q6K => decode::<BlockQ6K>(&bytes, out),
+        G::Q8K => decode::<BlockQ8K>(&bytes, out),
+    }
+}
+
+fn decode<T: candle_core::quantized::GgmlType>(bytes: &[u8], out: &mut [f32]) -> Result<()> {
+    use rayon::prelude::*;
+    let size = std::mem::size_of::<T>();
+    if bytes.len() % size != 0
+        || bytes.len() / size * T::BLCK_SIZE != out.len()
+        || (bytes.as_ptr() as usize) % std::mem::align_of::<T>() != 0
+    {
+        bail!(
+            "{:?} blocks: {} bytes at {:p} do not decode to {} values",
+            T::DTYPE,
+            bytes.len(),
+            bytes.as_ptr(),
+            out.len()
+        );
+    }
+    // SAFETY: the bytes are a CPU QTensor's storage, a `Vec<T>` viewed as bytes (length and alignment checked).
+    let blocks =
+        unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, bytes.len() / size) };
+    // About 64 KiB of output per task.
+    let per_task = (16 * 1024 / T::BLCK_SIZE).max(1);
+    blocks
+        .par_chunks(per_task)
+        .zip(out.par_chunks_mut(per_task * T::BLCK_SIZE))
+        .for_each(|(blocks, out)| T::to_float(blocks, out));
+    Ok(())
+}
 
 /// `y = x Wᵀ (+ b)` with frozen `W` [out, in] and optional frozen `b` [out].
 #[derive(Debug, Clone)]
 pub struct FrozenLinear {
-    weight: Tensor,
+    weight: FrozenWeight,
     bias: Option<Tensor>,
 }
 
@@ -23,13 +257,21 @@ impl FrozenLinear {
         if weight.rank() != 2 {
             bail!("a linear weight must be 2-D, got {:?}", weight.shape());
         }
-        let weight = weight.detach().contiguous()?;
+        Self::from_weight(FrozenWeight::Dense(weight.detach().contiguous()?), bias)
+    }
+
+    /// A linear over a dense or quantized weight.
+    pub fn from_weight(weight: FrozenWeight, bias: Option<Tensor>) -> Result<Self> {
+        let weight = match weight {
+            FrozenWeight::Dense(t) => FrozenWeight::Dense(t.detach().contiguous()?),
+            quantized => quantized,
+        };
         let bias = bias.map(|b| b.detach());
         Ok(Self { weight, bias })
     }
 
     /// [out, in].
-    pub fn weight(&self) -> &Tensor {
+    pub fn weight(&self) -> &FrozenWeight {
         &self.weight
     }
 
@@ -38,11 +280,11 @@ impl FrozenLinear {
     }
 
     pub fn in_features(&self) -> usize {
-        self.weight.dims()[1]
+        self.weight.dims2().map_or(0, |(_, i)| i)
     }
 
     pub fn out_features(&self) -> usize {
-        self.weight.dims()[0]
+        self.weight.dims2().map_or(0, |(o, _)| o)
     }
 
     /// `x` [..., in] → [..., out], in the weight's dtype.
@@ -56,11 +298,17 @@ impl FrozenLinear {
             None => Ok(y),
         }
     }
+
+    /// `grad` [m, out] · `W` [out, in] → [m, in] in the weight's dtype: the input gradient of the product, without
+    /// a graph (the LM head's log-prob gradient, [`FrozenMatmul`]'s backward).
+    pub fn input_gradient(&self, grad: &Tensor) -> Result<Tensor> {
+        self.weight.input_gradient(grad)
+    }
 }
 
 /// The custom op behind [`FrozenLinear`]: `x` [..., in] ↦ `x Wᵀ` [..., out].
 pub struct FrozenMatmul {
-    weight: Tensor,
+    weight: FrozenWeight,
 }
 
 /// GEMM shapes and layouts: `x` viewed as [m, k] and `W` as the transposed view [k, n].
@@ -118,11 +366,12 @@ impl CustomOp1 for FrozenMatmul {
 
     fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> Result<(CpuStorage, Shape)> {
         self.check_dtype(x.dtype())?;
-        let (w_storage, w_layout) = self.weight.storage_and_layout();
+        let weight = self.weight.dense()?;
+        let (w_storage, w_layout) = weight.storage_and_layout();
         let Storage::Cpu(w) = &*w_storage else {
             bail!(
                 "frozen-linear: input on the CPU, weight on {:?}",
-                self.weight.device().location()
+                weight.device().location()
             );
         };
         let p = self.plan(x_layout, w_layout)?;
@@ -132,11 +381,12 @@ impl CustomOp1 for FrozenMatmul {
 
     fn cuda_fwd(&self, x: &CudaStorage, x_layout: &Layout) -> Result<(CudaStorage, Shape)> {
         self.check_dtype(x.dtype())?;
-        let (w_storage, w_layout) = self.weight.storage_and_layout();
+        let weight = self.weight.dense()?;
+        let (w_storage, w_layout) = weight.storage_and_layout();
         let Storage::Cuda(w) = &*w_storage else {
             bail!(
                 "frozen-linear: input on CUDA, weight on {:?}",
-                self.weight.device().location()
+                weight.device().location()
             );
         };
         let p = self.plan(x_layout, w_layout)?;
@@ -146,11 +396,12 @@ impl CustomOp1 for FrozenMatmul {
 
     fn metal_fwd(&self, x: &MetalStorage, x_layout: &Layout) -> Result<(MetalStorage, Shape)> {
         self.check_dtype(x.dtype())?;
-        let (w_storage, w_layout) = self.weight.storage_and_layout();
+        let weight = self.weight.dense()?;
+        let (w_storage, w_layout) = weight.storage_and_layout();
         let Storage::Metal(w) = &*w_storage else {
             bail!(
                 "frozen-linear: input on Metal, weight on {:?}",
-                self.weight.device().location()
+                weight.device().location()
             );
         };
         let p = self.plan(x_layout, w_layout)?;
@@ -160,10 +411,10 @@ impl CustomOp1 for FrozenMatmul {
 
     /// Only the input gradient: `grad` [..., out] · `W` [out, in]. The weight is frozen, so no weight gradient.
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let n = self.weight.dims()[0];
+        let (n, _) = self.weight.dims2()?;
         let m = grad_res.elem_count() / n.max(1);
         let grad = grad_res.contiguous()?.reshape((m, n))?;
-        let grad_in = grad.to_dtype(self.weight.dtype())?.matmul(&self.weight)?;
+        let grad_in = self.weight.input_gradient(&grad)?;
         Ok(Some(grad_in.reshape(arg.shape())?.to_dtype(arg.dtype())?))
     }
 }

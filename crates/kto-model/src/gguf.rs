@@ -7,6 +7,7 @@
 use crate::config::{ModelConfig, ModelType, RopeScaling};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
@@ -270,6 +271,77 @@ impl GgufFile {
         }
         Ok(tensors)
     }
+
+    /// The GGUF tensor stored for Hugging Face name `hf`, with the head count its rows are permuted by (q, k).
+    fn gguf_source(&self, hf: &str, config: &ModelConfig) -> Option<(&str, Option<usize>)> {
+        self.content.tensor_infos.keys().find_map(|name| {
+            hf_name(name, config)
+                .filter(|(h, _)| h == hf)
+                .map(|(_, heads)| (name.as_str(), heads))
+        })
+    }
+
+    /// Whether the file stores a tensor that becomes Hugging Face tensor `hf`.
+    pub fn has_hf_tensor(&self, hf: &str, config: &ModelConfig) -> bool {
+        self.gguf_source(hf, config).is_some()
+    }
+
+    /// Hugging Face tensor `hf` in the file's own block type on the CPU, q/k rows un-permuted (rows are whole
+    /// blocks, so that moves bytes and changes no value).
+    pub fn hf_quantized_tensor(&self, hf: &str, config: &ModelConfig) -> Result<QTensor> {
+        let (name, heads) = self.gguf_source(hf, config).ok_or_else(|| {
+            anyhow!(
+                "{}: no tensor for `{hf}` (GGUF names: llama.cpp's convert_hf_to_gguf.py mapping)",
+                self.path.display()
+            )
+        })?;
+        let file = File::open(&self.path)
+            .with_context(|| format!("cannot open {}", self.path.display()))?;
+        let blocks = self
+            .content
+            .tensor(&mut BufReader::new(file), name, &Device::Cpu)
+            .map_err(|e| anyhow!("{}: tensor `{name}`: {e}", self.path.display()))?;
+        match heads {
+            Some(heads) => unpermute_block_rows(&blocks, heads)
+                .with_context(|| format!("{}: tensor `{name}`", self.path.display())),
+            None => Ok(blocks),
+        }
+    }
+
+    /// Hugging Face tensor `hf` dequantized to f32 on the CPU, q/k rows un-permuted (one tensor of
+    /// [`GgufFile::hf_tensors`], read alone).
+    pub fn hf_tensor(&self, hf: &str, config: &ModelConfig) -> Result<Tensor> {
+        self.hf_quantized_tensor(hf, config)?
+            .dequantize(&Device::Cpu)
+            .map_err(|e| anyhow!("{}: tensor `{hf}`: {e}", self.path.display()))
+    }
+}
+
+/// [`unpermute_rows`] on quantized rows: each row's bytes move whole.
+fn unpermute_block_rows(blocks: &QTensor, heads: usize) -> Result<QTensor> {
+    let rows = blocks.shape().dims()[0];
+    // Where each output row comes from: the permutation applied to the row indices themselves.
+    let order = unpermute_rows(
+        &Tensor::arange(0u32, rows as u32, &Device::Cpu)?
+            .to_dtype(candle_core::DType::F64)?
+            .reshape((rows, 1))?,
+        heads,
+    )?
+    .flatten_all()?
+    .to_vec1::<f64>()?;
+    let data = blocks.data()?;
+    let row_bytes = data.len() / rows.max(1);
+    let mut permuted = Vec::with_capacity(data.len());
+    for source in order {
+        let source = source as usize;
+        permuted.extend_from_slice(&data[source * row_bytes..(source + 1) * row_bytes]);
+    }
+    let storage = candle_core::quantized::QStorage::from_data(
+        std::borrow::Cow::Owned(permuted),
+        &Device::Cpu,
+        blocks.dtype(),
+    )?;
+    Ok(QTensor::new(storage, blocks.shape().clone())?)
 }
 
 /// The Hugging Face name of a GGUF tensor, and the head count to un-permute its rows with (q and k only).

@@ -7,12 +7,12 @@
 //! autograd keeps their inputs and nothing of their insides. Base weights are frozen ([`FrozenLinear`]: no weight
 //! gradient is computed).
 
+use crate::base_weights::BaseWeights;
 use crate::config::ModelConfig;
-use crate::frozen_linear::FrozenLinear;
+use crate::frozen_linear::{FrozenLinear, FrozenWeight};
 use crate::lora::{DropoutSource, LoraAdapter, LoraTarget};
 use anyhow::{Context, Result};
 use candle_core::{DType, Tensor};
-use candle_nn::VarBuilder;
 use kto_kernels::attention::{attention, AttentionMask};
 use std::sync::Arc;
 
@@ -86,7 +86,7 @@ pub(crate) struct FusedLinear {
 
 impl FusedLinear {
     fn load(
-        vb: &VarBuilder,
+        vb: &BaseWeights,
         config: &ModelConfig,
         layer: usize,
         targets: &[LoraTarget],
@@ -99,19 +99,15 @@ impl FusedLinear {
         for &target in targets {
             let (fan_in, fan_out) = target.shape(config);
             let module = vb.pp(target.module_name());
-            weights.push(module.get((fan_out, fan_in), "weight")?);
+            weights.push(module.matrix("weight", (fan_out, fan_in))?);
             if bias {
-                biases.push(module.get(fan_out, "bias")?);
+                biases.push(module.dense("bias", fan_out)?);
             }
             modules.push((target, column, fan_out));
             column += fan_out;
         }
         // One copy of the weights, concatenated (the per-module tensors are dropped: no second copy in memory).
-        let weight = if weights.len() == 1 {
-            weights.remove(0)
-        } else {
-            Tensor::cat(&weights, 0)?
-        };
+        let weight = FrozenWeight::stack_rows(weights)?;
         let bias = match biases.len() {
             0 => None,
             1 => Some(biases.remove(0)),
@@ -119,7 +115,7 @@ impl FusedLinear {
         };
         Ok(Self {
             layer,
-            base: FrozenLinear::new(weight, bias)?,
+            base: FrozenLinear::from_weight(weight, bias)?,
             modules,
         })
     }
@@ -298,23 +294,36 @@ impl Attention {
 }
 
 impl DecoderLayer {
-    pub(crate) fn load(vb: &VarBuilder, config: &ModelConfig, index: usize) -> Result<Self> {
+    pub(crate) fn load(vb: &BaseWeights, config: &ModelConfig, index: usize) -> Result<Self> {
         let h = config.hidden_size;
         let attn = vb.pp("self_attn");
         let mlp = vb.pp("mlp");
         use LoraTarget::*;
         Ok(Self {
-            input_layernorm: vb.pp("input_layernorm").get(h, "weight")?,
+            input_layernorm: vb.pp("input_layernorm").dense("weight", h)?,
             attn: Attention {
                 qkv: FusedLinear::load(&attn, config, index, &[Q, K, V], config.qkv_bias)?,
                 o: FusedLinear::load(&attn, config, index, &[O], config.o_bias)?,
             },
-            post_attention_layernorm: vb.pp("post_attention_layernorm").get(h, "weight")?,
+            post_attention_layernorm: vb.pp("post_attention_layernorm").dense("weight", h)?,
             mlp: Mlp {
                 gate_up: FusedLinear::load(&mlp, config, index, &[Gate, Up], config.mlp_bias)?,
                 down: FusedLinear::load(&mlp, config, index, &[Down], config.mlp_bias)?,
             },
         })
+    }
+
+    /// Bytes of the layer's frozen weights in memory.
+    pub(crate) fn weight_bytes(&self) -> usize {
+        let dense = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let linear =
+            |l: &FusedLinear| l.base.weight().storage_bytes() + l.base.bias().map_or(0, dense);
+        dense(&self.input_layernorm)
+            + dense(&self.post_attention_layernorm)
+            + linear(&self.attn.qkv)
+            + linear(&self.attn.o)
+            + linear(&self.mlp.gate_up)
+            + linear(&self.mlp.down)
     }
 
     /// Pre-norm attention and MLP, each added to the residual stream.

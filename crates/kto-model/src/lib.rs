@@ -24,6 +24,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod base_weights;
 pub mod config;
 pub mod device;
 pub mod files;
@@ -44,9 +45,10 @@ mod recompute;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
+pub use base_weights::Quantization;
 pub use config::{ModelConfig, ModelType, RopeScaling};
 pub use device::{open_device, parse_dtype, DeviceSpec};
-pub use frozen_linear::FrozenLinear;
+pub use frozen_linear::{FrozenLinear, FrozenWeight};
 pub use generate::{generate, Generation, GenerationOptions, StopReason};
 pub use kto_data::batch::SequenceBatch;
 pub use llama::{AdapterChoice, KvCache, LlamaModel, ModelOptions};

@@ -3,8 +3,9 @@
 //! over batches packed without padding ([`crate::layout`]) or right-padded, KL sequences run as continuations of
 //! their targets' prompts ([`crate::kl_continuation`]), and KV-cache steps for generation.
 
+use crate::base_weights::{BaseWeights, Quantization};
 use crate::config::ModelConfig;
-use crate::frozen_linear::FrozenLinear;
+use crate::frozen_linear::{FrozenLinear, FrozenWeight};
 use crate::kl_continuation::KlContinuation;
 use crate::layer::{AttentionSegment, DecoderLayer, LayerContext, LayerKv, Pass};
 use crate::layout::TokenLayout;
@@ -15,7 +16,6 @@ use crate::recompute::SideGrads;
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use kto_data::batch::SequenceBatch;
 use kto_kernels::attention::AttentionMask;
 use std::sync::Arc;
@@ -116,10 +116,13 @@ pub struct LlamaModel {
     config: ModelConfig,
     device: Device,
     dtype: DType,
-    embed_tokens: Tensor,
+    quantization: Quantization,
+    embed_tokens: FrozenWeight,
     layers: Vec<DecoderLayer>,
     norm: Tensor,
     lm_head: FrozenLinear,
+    /// The LM head is the embedding's storage.
+    tied_head: bool,
     inv_freq: Tensor,
     policy: Option<Arc<LoraAdapter>>,
     reference: Option<Arc<LoraAdapter>>,
@@ -157,21 +160,36 @@ impl ModelKv<'_> {
 }
 
 impl LlamaModel {
-    /// Loads the base weights of `checkpoint` in `dtype` on `device` (memory-mapped; one copy on the device).
+    /// Loads the base weights of `checkpoint` in `dtype` on `device`, dense (one copy on the device).
     pub fn load(checkpoint: &ModelFiles, dtype: DType, device: &Device) -> Result<Self> {
-        let vb = checkpoint.var_builder(dtype, device)?;
-        Self::from_var_builder(checkpoint.config.clone(), vb)
+        Self::load_quantized(checkpoint, dtype, device, Quantization::None)
+    }
+
+    /// Loads the base weights of `checkpoint`, its matrices held as `quantization` says and computed with in
+    /// `dtype`; read one tensor at a time, so the base is never held twice.
+    pub fn load_quantized(
+        checkpoint: &ModelFiles,
+        dtype: DType,
+        device: &Device,
+        quantization: Quantization,
+    ) -> Result<Self> {
+        let weights = BaseWeights::open(checkpoint, dtype, device, quantization)?;
+        Self::from_weights(checkpoint.config.clone(), weights, quantization)
             .with_context(|| format!("loading the weights of {}", checkpoint.source().display()))
     }
 
-    pub fn from_var_builder(config: ModelConfig, vb: VarBuilder) -> Result<Self> {
+    fn from_weights(
+        config: ModelConfig,
+        vb: BaseWeights,
+        quantization: Quantization,
+    ) -> Result<Self> {
         let device = vb.device().clone();
         let dtype = vb.dtype();
         let h = config.hidden_size;
         let model_vb = vb.pp("model");
         let embed_tokens = model_vb
             .pp("embed_tokens")
-            .get((config.vocab_size, h), "weight")?;
+            .matrix("weight", (config.vocab_size, h))?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for index in 0..config.num_hidden_layers {
             layers.push(DecoderLayer::load(
@@ -180,20 +198,23 @@ impl LlamaModel {
                 index,
             )?);
         }
-        let norm = model_vb.pp("norm").get(h, "weight")?;
-        let lm_head_weight = if config.tie_word_embeddings && !vb.contains_tensor("lm_head.weight")
-        {
+        let norm = model_vb.pp("norm").dense("weight", h)?;
+        // A tied head shares the embedding's storage (dense or quantized): one copy.
+        let tied_head = config.tie_word_embeddings && !vb.contains("lm_head.weight");
+        let lm_head_weight = if tied_head {
             embed_tokens.clone()
         } else {
-            vb.pp("lm_head").get((config.vocab_size, h), "weight")?
+            vb.pp("lm_head").matrix("weight", (config.vocab_size, h))?
         };
         let inv_freq = Tensor::new(config.rope_inv_freq(), &device)?;
         let dropout = DropoutSource::new(0, &device)?;
         Ok(Self {
-            lm_head: FrozenLinear::new(lm_head_weight, None)?,
+            lm_head: FrozenLinear::from_weight(lm_head_weight, None)?,
+            tied_head,
             config,
             device,
             dtype,
+            quantization,
             embed_tokens,
             layers,
             norm,
@@ -217,6 +238,23 @@ impl LlamaModel {
 
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// How the base's matrices are held (`[model] quantize`).
+    pub fn quantization(&self) -> Quantization {
+        self.quantization
+    }
+
+    /// Bytes of the frozen base weights in memory (the tied head counted once).
+    pub fn base_weight_bytes(&self) -> usize {
+        let dense = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let layers: usize = self.layers.iter().map(DecoderLayer::weight_bytes).sum();
+        let head = if self.tied_head {
+            0
+        } else {
+            self.lm_head.weight().storage_bytes()
+        };
+        self.embed_tokens.storage_bytes() + layers + dense(&self.norm) + head
     }
 
     /// Installs the trained adapter (its `Var`s are what the optimizer updates).
@@ -565,11 +603,10 @@ impl LlamaModel {
     fn run_layers(&self, layout: &TokenLayout, pass: Pass, mut kv: ModelKv) -> Result<Tensor> {
         let (rows, width) = (layout.tensor_rows, layout.width);
         let ids = Tensor::from_slice(&layout.ids, rows * width, &self.device)?;
-        let mut x = self.embed_tokens.index_select(&ids, 0)?.reshape((
-            rows,
-            width,
-            self.config.hidden_size,
-        ))?;
+        let mut x =
+            self.embed_tokens
+                .gather_rows(&ids)?
+                .reshape((rows, width, self.config.hidden_size))?;
         let context = LayerContext {
             mask: AttentionMask::from_ranges(layout.key_ranges.clone(), rows, width, &self.device)?,
             positions: Tensor::from_slice(&layout.positions, (rows, width), &self.device)?,

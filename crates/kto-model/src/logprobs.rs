@@ -114,7 +114,7 @@ pub(crate) fn completion_logps(
                 let grad_logits = logprob_backward(&logits, &target, &column(LSE)?, &ones)?;
                 drop(logits);
                 // d log p(target) / d h = Wᵀ (onehot − softmax), with the GEMM in the model dtype as torch does.
-                let jacobian = grad_logits.matmul(lm_head.weight())?.to_dtype(DType::F32)?;
+                let jacobian = lm_head.input_gradient(&grad_logits)?.to_dtype(DType::F32)?;
                 let surrogate = h.to_dtype(DType::F32)?.mul(&jacobian)?.sum(1)?;
                 (target_logp + (&surrogate - surrogate.detach())?)?
             } else {

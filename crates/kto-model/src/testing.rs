@@ -197,11 +197,22 @@ impl TinyModel {
 
     /// Writes `config.json` and the weights into `dir`: one `model.safetensors`, or `shards` files with an index.
     pub fn write(&self, dir: &Path, seed: u64, shards: usize) -> Result<()> {
+        self.write_weights(dir, &self.random_weights(seed)?, shards)
+    }
+
+    /// Writes `config.json` and `weights` (this model's tensors, e.g. [`dequantized_twin`]s of its random ones)
+    /// into `dir`, as [`TinyModel::write`] does.
+    pub fn write_weights(
+        &self,
+        dir: &Path,
+        weights: &[(String, Tensor)],
+        shards: usize,
+    ) -> Result<()> {
         std::fs::create_dir_all(dir)?;
         let mut config = serde_json::to_string_pretty(&self.config_json())?;
         config.push('\n');
         write_atomic(&dir.join("config.json"), config.as_bytes())?;
-        let weights = self.random_weights(seed)?;
+        let weights = weights.to_vec();
         if shards <= 1 {
             return write_safetensors(&dir.join("model.safetensors"), &weights, pt_metadata());
         }
@@ -261,4 +272,24 @@ pub fn with_fixture_adapter(checkpoint: &crate::ModelFiles) -> Result<crate::Lla
     )?;
     model.set_policy_adapter(Some(adapter))?;
     Ok(model)
+}
+
+/// `weights` with every matrix (2-D tensor) quantized to `block_type` and dequantized back, vectors as they are:
+/// the dense twin of a base that `[model] quantize` holds in `block_type`.
+pub fn dequantized_twin(
+    weights: &[(String, Tensor)],
+    block_type: candle_core::quantized::GgmlDType,
+) -> Result<Vec<(String, Tensor)>> {
+    weights
+        .iter()
+        .map(|(name, tensor)| {
+            let tensor = if tensor.rank() == 2 {
+                candle_core::quantized::QTensor::quantize(tensor, block_type)?
+                    .dequantize(&Device::Cpu)?
+            } else {
+                tensor.clone()
+            };
+            Ok((name.clone(), tensor))
+        })
+        .collect()
 }

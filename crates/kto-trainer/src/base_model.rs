@@ -1,5 +1,5 @@
 //! The one way from a config's `[model]` to a loaded base model: locate the checkpoint, open the device, load the
-//! weights in the config's dtype with the config's [`ModelOptions`], read the tokenizer. `kto train` / `kto eval`
+//! weights in the config's dtype (held as `quantize` says) with the config's [`ModelOptions`], read the tokenizer. `kto train` / `kto eval`
 //! ([`crate::from_config::load_model`]) and `kto generate` / `kto chat` install their adapters on top of it.
 
 use std::path::Path;
@@ -31,10 +31,16 @@ impl BaseModel {
         Self::from_checkpoint(config, ModelFiles::locate(&spec.to_string_lossy())?)
     }
 
-    /// Loads `checkpoint` (already located) on `[model] device` in `[model] dtype`.
+    /// Loads `checkpoint` (already located) on `[model] device` in `[model] dtype`, its matrices held as
+    /// `[model] quantize` says.
     pub fn from_checkpoint(config: &Config, checkpoint: ModelFiles) -> Result<Self> {
         let device = kto_model::open_device(&config.model.device)?;
-        let mut model = LlamaModel::load(&checkpoint, config.model.dtype.into(), &device)?;
+        let mut model = LlamaModel::load_quantized(
+            &checkpoint,
+            config.model.dtype.into(),
+            &device,
+            config.model.quantize,
+        )?;
         model.set_options(model_options(config));
         let tokenizer = checkpoint.tokenizer()?;
         Ok(Self {

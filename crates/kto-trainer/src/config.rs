@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 /// Every section and its keys, in printing order. Used for unknown-key errors and `--print-config`.
 pub const SECTIONS: &[(&str, &[&str])] = &[
-    ("model", &["path", "dtype", "device"]),
+    ("model", &["path", "dtype", "quantize", "device"]),
     (
         "lora",
         &[
@@ -91,6 +91,16 @@ pub const SECTIONS: &[(&str, &[&str])] = &[
 
 /// What a key costs and saves, shown above it by `--print-config` (keys whose trade-off is not obvious).
 const KEY_NOTES: &[(&str, &str, &str)] = &[
+    (
+        "model",
+        "quantize",
+        "How the frozen base's matrices (projections, embedding, LM head) are held: \"none\" (dense in dtype),\n\
+         \"keep\" (a .gguf base keeps its file's block types), or a type to quantize to at load: \"q8_0\", \"q4_0\",\n\
+         \"q4_k\", \"q5_k\", \"q6_k\" (QLoRA's load_in_4bit; k-quants need rows of 256 values, the others 32).\n\
+         Each product dequantizes its weight, so the numbers are those of a dense base holding the dequantized values;\n\
+         the cost is a dequantization per product. Norms, biases and the f32 LoRA weights stay dense. Unlike\n\
+         bitsandbytes, the embedding and LM head are quantized too. A resumed run must keep the same value.",
+    ),
     (
         "data",
         "train_file",
@@ -173,6 +183,8 @@ pub struct ModelSection {
     /// A model folder, or a hub id found in the local Hugging Face cache.
     pub path: Option<PathBuf>,
     pub dtype: Dtype,
+    /// How the base's matrices are held: dense, the GGUF file's blocks, or quantized at load.
+    pub quantize: kto_model::Quantization,
     /// `cpu | cuda | cuda:N | auto`.
     pub device: String,
 }
@@ -182,6 +194,7 @@ impl Default for ModelSection {
         Self {
             path: None,
             dtype: Dtype::F32,
+            quantize: kto_model::Quantization::None,
             device: "cpu".into(),
         }
     }
@@ -1087,5 +1100,39 @@ mod tests {
         assert_eq!(parse(&printed).unwrap(), c);
         let set: Override = "train.gradient_checkpointing=true".parse().unwrap();
         assert_eq!(set.key, "gradient_checkpointing");
+    }
+
+    #[test]
+    fn quantize_is_read_printed_and_refused_with_the_allowed_values() {
+        assert_eq!(
+            Config::default().model.quantize,
+            kto_model::Quantization::None
+        );
+        let c = parse("[model]\nquantize = \"q4_k\"\n").unwrap();
+        assert_eq!(
+            c.model.quantize,
+            kto_model::Quantization::To(candle_core::quantized::GgmlDType::Q4K)
+        );
+        let printed = c.to_toml_string();
+        let at = printed
+            .find("quantize = \"q4_k\"")
+            .expect("the key printed");
+        assert!(
+            printed[..at].contains("# How the frozen base's matrices"),
+            "{printed}"
+        );
+        assert_eq!(parse(&printed).unwrap(), c);
+        let error = format!("{:#}", parse("[model]\nquantize = \"nf4\"\n").unwrap_err());
+        assert!(
+            error.contains("quantize")
+                && error.contains("\"nf4\"")
+                && error.contains(
+                    "\"none\", \"keep\", \"q8_0\", \"q4_0\", \"q4_k\", \"q5_k\", \"q6_k\""
+                ),
+            "{error}"
+        );
+        let set: Override = "model.quantize=keep".parse().unwrap();
+        let c = Config::from_toml_str("", Path::new("/cfg"), &[set]).unwrap();
+        assert_eq!(c.model.quantize, kto_model::Quantization::Keep);
     }
 }
