@@ -27,6 +27,9 @@ fn with_tensorboard(cmd: Command) -> Command {
     with_evaluation_on_fixture(cmd, &sets)
 }
 
+/// Each tag's (step, f32 value) points in logging order; NaN (null in metrics.jsonl) as None.
+type Scalars = BTreeMap<String, Vec<(i64, Option<f32>)>>;
+
 /// transformers' `rewrite_logs`, written out again so that kto's writer is checked against the rule, not itself.
 fn transformers_tag(key: &str) -> String {
     match key.strip_prefix("eval_") {
@@ -35,9 +38,9 @@ fn transformers_tag(key: &str) -> String {
     }
 }
 
-/// What TensorBoard must show for `rows`: each tag's (step, f32 value) in logging order; NaN (null) as None.
-fn expected_scalars(rows: &[Map<String, Value>]) -> BTreeMap<String, Vec<(i64, Option<f32>)>> {
-    let mut scalars: BTreeMap<String, Vec<(i64, Option<f32>)>> = BTreeMap::new();
+/// What TensorBoard must show for `rows`.
+fn expected_scalars(rows: &[Map<String, Value>]) -> Scalars {
+    let mut scalars: Scalars = BTreeMap::new();
     for row in rows {
         let step = row["step"].as_i64().unwrap();
         for (key, value) in row.iter().filter(|(key, _)| key.as_str() != "step") {
@@ -64,13 +67,13 @@ fn the_event_file(dir: &Path) -> (PathBuf, PathBuf) {
 }
 
 /// The scalars of an event file as kto's reader decodes them (every frame's CRCs checked).
-fn scalars_read_by_kto(file: &Path) -> BTreeMap<String, Vec<(i64, Option<f32>)>> {
+fn scalars_read_by_kto(file: &Path) -> Scalars {
     let events = read_events(file).unwrap();
     assert_eq!(
         events[0].what,
         Some(What::FileVersion("brain.Event:2".into()))
     );
-    let mut scalars: BTreeMap<String, Vec<(i64, Option<f32>)>> = BTreeMap::new();
+    let mut scalars: Scalars = BTreeMap::new();
     for event in &events[1..] {
         let Some(What::Summary(summary)) = &event.what else {
             panic!("not a summary: {event:?}");
@@ -108,10 +111,7 @@ fn tensorboard_python() -> Option<String> {
 }
 
 /// The scalars TensorBoard's own reader finds in `logdir`, and the event files it read.
-fn scalars_read_by_tensorboard(
-    python: &str,
-    logdir: &Path,
-) -> (Vec<String>, BTreeMap<String, Vec<(i64, Option<f32>)>>) {
+fn scalars_read_by_tensorboard(python: &str, logdir: &Path) -> (Vec<String>, Scalars) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/read-tensorboard.py");
     let out = Command::new(python)
         .arg(&script)
@@ -151,7 +151,7 @@ fn event_files_equal_metrics_and_a_resumed_run_logs_each_step_once() {
     assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
     let (logdir, file) = the_event_file(dir.path());
     let logged = scalars_read_by_kto(&file);
-    let steps = |scalars: &BTreeMap<String, Vec<(i64, Option<f32>)>>, tag: &str| -> Vec<i64> {
+    let steps = |scalars: &Scalars, tag: &str| -> Vec<i64> {
         scalars[tag].iter().map(|(step, _)| *step).collect()
     };
     assert_eq!(steps(&logged, "train/loss"), (1..=7).collect::<Vec<_>>());

@@ -873,7 +873,7 @@ mod tests {
         let out = tempfile::tempdir()?;
         let lock = RunLock::acquire(out.path())?;
         let row = step_row(1);
-        lock.reset_metrics(&[row.clone()], &no_tensorboard())?;
+        lock.reset_metrics(std::slice::from_ref(&row), &no_tensorboard())?;
         lock.append_metrics(&row)?;
         assert_eq!(
             lock.run_dir().read_metrics()?,
