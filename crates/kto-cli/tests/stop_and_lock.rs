@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     adapter_bytes, deterministic, kto_warn, metrics_rows, run_folder, run_to_end, stderr,
-    train_command, uninterrupted_run, MAX_STEPS,
+    train_command, uninterrupted_run, with_evaluation_on_fixture, MAX_STEPS,
 };
 use kto_data::testing::trl_fixture;
 use rand::rngs::StdRng;
@@ -25,21 +25,14 @@ const SEED: u64 = 20261203;
 /// The fixture run with held-out evaluation every 4 steps (2 batches of 8 and 4 samples), the reference log-probs
 /// precomputed (6 train + 2 eval batches, batches in dataset order) and a checkpoint only every 5 steps: a stop
 /// must save on its own.
-fn with_evaluation(mut cmd: Command) -> Command {
-    let eval_file = format!(
-        "data.eval_file={}",
-        trl_fixture().join("data.jsonl").display()
-    );
-    for set in [
-        eval_file.as_str(),
+fn with_evaluation(cmd: Command) -> Command {
+    let sets = [
         "train.eval_steps=4",
         "train.save_steps=5",
         "kto.precompute_ref_log_probs=true",
         "train.shuffle=false", // precomputed KL pairs need the dataset order
-    ] {
-        cmd.args(["--set", set]);
-    }
-    cmd
+    ];
+    with_evaluation_on_fixture(cmd, &sets)
 }
 
 /// Every file and folder under `dir`, recursively.
@@ -71,9 +64,10 @@ fn files_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
         .collect()
 }
 
-/// The files two runs must agree on byte for byte: all but metrics.jsonl, curves and trainer_state.json, which hold
-/// wall-clock figures (runtime, samples per second; compared without them through `metrics_rows`), and the
-/// manifests that hold their checksums.
+/// The files two runs must agree on byte for byte: all but metrics.jsonl, curves, trainer_state.json and the
+/// TensorBoard event files, which hold wall-clock figures (runtime, samples per second, wall times; compared
+/// without them through `metrics_rows`, the event files in tests/tensorboard.rs), and the manifests that hold their
+/// checksums.
 fn deterministic_files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     files_under(dir)
         .into_iter()
@@ -81,6 +75,7 @@ fn deterministic_files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
             let name = rel.file_name().unwrap().to_string_lossy();
             !["metrics.jsonl", "trainer_state.json", "manifest.json"].contains(&name.as_ref())
                 && !name.starts_with("curves.")
+                && !name.contains("tfevents")
         })
         .collect()
 }

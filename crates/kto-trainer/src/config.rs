@@ -85,6 +85,8 @@ pub const SECTIONS: &[(&str, &[&str])] = &[
             "save_steps",
             "save_total_limit",
             "overwrite_output_dir",
+            "report_to",
+            "logging_dir",
         ],
     ),
 ];
@@ -137,6 +139,21 @@ const KEY_NOTES: &[(&str, &str, &str)] = &[
          SmolLM2-135M shape on CPU (docs/PERFORMANCE.md): peak memory -55 %, step time about 1.5x. Off by default\n\
          (TRL's default is true): kto without it already holds less than half of TRL's memory.",
     ),
+    (
+        "train",
+        "report_to",
+        "transformers' report_to: where the logged rows go besides metrics.jsonl. \"tensorboard\" (kto's one\n\
+         integration; \"all\" means it too) writes TensorBoard event files with transformers' tags (train/loss,\n\
+         eval/loss, ...) at each log; \"none\" or [] writes none. transformers 5 defaults to \"none\" so as not to start\n\
+         remote trackers unasked; a local file needs no account, so kto writes it unless told not to.",
+    ),
+    (
+        "train",
+        "logging_dir",
+        "The TensorBoard folder (`tensorboard --logdir` it or a folder above). Not set: TENSORBOARD_LOGGING_DIR (as\n\
+         transformers 5 reads it), else transformers' output_dir/runs/<Mon DD_HH-MM-SS>_<host>, named when the run\n\
+         starts; --resume continues the event file there, without repeating a step.",
+    ),
 ];
 
 /// Keys holding paths, resolved against the config file's folder.
@@ -146,6 +163,7 @@ const PATH_KEYS: &[(&str, &str)] = &[
     ("data", "train_file"),
     ("data", "eval_file"),
     ("train", "output_dir"),
+    ("train", "logging_dir"),
 ];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -435,6 +453,89 @@ pub struct TrainSection {
     pub save_total_limit: usize,
     /// transformers' name: a fresh run removes an earlier run's files from `output_dir` instead of refusing it.
     pub overwrite_output_dir: bool,
+    /// transformers' `report_to`: the integrations the logged rows go to besides metrics.jsonl.
+    pub report_to: ReportTo,
+    /// The TensorBoard folder; `None`: `TENSORBOARD_LOGGING_DIR`, else `output_dir/runs/<start>_<host>`
+    /// ([`crate::run_dir::RunDir::logging_dir`]).
+    pub logging_dir: Option<PathBuf>,
+}
+
+/// transformers' `report_to`, a string or a list of strings: `"tensorboard"`, `"all"` (the integrations there are:
+/// kto has only TensorBoard) and `"none"`; held as the list of integrations, as `TrainingArguments` normalizes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportTo(Vec<Integration>);
+
+/// An integration kto reports to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Integration {
+    Tensorboard,
+}
+
+impl ReportTo {
+    pub const NONE: ReportTo = ReportTo(Vec::new());
+
+    pub fn tensorboard() -> ReportTo {
+        ReportTo(vec![Integration::Tensorboard])
+    }
+
+    pub fn includes(&self, integration: Integration) -> bool {
+        self.0.contains(&integration)
+    }
+
+    /// One value of the key (alone or in the list); `None` for `"none"`.
+    fn parse_one(name: &str) -> std::result::Result<Option<Integration>, String> {
+        match name {
+            "tensorboard" | "all" => Ok(Some(Integration::Tensorboard)),
+            "none" => Ok(None),
+            other => Err(format!(
+                "unknown integration \"{other}\": allowed values are \"tensorboard\", \"all\" (kto's integrations: \
+                 tensorboard) and \"none\", or a list of them"
+            )),
+        }
+    }
+}
+
+impl Serialize for ReportTo {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let names: Vec<&str> = self
+            .0
+            .iter()
+            .map(|i| match i {
+                Integration::Tensorboard => "tensorboard",
+            })
+            .collect();
+        names.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for ReportTo {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(String),
+            Many(Vec<String>),
+        }
+        let names = match OneOrMany::deserialize(d).map_err(|_| {
+            serde::de::Error::custom(
+                "expected a string or a list of strings, e.g. [\"tensorboard\"]",
+            )
+        })? {
+            OneOrMany::One(name) => vec![name],
+            OneOrMany::Many(names) => names,
+        };
+        let mut integrations = Vec::new();
+        for name in &names {
+            if let Some(integration) =
+                ReportTo::parse_one(name).map_err(serde::de::Error::custom)?
+            {
+                if !integrations.contains(&integration) {
+                    integrations.push(integration);
+                }
+            }
+        }
+        Ok(ReportTo(integrations))
+    }
 }
 
 impl Default for TrainSection {
@@ -462,6 +563,8 @@ impl Default for TrainSection {
             save_steps: 0,
             save_total_limit: 0,
             overwrite_output_dir: false,
+            report_to: ReportTo::tensorboard(),
+            logging_dir: None,
         }
     }
 }
@@ -901,6 +1004,58 @@ mod tests {
         );
         let err = parse("[trian]\n").unwrap_err().to_string();
         assert!(err.contains("[trian]") && err.contains("[train]"), "{err}");
+    }
+
+    #[test]
+    fn report_to_reads_as_transformers_normalizes_it() {
+        let report_to = |value: &str| {
+            parse(&format!("[train]\nreport_to = {value}\n")).map(|c| c.train.report_to)
+        };
+        assert_eq!(parse("").unwrap().train.report_to, ReportTo::tensorboard());
+        for tensorboard in [
+            "\"tensorboard\"",
+            "[\"tensorboard\"]",
+            "\"all\"",
+            "[\"all\"]",
+        ] {
+            assert_eq!(
+                report_to(tensorboard).unwrap(),
+                ReportTo::tensorboard(),
+                "{tensorboard}"
+            );
+        }
+        for none in ["\"none\"", "[\"none\"]", "[]"] {
+            assert_eq!(report_to(none).unwrap(), ReportTo::NONE, "{none}");
+        }
+        for (bad, named) in [
+            ("\"wandb\"", "\"wandb\""),
+            ("[\"tensorboard\", \"mlflow\"]", "\"mlflow\""),
+            ("1", "a string"),
+        ] {
+            let err = report_to(bad).unwrap_err().to_string();
+            assert!(
+                err.starts_with("[train] report_to: ")
+                    && err.contains(named)
+                    && (bad == "1" || err.contains("\"tensorboard\", \"all\"")),
+                "{err}"
+            );
+        }
+        // Printed as the list it is, which reads back the same.
+        let none = parse("[train]\nreport_to = \"none\"\n").unwrap();
+        assert!(none.to_toml_string().contains("\nreport_to = []\n"));
+        assert_eq!(parse(&none.to_toml_string()).unwrap(), none);
+        let printed = parse("").unwrap().to_toml_string();
+        assert!(
+            printed.contains("\nreport_to = [\"tensorboard\"]\n"),
+            "{printed}"
+        );
+        assert!(printed.contains("# logging_dir is not set"), "{printed}");
+    }
+
+    #[test]
+    fn logging_dir_is_relative_to_the_config_file() {
+        let c = parse("[train]\nlogging_dir = \"tb/a\"\n").unwrap();
+        assert_eq!(c.train.logging_dir, Some(PathBuf::from("/cfg/tb/a")));
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! - [`from_config`]: `kto train` / `kto eval` from a config → model, adapters, tokenized data, resolved `"auto"` weights, cached reference log-probs →
 //!   [`train::train`] (`kto train`), or → [`evaluate::evaluate_batches`] (`kto eval`).
 //! - [`run_dir`]: the one owner of `output_dir`: its file names, the lock, how a run starts there (refuse,
-//!   `--overwrite`, the checkpoint `--resume` continues from), the `checkpoint-N` folders, metrics.jsonl.
+//!   `--overwrite`, the checkpoint `--resume` continues from), the `checkpoint-N` folders, metrics.jsonl and its
+//!   TensorBoard twin ([`tensorboard`]: event files with transformers' tags, `[train] report_to`).
 //! - [`train`]: the loop, one function that reads top to bottom, over any [`forward::PolicyModel`]
 //!   ([`llama_policy::LoraPolicy`] for `kto-model`'s LoRA Llama).
 //! - The pieces: [`loss`] (KTO / APO-zero-unpaired and TRL's batch metrics), [`optimizer`] (torch's AdamW and
@@ -37,5 +38,6 @@ pub mod reference_cache;
 pub mod run_dir;
 pub mod schedule;
 pub mod stop;
+pub mod tensorboard;
 pub mod train;
 pub mod world;

@@ -1,26 +1,30 @@
 //! The run folder, `[train] output_dir`, and the one owner of everything in it: the names of its files, the lock
 //! that keeps one training process per folder, how a run starts there (refusing an earlier run, `--overwrite`,
 //! the checkpoint `--resume` continues from), the `checkpoint-N` folders (sealed, verified, pruned), the rows of
-//! `metrics.jsonl`, and where `kto eval` and `kto plot` write.
+//! `metrics.jsonl` and their TensorBoard twin (`[train] report_to`, `logging_dir`), and where `kto eval` and `kto plot`
+//! write.
 //!
 //! [`RunDir`] names and reads; anyone may hold one (`kto plot`, `kto eval` read a folder a training process holds).
 //! [`RunLock`] is the held lock and the only way to write: [`RunLock::begin`] chooses how the run starts (the
 //! earlier-run guard and the resume choice, run once), then the trainer writes through it.
 //!
 //! What goes *into* a checkpoint (adapter, trainable tensors, optimizer, trainer state) and the manifest format are
-//! [`crate::checkpoint`]'s; the rows' format is [`crate::metrics`]'s.
+//! [`crate::checkpoint`]'s; the rows' format is [`crate::metrics`]'s, the event files' [`crate::tensorboard`]'s.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
 use kto_data::atomic;
 use serde_json::{Map, Value};
 
 use crate::checkpoint::{self, MANIFEST};
-use crate::config::Config;
+use crate::config::{Config, Integration, TrainSection};
 use crate::metrics;
+use crate::tensorboard::{self, EventFile};
 
 /// One JSON object a line: the training rows, then the evaluation rows, as they are logged.
 pub const METRICS_FILE: &str = "metrics.jsonl";
@@ -36,6 +40,11 @@ const CURVES_FILES: [&str; 2] = ["curves.svg", "curves.png"];
 /// The lock file; it holds the PID of the process that trains in the folder.
 pub const LOCK_FILE: &str = ".kto-run.lock";
 const CHECKPOINT_PREFIX: &str = "checkpoint-";
+/// transformers' TensorBoard folders, `runs/<Mon DD_HH-MM-SS>_<host>` (its `default_logdir`), when `[train]
+/// logging_dir` is not set.
+pub const TENSORBOARD_RUNS_DIR: &str = "runs";
+/// transformers 5's way to name the TensorBoard folder (it has no `logging_dir` argument any more).
+pub const TENSORBOARD_LOGGING_DIR_ENV: &str = "TENSORBOARD_LOGGING_DIR";
 
 /// `path` without `.` components and with each `..` taken back lexically (`configs/../runs/tiny` is
 /// `runs/tiny`), so that the paths shown to the user are plain. The path need not exist; a leading `..` stays.
@@ -134,6 +143,40 @@ impl RunDir {
 
     pub fn checkpoint(&self, step: usize) -> PathBuf {
         self.path.join(format!("{CHECKPOINT_PREFIX}{step}"))
+    }
+
+    /// The run's TensorBoard folder: `set` (`[train] logging_dir`), else `$TENSORBOARD_LOGGING_DIR`, else
+    /// transformers' default under the run folder ([`RunDir::default_logging_dir`]).
+    pub fn logging_dir(&self, set: Option<&Path>, continuing: bool) -> PathBuf {
+        if let Some(dir) = set {
+            return dir.to_path_buf();
+        }
+        match std::env::var_os(TENSORBOARD_LOGGING_DIR_ENV).filter(|v| !v.is_empty()) {
+            Some(dir) => expand_home(Path::new(&dir)),
+            None => self.default_logging_dir(continuing),
+        }
+    }
+
+    /// transformers' `output_dir/runs/<Mon DD_HH-MM-SS>_<host>` (local time): named when a run starts; a continued
+    /// run (`--resume`) takes the one holding the newest event file, so that it goes on in the same TensorBoard run.
+    pub fn default_logging_dir(&self, continuing: bool) -> PathBuf {
+        let runs = self.path.join(TENSORBOARD_RUNS_DIR);
+        let newest = || {
+            let folders = std::fs::read_dir(&runs).ok()?;
+            folders
+                .flatten()
+                .filter_map(|e| tensorboard::event_files(&e.path()).pop())
+                .max_by_key(|file| file.file_name().map(|n| n.to_os_string()))
+                .and_then(|file| file.parent().map(Path::to_path_buf))
+        };
+        match continuing.then(newest).flatten() {
+            Some(dir) => dir,
+            None => runs.join(format!(
+                "{}_{}",
+                chrono::Local::now().format("%b%d_%H-%M-%S"),
+                gethostname::gethostname().to_string_lossy()
+            )),
+        }
     }
 
     /// Every row of `metrics.jsonl` (through [`metrics::read_rows`], the one reader).
@@ -294,6 +337,8 @@ impl RunDir {
                 run: self.clone(),
                 _file: file,
                 created_dir,
+                continuing: AtomicBool::new(false),
+                tensorboard: Mutex::new(None),
             });
         }
     }
@@ -326,10 +371,19 @@ fn is_run_file(name: &str) -> bool {
         FINAL_ADAPTER_DIR,
         CONFIG_FILE,
         EVAL_RESULTS_FILE,
+        TENSORBOARD_RUNS_DIR,
     ]
     .contains(&name)
         || CURVES_FILES.contains(&name)
         || name.starts_with(CHECKPOINT_PREFIX)
+}
+
+/// `~/x` under `$HOME`, as Python's `os.path.expanduser` (transformers expands `TENSORBOARD_LOGGING_DIR`).
+fn expand_home(path: &Path) -> PathBuf {
+    match (path.strip_prefix("~"), std::env::var_os("HOME")) {
+        (Ok(rest), Some(home)) => Path::new(&home).join(rest),
+        _ => path.to_path_buf(),
+    }
 }
 
 /// Removes a file, or a folder whole: a folder is first renamed aside to a temporary (atomically, the parent
@@ -356,6 +410,10 @@ pub struct RunLock {
     // Held open for the lock's life: closing the file releases the lock.
     _file: File,
     created_dir: bool,
+    /// Whether [`RunLock::begin`] chose to continue the run there (`--resume`, with or without a checkpoint).
+    continuing: AtomicBool,
+    /// The event file the rows also go to (`[train] report_to` with tensorboard), once the metrics are reset.
+    tensorboard: Mutex<Option<EventFile>>,
 }
 
 impl RunLock {
@@ -387,6 +445,8 @@ impl RunLock {
                 None => Start::NothingToResume,
             },
         };
+        let continuing = matches!(start, Start::Resume(_) | Start::NothingToResume);
+        self.continuing.store(continuing, Ordering::Relaxed);
         for leftover in self.run.temporaries() {
             remove_entry(&leftover)
                 .with_context(|| format!("removing the leftover {}", leftover.display()))?;
@@ -413,13 +473,53 @@ impl RunLock {
         atomic::write_file(&self.run.config_file(), config.to_toml_string().as_bytes())
     }
 
-    /// Replaces `metrics.jsonl` with `rows`: none for a new run, the checkpoint's for a resumed one.
-    pub fn reset_metrics(&self, rows: &[Map<String, Value>]) -> Result<()> {
-        metrics::write_rows(&self.run.metrics_file(), rows)
+    /// Replaces `metrics.jsonl` with `rows`: none for a new run, the checkpoint's for a resumed one. With `report_to`
+    /// tensorboard, the run's event file holds the same rows: a new run starts a new file in its
+    /// [`RunDir::logging_dir`]; a continued one ([`Begin::Resume`]) cuts the newest file there back to these rows
+    /// ([`EventFile::continue_in`]), so that no step shows twice.
+    pub fn reset_metrics(&self, rows: &[Map<String, Value>], train: &TrainSection) -> Result<()> {
+        metrics::write_rows(&self.run.metrics_file(), rows)?;
+        let event_file = match train.report_to.includes(Integration::Tensorboard) {
+            false => None,
+            true => {
+                let continuing = self.continuing.load(Ordering::Relaxed);
+                let dir = self
+                    .run
+                    .logging_dir(train.logging_dir.as_deref(), continuing);
+                let file = match continuing {
+                    true => EventFile::continue_in(&dir, rows),
+                    false => EventFile::create(&dir, rows),
+                }?;
+                tracing::info!(
+                    "TensorBoard event file {} (follow the run: tensorboard --logdir {})",
+                    file.path().display(),
+                    dir.display()
+                );
+                Some(file)
+            }
+        };
+        *self.event_file() = event_file;
+        Ok(())
     }
 
+    /// Appends a row to metrics.jsonl and to the event file, if any.
     pub fn append_metrics(&self, row: &Map<String, Value>) -> Result<()> {
-        metrics::append_row(&self.run.metrics_file(), row)
+        metrics::append_row(&self.run.metrics_file(), row)?;
+        match self.event_file().as_ref() {
+            Some(file) => file.append(row),
+            None => Ok(()),
+        }
+    }
+
+    /// The folder of the event file the rows go to, once [`RunLock::reset_metrics`] opened one.
+    pub fn logging_dir(&self) -> Option<PathBuf> {
+        let file = self.event_file();
+        file.as_ref()
+            .and_then(|f| f.path().parent().map(Path::to_path_buf))
+    }
+
+    fn event_file(&self) -> std::sync::MutexGuard<'_, Option<EventFile>> {
+        self.tensorboard.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Writes `checkpoint-<step>` (`fill` writes the files, which are then sealed; see
@@ -514,6 +614,8 @@ const CHANGEABLE_ON_RESUME: &[&str] = &[
     "train.save_steps",
     "train.save_total_limit",
     "train.overwrite_output_dir",
+    "train.report_to",
+    "train.logging_dir",
 ];
 
 /// The resume guard: `config` (resolved, `"auto"` weights included) continues the run saved in `checkpoint_dir`
@@ -741,20 +843,120 @@ mod tests {
         Ok(())
     }
 
+    fn no_tensorboard() -> TrainSection {
+        TrainSection {
+            report_to: crate::config::ReportTo::NONE,
+            ..TrainSection::default()
+        }
+    }
+
+    fn step_row(step: usize) -> Map<String, Value> {
+        let mut row = Map::new();
+        row.insert("step".into(), Value::from(step));
+        row.insert("loss".into(), Value::from(step as f64 / 4.0));
+        row
+    }
+
+    /// The steps of the events in the run's event files, file by file.
+    fn logged_steps(dir: &Path) -> Result<Vec<Vec<i64>>> {
+        tensorboard::event_files(dir)
+            .iter()
+            .map(|file| {
+                let events = tensorboard::read_events(file)?;
+                Ok(events.iter().skip(1).map(|e| e.step).collect())
+            })
+            .collect()
+    }
+
     #[test]
     fn metrics_are_reset_appended_and_read_back() -> Result<()> {
         let out = tempfile::tempdir()?;
         let lock = RunLock::acquire(out.path())?;
-        let mut row = Map::new();
-        row.insert("step".into(), Value::from(1));
-        lock.reset_metrics(&[row.clone()])?;
+        let row = step_row(1);
+        lock.reset_metrics(std::slice::from_ref(&row), &no_tensorboard())?;
         lock.append_metrics(&row)?;
         assert_eq!(
             lock.run_dir().read_metrics()?,
             vec![row.clone(), row.clone()]
         );
-        lock.reset_metrics(&[])?;
+        lock.reset_metrics(&[], &no_tensorboard())?;
         assert!(lock.run_dir().read_metrics()?.is_empty());
+        assert_eq!(lock.logging_dir(), None);
+        assert!(!out.path().join(TENSORBOARD_RUNS_DIR).exists());
+        Ok(())
+    }
+
+    #[test]
+    fn tensorboard_follows_metrics_and_a_resume_logs_each_step_once() -> Result<()> {
+        let root = tempfile::tempdir()?;
+        let out = root.path().join("out");
+        let train = TrainSection::default();
+        let rows: Vec<_> = (1..=5).map(step_row).collect();
+        let lock = RunLock::acquire(&out)?;
+        lock.begin(Begin::Fresh)?;
+        lock.reset_metrics(&[], &train)?;
+        for row in &rows[..4] {
+            lock.append_metrics(row)?;
+        }
+        // transformers' default folder, output_dir/runs/<Mon DD_HH-MM-SS>_<host>.
+        let logs = lock.logging_dir().expect("tensorboard is the default");
+        assert_eq!(
+            logs.parent(),
+            Some(out.join(TENSORBOARD_RUNS_DIR).as_path())
+        );
+        let name = logs.file_name().unwrap().to_string_lossy().into_owned();
+        let host = gethostname::gethostname().to_string_lossy().into_owned();
+        assert!(
+            name.ends_with(&format!("_{host}"))
+                && name.len() == "Jan01_00-00-00_".len() + host.len(),
+            "{name}"
+        );
+        assert_eq!(logged_steps(&logs)?, vec![vec![1, 2, 3, 4]]);
+        drop(lock);
+
+        // Crashed after step 4; the checkpoint holds steps 1-2. The resumed run logs 3-5 again in the same file.
+        let lock = RunLock::acquire(&out)?;
+        let refused = lock.begin(Begin::Fresh).unwrap_err().to_string();
+        assert!(refused.contains("(metrics.jsonl, runs)"), "{refused}");
+        lock.begin(Begin::Resume(None))?;
+        lock.reset_metrics(&rows[..2], &train)?;
+        for row in &rows[2..] {
+            lock.append_metrics(row)?;
+        }
+        assert_eq!(lock.logging_dir(), Some(logs.clone()));
+        assert_eq!(logged_steps(&logs)?, vec![vec![1, 2, 3, 4, 5]]);
+        assert_eq!(
+            std::fs::read_dir(out.join(TENSORBOARD_RUNS_DIR))?.count(),
+            1
+        );
+
+        // --overwrite removes the earlier run's TensorBoard folder with its other files.
+        assert!(lock.begin(Begin::Overwrite).is_ok());
+        assert!(!out.join(TENSORBOARD_RUNS_DIR).exists());
+        Ok(())
+    }
+
+    #[test]
+    fn a_set_logging_dir_keeps_other_runs_files() -> Result<()> {
+        let root = tempfile::tempdir()?;
+        let logs = root.path().join("tb");
+        let train = TrainSection {
+            logging_dir: Some(logs.clone()),
+            ..TrainSection::default()
+        };
+        let earlier = tensorboard::EventFile::create(&logs, &[step_row(7)])?;
+        let lock = RunLock::acquire(&root.path().join("out"))?;
+        lock.begin(Begin::Fresh)?;
+        lock.reset_metrics(&[], &train)?;
+        lock.append_metrics(&step_row(1))?;
+        assert_eq!(lock.logging_dir(), Some(logs.clone()));
+        let files = tensorboard::event_files(&logs);
+        assert_eq!(files.len(), 2, "a fresh run writes a file of its own");
+        assert_eq!(
+            tensorboard::read_events(earlier.path())?.len(),
+            2,
+            "untouched"
+        );
         Ok(())
     }
 }

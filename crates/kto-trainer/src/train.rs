@@ -397,7 +397,8 @@ fn apply_gradients(
 }
 
 /// A fresh start (empty metrics, a new optimizer and state) or the exact state of the checkpoint `job.resume_from`
-/// (trainable weights, optimizer, trainer state, and metrics.jsonl as the checkpoint saw it).
+/// (trainable weights, optimizer, trainer state, and metrics.jsonl and the TensorBoard file as the checkpoint saw
+/// them).
 fn start_or_resume(job: &TrainJob, params: &[(String, Var)]) -> Result<(AdamW, TrainerState)> {
     let t = &job.config.train;
     let adamw = AdamWSettings {
@@ -408,7 +409,7 @@ fn start_or_resume(job: &TrainJob, params: &[(String, Var)]) -> Result<(AdamW, T
     };
     let Some(dir) = job.resume_from else {
         if let Some(lock) = job.lock {
-            lock.reset_metrics(&[])?;
+            lock.reset_metrics(&[], t)?;
         }
         return Ok((AdamW::new(adamw), fresh_state(t.seed, job.world.size())));
     };
@@ -416,7 +417,7 @@ fn start_or_resume(job: &TrainJob, params: &[(String, Var)]) -> Result<(AdamW, T
     load_trainable(params, &dir.join(checkpoint::TRAINABLE))?;
     let optimizer = AdamW::load(&dir.join(checkpoint::OPTIMIZER), adamw, params)?;
     if let Some(lock) = job.lock {
-        lock.reset_metrics(&state.metrics_rows)?;
+        lock.reset_metrics(&state.metrics_rows, t)?;
     }
     tracing::info!(
         "resuming from {} at step {}",

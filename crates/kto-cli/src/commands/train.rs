@@ -1,5 +1,5 @@
 //! `kto train`: KTO training of a LoRA adapter from a TOML config.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Result;
@@ -28,6 +28,9 @@ Examples:
   # a data set already in the local Hugging Face cache (hf download --repo-type dataset trl-lib/kto-mix-14k):
   # replaces the config's train_file and eval_file; its test split is evaluated
   kto train --config configs/tiny.toml --set data.dataset_name=trl-lib/kto-mix-14k
+
+  # watch it live in TensorBoard (event files in output_dir/runs/<date>_<host>; report_to = \"none\" turns them off)
+  tensorboard --logdir runs/tiny/runs
 
   # every key with its default, as the run would use it
   kto train --config configs/tiny.toml --print-config
@@ -158,7 +161,11 @@ pub fn run(args: TrainArgs, progress: Arc<dyn Observer>) -> Result<()> {
         }
     };
     let rows = run_dir.read_metrics()?;
-    print!("{}", summary_table(&summary, &rows, plots.as_ref()));
+    let logging_dir = lock.logging_dir();
+    print!(
+        "{}",
+        summary_table(&summary, &rows, plots.as_ref(), logging_dir.as_deref())
+    );
     Ok(())
 }
 
@@ -167,6 +174,7 @@ fn summary_table(
     summary: &TrainSummary,
     rows: &[Map<String, Value>],
     plots: Option<&PlotOutputs>,
+    logging_dir: Option<&Path>,
 ) -> String {
     let last_with = |key: &str| rows.iter().rev().find(|r| r.contains_key(key));
     let number = |row: &Map<String, Value>, key: &str| -> Option<String> {
@@ -216,6 +224,10 @@ fn summary_table(
     lines.push(("adapter".into(), adapter));
     if let Some(plots) = plots {
         lines.push(("learning curves".into(), plots.png.display().to_string()));
+    }
+    if let Some(dir) = logging_dir {
+        let command = format!("tensorboard --logdir {}", dir.display());
+        lines.push(("tensorboard".into(), command));
     }
     let width = lines.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     let mut table = String::from("\ntraining summary\n");

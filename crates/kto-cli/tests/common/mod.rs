@@ -11,7 +11,8 @@ use serde_json::{Map, Value};
 use tempfile::TempDir;
 
 /// `kto ARGS` in `dir`, with the reference cache kept inside the test's folder, and none of the caller's
-/// `RUST_LOG` or backtrace settings (so kto logs and reports errors as it does for a user).
+/// `RUST_LOG`, backtrace or TensorBoard folder settings (so kto logs, reports errors and writes where it does for a
+/// user).
 pub fn kto_command(dir: &Path, args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_kto"));
     command
@@ -20,7 +21,8 @@ pub fn kto_command(dir: &Path, args: &[&str]) -> Command {
         .env("KTO_CACHE_DIR", dir.join("cache"))
         .env_remove("RUST_LOG")
         .env_remove("RUST_BACKTRACE")
-        .env_remove("RUST_LIB_BACKTRACE");
+        .env_remove("RUST_LIB_BACKTRACE")
+        .env_remove(kto_trainer::run_dir::TENSORBOARD_LOGGING_DIR_ENV);
     command
 }
 
@@ -93,6 +95,18 @@ pub fn train_command(dir: &Path, resume: bool, fault_delay_ms: u64) -> Command {
         .stderr(Stdio::piped());
     if resume {
         cmd.arg("--resume");
+    }
+    cmd
+}
+
+/// `cmd` evaluating on the fixture's data (`[data] eval_file`), with `--set` for each of `sets`.
+pub fn with_evaluation_on_fixture(mut cmd: Command, sets: &[&str]) -> Command {
+    let eval_file = format!(
+        "data.eval_file={}",
+        trl_fixture().join("data.jsonl").display()
+    );
+    for set in std::iter::once(eval_file.as_str()).chain(sets.iter().copied()) {
+        cmd.args(["--set", set]);
     }
     cmd
 }
