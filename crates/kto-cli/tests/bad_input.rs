@@ -459,7 +459,7 @@ fn model_shape_mismatch_names_tensor() {
         &[],
         &[
             "model.layers.0.mlp.gate_proj.weight",
-            "shape mismatch",
+            "has shape [160, 64], the model config needs [128, 64]",
             "[160, 64]",
         ],
     );
