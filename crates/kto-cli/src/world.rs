@@ -65,7 +65,8 @@ pub fn shared_start(world: &dyn World, start: Start) -> Result<Start> {
     Ok(match (world.is_main(), checkpoint.is_empty()) {
         (true, _) | (false, true) => start,
         (false, false) => Start::Resume(std::path::PathBuf::from(
-            String::from_utf8(checkpoint).context("the checkpoint path rank 0 sent is not UTF-8")?,
+            String::from_utf8(checkpoint)
+                .context("the checkpoint path rank 0 sent is not UTF-8")?,
         )),
     })
 }

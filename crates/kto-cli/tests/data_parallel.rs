@@ -293,7 +293,11 @@ mod mpi_runs {
         for (what, ranks, status, checkpoint) in cases {
             let dir = tempfile::tempdir().unwrap();
             write_dp_config(dir.path(), "kto_odd_accum_eval", "save_steps = 1\n");
-            let out = run(mpirun(dir.path(), ranks, &["train", "--config", "kto.toml"]));
+            let out = run(mpirun(
+                dir.path(),
+                ranks,
+                &["train", "--config", "kto.toml"],
+            ));
             let text = stderr(&out);
             assert_eq!(out.status.code(), Some(status), "{what}: {text}");
             assert_eq!(
@@ -359,9 +363,13 @@ mod mpi_runs {
         write_dp_config(dir.path(), "kto_odd_accum_eval", "save_steps = 1\n");
         // Slowed down (each checkpoint write pauses) so that it still trains when the second run starts.
         let slow: &[(&str, &str)] = &[("KTO_FAULT_DELAY_MS", "500")];
-        let mut first = mpirun(dir.path(), &[slow, slow], &["train", "--config", "kto.toml"])
-            .spawn()
-            .expect("mpirun");
+        let mut first = mpirun(
+            dir.path(),
+            &[slow, slow],
+            &["train", "--config", "kto.toml"],
+        )
+        .spawn()
+        .expect("mpirun");
         let lock = dir.path().join("out/.kto-run.lock");
         let started = Instant::now();
         let pid = loop {

@@ -80,8 +80,11 @@ pub fn check_environment() -> Result<()> {
 fn parse_signals(spec: &str) -> Result<Vec<(i32, String, usize)>> {
     spec.split(',')
         .map(|item| {
-            let bad =
-                || anyhow!("{SIGNAL_ENV}={spec}: expected SIGINT|SIGTERM|SIGKILL@step|eval|precompute:N");
+            let bad = || {
+                anyhow!(
+                    "{SIGNAL_ENV}={spec}: expected SIGINT|SIGTERM|SIGKILL@step|eval|precompute:N"
+                )
+            };
             let (signal, moment) = item.trim().split_once('@').ok_or_else(bad)?;
             let signal = match signal {
                 "SIGINT" => SIGINT,

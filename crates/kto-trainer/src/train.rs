@@ -357,7 +357,10 @@ fn average_over_ranks(
     }
     let flat = Tensor::cat(&pieces, 0)?;
     let ranks = Tensor::new(stepping.world.size() as f32, flat.device())?;
-    let averaged = stepping.world.sum_f32_tensor(&flat)?.broadcast_div(&ranks)?;
+    let averaged = stepping
+        .world
+        .sum_f32_tensor(&flat)?
+        .broadcast_div(&ranks)?;
     let mut offset = 0;
     for (name, var) in stepping.params {
         let len = var.elem_count();

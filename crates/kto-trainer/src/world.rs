@@ -60,7 +60,8 @@ impl Dealt {
 
     /// Which ranks' per-rank values count at micro-batch `index`.
     pub fn counted(&self, index: usize) -> Counted {
-        self.remainder_at(index).map_or(Counted::All, Counted::First)
+        self.remainder_at(index)
+            .map_or(Counted::All, Counted::First)
     }
 
     /// How many of the first rows of `rank`'s micro-batch `index` (of `rows`) count as samples.
@@ -251,10 +252,7 @@ mod tests {
         assert_eq!(seven.counted(1), Counted::First(1));
         assert_eq!(Counted::First(1).ranks(2), 1);
         // Of the last batch's rows, rank 0 keeps its first (sample 6), rank 1 none (padding); earlier batches all.
-        assert_eq!(
-            [seven.kept_rows(1, 0, 3), seven.kept_rows(1, 1, 3)],
-            [1, 0]
-        );
+        assert_eq!([seven.kept_rows(1, 0, 3), seven.kept_rows(1, 1, 3)], [1, 0]);
         assert_eq!(seven.kept_rows(0, 1, 3), 3);
         // 29 samples, 4 per rank: remainder 5 counts both ranks' values, rank 0's 4 rows and rank 1's first.
         let wrap = dealt(29, 4, 2, 4);
@@ -263,7 +261,10 @@ mod tests {
         assert_eq!(dealt(12, 2, 2, 3).counted(2), Counted::All);
         // Alone, the last batch is short and keeps all its rows.
         let alone = dealt(7, 3, 1, 3);
-        assert_eq!((alone.counted(2).ranks(1), alone.kept_rows(2, 0, 1)), (1, 1));
+        assert_eq!(
+            (alone.counted(2).ranks(1), alone.kept_rows(2, 0, 1)),
+            (1, 1)
+        );
         assert_eq!(Alone.mean(2.5, Counted::All).unwrap(), 2.5);
     }
 }

@@ -16,7 +16,9 @@ fn one_rank_all_reduce_returns_its_buffer() -> Result<()> {
             bail!("KTO_REQUIRE_GPU=1, but no CUDA device could be opened: {e}")
         }
         Err(e) => {
-            println!("SKIPPED NCCL test: no CUDA device ({e}); KTO_REQUIRE_GPU=1 makes this a failure");
+            println!(
+                "SKIPPED NCCL test: no CUDA device ({e}); KTO_REQUIRE_GPU=1 makes this a failure"
+            );
             return Ok(());
         }
     };
