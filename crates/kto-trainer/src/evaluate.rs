@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 use crate::loss::LossSettings;
 use crate::metrics::{json_f64, MetricsAccumulator};
 use crate::policy::{score_micro_batch, PolicyModel, Reference};
-use crate::world::{Counted, Dealt, Gather, World};
+use crate::world::{Counted, Dealt, Gather, SampleSlots, World};
 
 /// Evaluates the policy on `batches` (this rank's share of the held-out set, in dataset order, dealt as `dealt`
 /// says): TRL's `eval_*` metrics (each averaged over batches, `eval_loss` weighted by batch size as transformers'
@@ -88,16 +88,13 @@ pub fn evaluate_batches<M: PolicyModel>(
     Ok(row)
 }
 
-/// The scored samples of a data set by sample index, each filled by the rank that scored it, then summed over the
-/// ranks (a slot filled nowhere stays empty).
-struct ScoredSlots(Vec<f64>);
+/// The scored samples of a data set by sample index, each filled by the rank that scored it.
+struct ScoredSlots(SampleSlots);
 
 impl ScoredSlots {
-    /// Per sample: filled, desirable, reward, reference point, pair id + 1 (0: none).
-    const WIDTH: usize = 5;
-
     fn new(samples: usize) -> Self {
-        Self(vec![0.0; samples * Self::WIDTH])
+        // Desirable, reward, reference point, pair id + 1 (0: none).
+        Self(SampleSlots::new(samples, 4))
     }
 
     fn fill(&mut self, index: usize, sample: ScoredSample) {
@@ -106,27 +103,28 @@ impl ScoredSlots {
             debug_assert!(id < 1 << 52);
             id as f64 + 1.0
         });
-        let slot = &mut self.0[index * Self::WIDTH..(index + 1) * Self::WIDTH];
-        slot.copy_from_slice(&[
-            1.0,
-            sample.desirable as u8 as f64,
-            sample.reward,
-            sample.reference_point,
-            pair,
-        ]);
+        self.0.fill(
+            index,
+            &[
+                sample.desirable as u8 as f64,
+                sample.reward,
+                sample.reference_point,
+                pair,
+            ],
+        );
     }
 
-    fn gathered(mut self, world: &dyn World) -> Result<Vec<ScoredSample>> {
-        world.sum_f64(&mut self.0, Counted::All)?;
+    fn gathered(self, world: &dyn World) -> Result<Vec<ScoredSample>> {
         Ok(self
             .0
-            .chunks_exact(Self::WIDTH)
-            .filter(|slot| slot[0] > 0.0)
+            .gathered(world)?
+            .into_iter()
+            .flatten()
             .map(|slot| ScoredSample {
-                desirable: slot[1] > 0.0,
-                reward: slot[2],
-                reference_point: slot[3],
-                pair_id: (slot[4] > 0.0).then(|| slot[4] as u64 - 1),
+                desirable: slot[0] > 0.0,
+                reward: slot[1],
+                reference_point: slot[2],
+                pair_id: (slot[3] > 0.0).then(|| slot[3] as u64 - 1),
             })
             .collect())
     }

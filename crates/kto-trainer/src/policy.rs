@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use kto_data::batch::{MicroBatch, SequenceBatch};
@@ -14,7 +14,7 @@ use crate::loss::{
     MetricSums, MicroBatchMetrics, RowStats,
 };
 use crate::reference_cache::ReferenceLogps;
-use crate::world::{Counted, Dealt, Gather, World};
+use crate::world::{Dealt, Gather, SampleSlots, World};
 
 /// What the training loop needs from a model with a trainable adapter, in kto-model's own terms.
 pub trait PolicyModel {
@@ -176,9 +176,8 @@ pub fn precompute_reference<M: PolicyModel>(
     with_kl: bool,
     label: &str,
 ) -> Result<ReferenceLogps> {
-    // Per sample: computed here (1), target, KL.
-    const WIDTH: usize = 3;
-    let mut slots = vec![0f64; dealt.samples * WIDTH];
+    // Per sample: target, KL.
+    let mut slots = SampleSlots::new(dealt.samples, 2);
     let rank = world.shard().rank;
     for (index, batch) in batches.enumerate() {
         let kl_batch = batch.kl.as_ref().filter(|_| with_kl);
@@ -188,26 +187,24 @@ pub fn precompute_reference<M: PolicyModel>(
         let kl = kl_logps.map(|k| k.logps.to_vec1::<f32>()).transpose()?;
         let kept = dealt.kept_rows(index, rank, batch.indices.len());
         for (row, &i) in batch.indices.iter().enumerate().take(kept) {
-            let slot = &mut slots[i * WIDTH..(i + 1) * WIDTH];
-            slot[0] = 1.0;
-            slot[1] = targets[row] as f64;
-            slot[2] = kl.as_ref().map_or(0.0, |kl| kl[row] as f64);
+            let kl = kl.as_ref().map_or(0.0, |kl| kl[row] as f64);
+            slots.fill(i, &[targets[row] as f64, kl]);
         }
     }
-    world.sum_f64(&mut slots, Counted::All)?;
-    ensure!(
-        slots.chunks_exact(WIDTH).all(|slot| slot[0] == 1.0),
-        "reference precompute missed samples ({label})"
-    );
+    let slots = slots
+        .gathered(world)?
+        .into_iter()
+        .collect::<Option<Vec<Vec<f64>>>>()
+        .with_context(|| format!("reference precompute missed samples ({label})"))?;
     // Exact: each slot is one rank's f32 plus zeros.
     let column = |k: usize| {
         slots
-            .chunks_exact(WIDTH)
+            .iter()
             .map(|slot| slot[k] as f32)
             .collect::<Vec<f32>>()
     };
     Ok(ReferenceLogps {
-        targets: column(1),
-        kl: with_kl.then(|| column(2)),
+        targets: column(0),
+        kl: with_kl.then(|| column(1)),
     })
 }

@@ -90,6 +90,45 @@ impl Gather<'static> {
     }
 }
 
+/// Per-sample values gathered over the ranks by sample index: each rank fills the samples it kept, and one sum
+/// gives every rank all of them, exactly (each slot is one rank's values plus zeros).
+pub struct SampleSlots {
+    /// Values per sample, after the slot's "filled" flag.
+    width: usize,
+    slots: Vec<f64>,
+}
+
+impl SampleSlots {
+    pub fn new(samples: usize, width: usize) -> Self {
+        Self {
+            width,
+            slots: vec![0.0; samples * (width + 1)],
+        }
+    }
+
+    /// Sample `index`'s `values` (`width` of them), from this rank.
+    pub fn fill(&mut self, index: usize, values: &[f64]) {
+        let slot = &mut self.slots[index * (self.width + 1)..(index + 1) * (self.width + 1)];
+        slot[0] = 1.0;
+        slot[1..].copy_from_slice(values);
+    }
+
+    /// Every sample's values, summed over the ranks; None for a sample no rank filled. A sample filled by several
+    /// ranks is an error.
+    pub fn gathered(mut self, world: &dyn World) -> Result<Vec<Option<Vec<f64>>>> {
+        world.sum_f64(&mut self.slots, Counted::All)?;
+        self.slots
+            .chunks_exact(self.width + 1)
+            .enumerate()
+            .map(|(index, slot)| match slot[0] {
+                0.0 => Ok(None),
+                1.0 => Ok(Some(slot[1..].to_vec())),
+                ranks => anyhow::bail!("sample {index} was gathered from {ranks} ranks"),
+            })
+            .collect()
+    }
+}
+
 pub trait World {
     /// This process's rank and the number of ranks.
     fn shard(&self) -> Shard;
