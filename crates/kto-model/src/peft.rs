@@ -2,6 +2,7 @@
 
 use crate::config::ModelConfig;
 use crate::files::{pt_metadata, write_atomic, write_safetensors};
+use crate::gguf::is_gguf_path;
 use crate::lora::{parse_peft_key, LoraAdapter, LoraConfig, LoraMatrix, LoraSite, LoraTarget};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -93,8 +94,12 @@ fn parse_adapter_config(text: &str) -> Result<LoraConfig> {
     LoraConfig::new(r, alpha, dropout, use_rslora, &targets)
 }
 
-/// Loads a PEFT adapter folder for a model with `model` config; every tensor must fit the model.
+/// Loads a PEFT adapter folder, or a llama.cpp adapter `.gguf` file ([`crate::lora_gguf`]), for a model with
+/// `model` config; every tensor must fit the model.
 pub fn load_adapter(dir: &Path, model: &ModelConfig, device: &Device) -> Result<LoraAdapter> {
+    if is_gguf_path(dir) && dir.is_file() {
+        return crate::lora_gguf::load_adapter_gguf(dir, model, device);
+    }
     let config = read_adapter_config(dir)?;
     let path = dir.join(ADAPTER_WEIGHTS_FILE);
     if !path.is_file() {
