@@ -174,7 +174,8 @@ def compare_with_llama_cpp(args, ours):
         run = subprocess.run([sys.executable, str(source / "convert_lora_to_gguf.py"), "--base", args.base,
                               "--outtype", args.dtype, "--outfile", str(theirs_path), args.peft],
                              capture_output=True, text=True)
-        check(run.returncode == 0, f"llama.cpp's convert_lora_to_gguf.py ran ({run.stderr.strip()[-300:]})")
+        check(run.returncode == 0, "llama.cpp's convert_lora_to_gguf.py ran"
+              + ("" if run.returncode == 0 else f": {run.stderr.strip()[-600:]}"))
         if run.returncode != 0:
             return
         theirs = GGUFReader(theirs_path)
