@@ -13,10 +13,10 @@ use crate::gguf::{
 };
 use crate::gguf_write::{quantize, write_file, GgufDType, QUANTIZATION_VERSION};
 use crate::lora::{peft_key, LoraAdapter, LoraConfig, LoraMatrix, LoraSite, LoraTarget};
+use crate::peft::{complete_pairs, LoraHalves};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::quantized::gguf_file::Value;
-use candle_core::{Device, Tensor};
-use std::collections::BTreeMap;
+use candle_core::Device;
 use std::path::Path;
 
 /// The GGUF module of an adapted linear (`attn_q`, ..., `ffn_down`).
@@ -186,7 +186,7 @@ pub fn load_adapter_gguf(path: &Path, model: &ModelConfig, device: &Device) -> R
             path.display()
         )
     })?;
-    let mut halves: BTreeMap<LoraSite, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+    let mut halves = LoraHalves::new();
     for name in gguf.tensor_names() {
         let Some((site, matrix)) = parse_tensor_name(name) else {
             bail!(
@@ -209,23 +209,7 @@ pub fn load_adapter_gguf(path: &Path, model: &ModelConfig, device: &Device) -> R
             }
         }
     }
-    let mut pairs = BTreeMap::new();
-    for (site, (a, b)) in halves {
-        let missing = |m| {
-            format!(
-                "{}: missing tensor `{}`",
-                path.display(),
-                tensor_name(site, m)
-            )
-        };
-        pairs.insert(
-            site,
-            (
-                a.with_context(|| missing(LoraMatrix::A))?,
-                b.with_context(|| missing(LoraMatrix::B))?,
-            ),
-        );
-    }
+    let pairs = complete_pairs(halves, path, tensor_name)?;
     let Some((first, (a, _))) = pairs.iter().next() else {
         bail!("{}: no LoRA tensors", path.display());
     };

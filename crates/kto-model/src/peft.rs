@@ -110,7 +110,7 @@ pub fn load_adapter(dir: &Path, model: &ModelConfig, device: &Device) -> Result<
     }
     let tensors = candle_core::safetensors::load(&path, &Device::Cpu)
         .with_context(|| format!("cannot read {}", path.display()))?;
-    let mut halves: BTreeMap<LoraSite, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+    let mut halves = LoraHalves::new();
     for (key, tensor) in tensors {
         let Some((site, matrix)) = parse_peft_key(&key) else {
             bail!(
@@ -132,25 +132,40 @@ pub fn load_adapter(dir: &Path, model: &ModelConfig, device: &Device) -> Result<
             LoraMatrix::B => slot.1 = Some(tensor),
         }
     }
-    let mut pairs = BTreeMap::new();
-    for (site, (a, b)) in halves {
-        let missing = |m| {
-            format!(
-                "{}: missing tensor `{}`",
-                path.display(),
-                crate::lora::peft_key(site, m)
-            )
-        };
-        pairs.insert(
-            site,
-            (
-                a.with_context(|| missing(LoraMatrix::A))?,
-                b.with_context(|| missing(LoraMatrix::B))?,
-            ),
-        );
-    }
+    let pairs = complete_pairs(halves, &path, crate::lora::peft_key)?;
     LoraAdapter::from_pairs(config, model, pairs, device)
         .with_context(|| format!("{}", path.display()))
+}
+
+/// The A and B read so far of each adapted linear of an adapter file.
+pub(crate) type LoraHalves = BTreeMap<LoraSite, (Option<Tensor>, Option<Tensor>)>;
+
+/// Every linear's (A, B); a missing half is an error naming `file` and the tensor, as `tensor_name` names it in that
+/// file's format (PEFT keys, or llama.cpp's GGUF names).
+pub(crate) fn complete_pairs(
+    halves: LoraHalves,
+    file: &Path,
+    tensor_name: impl Fn(LoraSite, LoraMatrix) -> String,
+) -> Result<BTreeMap<LoraSite, (Tensor, Tensor)>> {
+    halves
+        .into_iter()
+        .map(|(site, (a, b))| {
+            let missing = |m| {
+                format!(
+                    "{}: missing tensor `{}`",
+                    file.display(),
+                    tensor_name(site, m)
+                )
+            };
+            Ok((
+                site,
+                (
+                    a.with_context(|| missing(LoraMatrix::A))?,
+                    b.with_context(|| missing(LoraMatrix::B))?,
+                ),
+            ))
+        })
+        .collect()
 }
 
 /// Writes `adapter` as a PEFT folder that `PeftModel.from_pretrained(base, dir)` loads.
