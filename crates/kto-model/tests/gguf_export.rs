@@ -180,7 +180,8 @@ fn bad_adapter_files_are_refused_naming_the_file_and_what_is_wrong() -> Result<(
     let a = ("blk.0.attn_q.weight.lora_a", pair.a.as_tensor());
     let b = ("blk.0.attn_q.weight.lora_b", pair.b.as_tensor());
     let stray = ("blk.0.attn_q.weight", pair.b.as_tensor());
-    let cases: [(&str, bool, Vec<(&str, &Tensor)>, &str); 3] = [
+    // (file, with alpha, tensors, what the error names)
+    let cases = [
         ("no-alpha", false, vec![a, b], "adapter.lora.alpha"),
         ("stray", true, vec![a, b, stray], "blk.0.attn_q.weight`"),
         ("half", true, vec![a], "blk.0.attn_q.weight.lora_b"),
