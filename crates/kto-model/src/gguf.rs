@@ -242,6 +242,33 @@ impl GgufFile {
             .map(|info| info.shape.dims().to_vec())
     }
 
+    /// Every metadata key and value.
+    pub fn metadata(&self) -> &std::collections::HashMap<String, Value> {
+        &self.content.metadata
+    }
+
+    /// The names of the tensors in the file, sorted.
+    pub fn tensor_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self
+            .content
+            .tensor_infos
+            .keys()
+            .map(String::as_str)
+            .collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// One tensor as stored (GGUF name and layout), dequantized to f32 on the CPU.
+    pub fn dequantized(&self, name: &str) -> Result<Tensor> {
+        let file = File::open(&self.path)
+            .with_context(|| format!("cannot open {}", self.path.display()))?;
+        self.content
+            .tensor(&mut BufReader::new(file), name, &Device::Cpu)
+            .and_then(|q| q.dequantize(&Device::Cpu))
+            .map_err(|e| anyhow!("{}: tensor `{name}`: {e}", self.path.display()))
+    }
+
     /// Every tensor dequantized to f32 on the CPU, under its Hugging Face name, q/k un-permuted. Names sorted.
     pub fn hf_tensors(&self, config: &ModelConfig) -> Result<Vec<(String, Tensor)>> {
         let file = File::open(&self.path)
@@ -344,16 +371,39 @@ fn unpermute_block_rows(blocks: &QTensor, heads: usize) -> Result<QTensor> {
     Ok(QTensor::new(storage, blocks.shape().clone())?)
 }
 
+/// Tensors outside the decoder layers: (GGUF name, Hugging Face name), llama.cpp's `convert_hf_to_gguf.py` mapping.
+const GLOBAL_TENSORS: [(&str, &str); 3] = [
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+
+/// A decoder layer's modules: (GGUF name, Hugging Face name below `model.layers.N.`), the same mapping.
+pub const LAYER_MODULES: [(&str, &str); 9] = [
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+
+/// The heads whose rows llama.cpp permutes in a GGUF module (`attn_q`: every head; `attn_k`: the key/value heads).
+pub fn permuted_heads(gguf_module: &str, config: &ModelConfig) -> Option<usize> {
+    match gguf_module {
+        "attn_q" => Some(config.num_attention_heads),
+        "attn_k" => Some(config.num_key_value_heads),
+        _ => None,
+    }
+}
+
 /// The Hugging Face name of a GGUF tensor, and the head count to un-permute its rows with (q and k only).
 fn hf_name(name: &str, config: &ModelConfig) -> Option<(String, Option<usize>)> {
-    let fixed = match name {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(fixed) = fixed {
-        return Some((fixed.to_string(), None));
+    if let Some((_, hf)) = GLOBAL_TENSORS.iter().find(|(gguf, _)| *gguf == name) {
+        return Some((hf.to_string(), None));
     }
     let rest = name.strip_prefix("blk.")?;
     let (layer, rest) = rest.split_once('.')?;
@@ -362,19 +412,31 @@ fn hf_name(name: &str, config: &ModelConfig) -> Option<(String, Option<usize>)> 
     if kind != "weight" && kind != "bias" {
         return None;
     }
-    let (hf_module, heads) = match module {
-        "attn_norm" => ("input_layernorm", None),
-        "ffn_norm" => ("post_attention_layernorm", None),
-        "attn_q" => ("self_attn.q_proj", Some(config.num_attention_heads)),
-        "attn_k" => ("self_attn.k_proj", Some(config.num_key_value_heads)),
-        "attn_v" => ("self_attn.v_proj", None),
-        "attn_output" => ("self_attn.o_proj", None),
-        "ffn_gate" => ("mlp.gate_proj", None),
-        "ffn_up" => ("mlp.up_proj", None),
-        "ffn_down" => ("mlp.down_proj", None),
-        _ => return None,
-    };
-    Some((format!("model.layers.{layer}.{hf_module}.{kind}"), heads))
+    let (_, hf_module) = LAYER_MODULES.iter().find(|(gguf, _)| *gguf == module)?;
+    Some((
+        format!("model.layers.{layer}.{hf_module}.{kind}"),
+        permuted_heads(module, config),
+    ))
+}
+
+/// The GGUF name of a Hugging Face Llama tensor (the inverse of the mapping kto reads with), and the heads to permute
+/// its rows with (q and k only); `None` for a name llama.cpp's llama architecture has no tensor for.
+pub fn gguf_name(hf_name: &str, config: &ModelConfig) -> Option<(String, Option<usize>)> {
+    if let Some((gguf, _)) = GLOBAL_TENSORS.iter().find(|(_, hf)| *hf == hf_name) {
+        return Some((gguf.to_string(), None));
+    }
+    let rest = hf_name.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    if kind != "weight" && kind != "bias" {
+        return None;
+    }
+    let (gguf_module, _) = LAYER_MODULES.iter().find(|(_, hf)| *hf == module)?;
+    Some((
+        format!("blk.{layer}.{gguf_module}.{kind}"),
+        permuted_heads(gguf_module, config),
+    ))
 }
 
 /// llama.cpp's converter stores q/k rows per head as [all even rotary dims, all odd ones] (its RoPE pairs adjacent

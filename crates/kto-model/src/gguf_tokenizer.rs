@@ -26,7 +26,7 @@ use tokenizers::Tokenizer;
 const CONTROL_TOKEN: i64 = 3;
 
 /// Llama 3's pre-tokenizer regex (HF tokenizer.json of Meta-Llama-3; llama.cpp's `llama-bpe`).
-const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+pub(crate) const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// The pre-tokenizers kto rebuilds, by their `tokenizer.ggml.pre` name.
 pub const SUPPORTED_PRE_TOKENIZERS: &str = "smollm, llama-bpe, default, gpt2";

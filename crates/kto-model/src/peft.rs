@@ -2,6 +2,7 @@
 
 use crate::config::ModelConfig;
 use crate::files::{pt_metadata, write_atomic, write_safetensors};
+use crate::gguf::is_gguf_path;
 use crate::lora::{parse_peft_key, LoraAdapter, LoraConfig, LoraMatrix, LoraSite, LoraTarget};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -93,8 +94,12 @@ fn parse_adapter_config(text: &str) -> Result<LoraConfig> {
     LoraConfig::new(r, alpha, dropout, use_rslora, &targets)
 }
 
-/// Loads a PEFT adapter folder for a model with `model` config; every tensor must fit the model.
+/// Loads a PEFT adapter folder, or a llama.cpp adapter `.gguf` file ([`crate::lora_gguf`]), for a model with
+/// `model` config; every tensor must fit the model.
 pub fn load_adapter(dir: &Path, model: &ModelConfig, device: &Device) -> Result<LoraAdapter> {
+    if is_gguf_path(dir) && dir.is_file() {
+        return crate::lora_gguf::load_adapter_gguf(dir, model, device);
+    }
     let config = read_adapter_config(dir)?;
     let path = dir.join(ADAPTER_WEIGHTS_FILE);
     if !path.is_file() {
@@ -105,7 +110,7 @@ pub fn load_adapter(dir: &Path, model: &ModelConfig, device: &Device) -> Result<
     }
     let tensors = candle_core::safetensors::load(&path, &Device::Cpu)
         .with_context(|| format!("cannot read {}", path.display()))?;
-    let mut halves: BTreeMap<LoraSite, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+    let mut halves = LoraHalves::new();
     for (key, tensor) in tensors {
         let Some((site, matrix)) = parse_peft_key(&key) else {
             bail!(
@@ -127,25 +132,40 @@ pub fn load_adapter(dir: &Path, model: &ModelConfig, device: &Device) -> Result<
             LoraMatrix::B => slot.1 = Some(tensor),
         }
     }
-    let mut pairs = BTreeMap::new();
-    for (site, (a, b)) in halves {
-        let missing = |m| {
-            format!(
-                "{}: missing tensor `{}`",
-                path.display(),
-                crate::lora::peft_key(site, m)
-            )
-        };
-        pairs.insert(
-            site,
-            (
-                a.with_context(|| missing(LoraMatrix::A))?,
-                b.with_context(|| missing(LoraMatrix::B))?,
-            ),
-        );
-    }
+    let pairs = complete_pairs(halves, &path, crate::lora::peft_key)?;
     LoraAdapter::from_pairs(config, model, pairs, device)
         .with_context(|| format!("{}", path.display()))
+}
+
+/// The A and B read so far of each adapted linear of an adapter file.
+pub(crate) type LoraHalves = BTreeMap<LoraSite, (Option<Tensor>, Option<Tensor>)>;
+
+/// Every linear's (A, B); a missing half is an error naming `file` and the tensor, as `tensor_name` names it in that
+/// file's format (PEFT keys, or llama.cpp's GGUF names).
+pub(crate) fn complete_pairs(
+    halves: LoraHalves,
+    file: &Path,
+    tensor_name: impl Fn(LoraSite, LoraMatrix) -> String,
+) -> Result<BTreeMap<LoraSite, (Tensor, Tensor)>> {
+    halves
+        .into_iter()
+        .map(|(site, (a, b))| {
+            let missing = |m| {
+                format!(
+                    "{}: missing tensor `{}`",
+                    file.display(),
+                    tensor_name(site, m)
+                )
+            };
+            Ok((
+                site,
+                (
+                    a.with_context(|| missing(LoraMatrix::A))?,
+                    b.with_context(|| missing(LoraMatrix::B))?,
+                ),
+            ))
+        })
+        .collect()
 }
 
 /// Writes `adapter` as a PEFT folder that `PeftModel.from_pretrained(base, dir)` loads.

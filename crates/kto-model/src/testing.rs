@@ -293,3 +293,30 @@ pub fn dequantized_twin(
         })
         .collect()
 }
+
+/// An adapter on every linear of `model` with seeded random A and B (normal, std 0.1; B non-zero, unlike a fresh
+/// PEFT init, so that it changes the model), r = 8, alpha = 16: what GGUF export tests write and read back.
+pub fn random_adapter(
+    model: &crate::ModelConfig,
+    use_rslora: bool,
+    seed: u64,
+) -> Result<crate::LoraAdapter> {
+    use crate::lora::{LoraConfig, LoraTarget};
+    let r = 8;
+    let config = LoraConfig::new(r, 16.0, 0.0, use_rslora, &LoraTarget::ALL)?;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut randn = |rows: usize, cols: usize| -> Result<Tensor> {
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|_| 0.1 * standard_normal(&mut rng))
+            .collect();
+        Ok(Tensor::from_vec(values, (rows, cols), &Device::Cpu)?)
+    };
+    let mut pairs = std::collections::BTreeMap::new();
+    for layer in 0..model.num_hidden_layers {
+        for target in LoraTarget::ALL {
+            let (fan_in, fan_out) = target.shape(model);
+            pairs.insert((layer, target), (randn(r, fan_in)?, randn(fan_out, r)?));
+        }
+    }
+    crate::LoraAdapter::from_pairs(config, model, pairs, &Device::Cpu)
+}

@@ -228,7 +228,7 @@ pub struct LoraSection {
     pub dropout: f64,
     pub use_rslora: bool,
     pub target_modules: Vec<String>,
-    /// Start from this PEFT adapter; the reference is then a frozen copy of it.
+    /// Start from this PEFT adapter folder or llama.cpp adapter `.gguf` file; the reference is then a frozen copy of it.
     pub init_adapter: Option<PathBuf>,
 }
 

@@ -308,8 +308,14 @@ fn reference_for(
             .file_contents("model config", &loaded.checkpoint.dir.join("config.json"))?
             .file_contents("tokenizer", &loaded.checkpoint.dir.join("tokenizer.json"))?;
     }
-    if let Some(dir) = &config.lora.init_adapter {
-        key = key.file_contents("reference adapter", &dir.join("adapter_model.safetensors"))?;
+    if let Some(path) = &config.lora.init_adapter {
+        // A PEFT folder's weights, or a llama.cpp adapter .gguf file (all of it).
+        let weights = if path.is_file() {
+            path.clone()
+        } else {
+            path.join("adapter_model.safetensors")
+        };
+        key = key.file_contents("reference adapter", &weights)?;
     }
     for file in &data.files {
         key = key.file_contents("data", file)?;

@@ -18,7 +18,8 @@ pub struct ModelSource {
     /// Override one config key, e.g. --set model.device=cuda or --set data.eval_file=test.jsonl (repeatable).
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     pub sets: Vec<Override>,
-    /// A PEFT adapter folder [default: output_dir/adapter when it exists, else [lora] init_adapter, else none].
+    /// A PEFT adapter folder or a llama.cpp adapter .gguf file [default: output_dir/adapter when it exists, else
+    /// [lora] init_adapter, else none].
     #[arg(long)]
     pub adapter: Option<PathBuf>,
 }
@@ -40,8 +41,9 @@ impl ModelSource {
         if let Some(dir) = &self.adapter {
             if !is_adapter(dir) {
                 bail!(
-                    "--adapter {}: no adapter_config.json there. Pass the folder `kto train` wrote (output_dir/{FINAL_ADAPTER_DIR}, \
-                     or adapter/ inside a checkpoint-N folder), or train first with `kto train --config {}`",
+                    "--adapter {}: no adapter_config.json there, and not a .gguf file. Pass the folder `kto train` wrote \
+                     (output_dir/{FINAL_ADAPTER_DIR}, or adapter/ inside a checkpoint-N folder), an adapter .gguf file, \
+                     or train first with `kto train --config {}`",
                     dir.display(),
                     self.config.display()
                 );
@@ -94,6 +96,8 @@ fn base_model(config_path: &Path, config: &Config) -> Result<ModelFiles> {
     ModelFiles::locate(&spec.to_string_lossy())
 }
 
-fn is_adapter(dir: &Path) -> bool {
-    dir.join("adapter_config.json").is_file()
+/// A PEFT folder, or a llama.cpp adapter GGUF file (`kto export --adapter-only`).
+fn is_adapter(path: &Path) -> bool {
+    path.join("adapter_config.json").is_file()
+        || (kto_model::gguf::is_gguf_path(path) && path.is_file())
 }
