@@ -360,11 +360,11 @@ fn reference_for(
         samples.len(),
     );
     let shard = world.shard();
+    let pass_stop = stop::PassStop::new(&hooks.stop, world);
     let logps = precompute_reference(
         &loaded.policy,
-        batches
-            .epoch_of(0, shard)
-            .take_while(|_| matches!(stop::agreed(&hooks.stop, world), Ok(None)))
+        pass_stop
+            .batches(batches.epoch_of(0, shard))
             .inspect(|batch| {
                 faults::signal_at(Moment::PrecomputeBatch);
                 pass.advance(batch.indices.len() * shard.world_size)
@@ -375,7 +375,7 @@ fn reference_for(
         label,
     );
     drop(pass);
-    if stop::agreed(&hooks.stop, world)?.is_some() {
+    if pass_stop.finish()?.is_some() {
         return Ok(None);
     }
     let logps = logps?;

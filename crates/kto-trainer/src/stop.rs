@@ -79,6 +79,52 @@ pub fn agreed(stop: &StopRequest, world: &dyn World) -> Result<Option<i32>> {
     })
 }
 
+/// A pass over batches (evaluation, the reference precompute) that every rank ends at the same batch: before each
+/// batch the ranks agree whether to stop ([`agreed`]), and [`PassStop::finish`] agrees once more after the last one,
+/// so a stop asked during it is seen too. The outcome is kept here because the batches go to a consumer by value.
+pub struct PassStop<'a> {
+    stop: &'a StopRequest,
+    world: &'a dyn World,
+    ended: std::cell::RefCell<Option<Result<i32>>>,
+}
+
+impl<'a> PassStop<'a> {
+    pub fn new(stop: &'a StopRequest, world: &'a dyn World) -> Self {
+        Self {
+            stop,
+            world,
+            ended: Default::default(),
+        }
+    }
+
+    /// `batches` for as long as no rank asks to stop (and the collective that agrees it works).
+    pub fn batches<I: Iterator>(&self, batches: I) -> impl Iterator<Item = I::Item> + '_
+    where
+        I: 'a,
+    {
+        batches.take_while(move |_| match agreed(self.stop, self.world) {
+            Ok(None) => true,
+            Ok(Some(signal)) => {
+                self.ended.replace(Some(Ok(signal)));
+                false
+            }
+            Err(err) => {
+                self.ended.replace(Some(Err(err)));
+                false
+            }
+        })
+    }
+
+    /// The agreed stop, if the pass ended on one or one was asked during its last batch; the collective's error if
+    /// agreeing failed.
+    pub fn finish(self) -> Result<Option<i32>> {
+        match self.ended.into_inner() {
+            Some(ended) => ended.map(Some),
+            None => agreed(self.stop, self.world),
+        }
+    }
+}
+
 /// The exit status for a run stopped by `signal`: 130 for SIGINT, 143 for SIGTERM, as a shell reports them.
 pub fn exit_status(signal: i32) -> i32 {
     128 + signal
@@ -97,5 +143,41 @@ mod tests {
         stop.request(SIGINT);
         assert_eq!(seen_by_the_loop.requested(), Some(SIGTERM));
         assert_eq!((exit_status(SIGINT), exit_status(SIGTERM)), (130, 143));
+    }
+
+    #[test]
+    fn a_pass_ends_before_the_batch_after_a_stop_and_reports_it() -> Result<()> {
+        let world = crate::world::Alone;
+        // Asked while batch 1 is consumed: batch 2 is not taken.
+        let stop = StopRequest::new();
+        let pass = PassStop::new(&stop, &world);
+        let taken: Vec<i32> = pass
+            .batches(0..5)
+            .inspect(|&batch| {
+                if batch == 1 {
+                    stop.request(SIGTERM)
+                }
+            })
+            .collect();
+        assert_eq!(taken, [0, 1]);
+        assert_eq!(pass.finish()?, Some(SIGTERM));
+        // Asked during the last batch: every batch is taken, and the finish still sees it.
+        let stop = StopRequest::new();
+        let pass = PassStop::new(&stop, &world);
+        assert_eq!(
+            pass.batches(0..3)
+                .inspect(|&b| if b == 2 {
+                    stop.request(SIGINT)
+                })
+                .count(),
+            3
+        );
+        assert_eq!(pass.finish()?, Some(SIGINT));
+        // Never asked.
+        let stop = StopRequest::new();
+        let pass = PassStop::new(&stop, &world);
+        assert_eq!(pass.batches(0..3).count(), 3);
+        assert_eq!(pass.finish()?, None);
+        Ok(())
     }
 }

@@ -468,22 +468,13 @@ fn evaluate<M: PolicyModel>(
     let mut row = serde_json::Map::new();
     row.insert("step".into(), state.global_step.into());
     row.insert("epoch".into(), metrics::json_f64(state.epoch));
-    let disagreement = std::cell::Cell::new(None);
+    let pass_stop = stop::PassStop::new(stop, world);
     let figures = evaluate_batches(
         model,
-        batches
-            .epoch_of(0, shard)
-            .take_while(|_| match stop::agreed(stop, world) {
-                Ok(stopped) => stopped.is_none(),
-                Err(err) => {
-                    disagreement.set(Some(err));
-                    false
-                }
-            })
-            .inspect(|b| {
-                faults::signal_at(Moment::EvalBatch);
-                pass.advance(b.indices.len() * shard.world_size)
-            }),
+        pass_stop.batches(batches.epoch_of(0, shard)).inspect(|b| {
+            faults::signal_at(Moment::EvalBatch);
+            pass.advance(b.indices.len() * shard.world_size)
+        }),
         world,
         dealt,
         evaluation.reference,
@@ -491,10 +482,7 @@ fn evaluate<M: PolicyModel>(
         pending.total_tokens,
     );
     drop(pass);
-    if let Some(err) = disagreement.take() {
-        return Err(err);
-    }
-    state.evaluation_pending = stop::agreed(stop, world)?.is_some();
+    state.evaluation_pending = pass_stop.finish()?.is_some();
     if state.evaluation_pending {
         return Ok(false);
     }
