@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs a CUDA 13.0 build toolchain (nvcc, headers, cuBLAS/cuRAND/NVRTC/cudart) from PyPI wheels into
+# Installs a CUDA 13.0 build toolchain (nvcc, headers, cuBLAS/cuRAND/NVRTC/cudart, NCCL) from PyPI wheels into
 # PREFIX (default /opt/cuda13) on a machine WITHOUT a GPU, plus a link-time stub libcuda.so, so that
 # `cargo build --release --features cuda` works here. The binary it makes needs a real driver at run time.
 #
@@ -14,7 +14,7 @@ set -euo pipefail
 compiler_only=0
 if [ "${1:-}" = "--compiler-only" ]; then compiler_only=1; shift; fi
 PREFIX=${1:-/opt/cuda13}
-if [ -x "$PREFIX/bin/nvcc" ] && { [ $compiler_only = 1 ] || [ -f "$PREFIX/lib64/stubs/libcuda.so" ]; }; then
+if [ -x "$PREFIX/bin/nvcc" ] && { [ $compiler_only = 1 ] || { [ -f "$PREFIX/lib64/stubs/libcuda.so" ] && [ -e "$PREFIX/lib64/libnccl.so" ]; }; }; then
   echo "CUDA toolchain already in $PREFIX"; exit 0
 fi
 command -v python3 >/dev/null || { echo "cuda-toolchain.sh: python3 with pip is needed (the toolchain comes from PyPI wheels)"; exit 1; }
@@ -22,7 +22,9 @@ site="$PREFIX/site"
 mkdir -p "$site" "$PREFIX/lib64/stubs"
 tmp=$(mktemp -d)
 wheels="nvidia-cuda-nvcc==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.*"
-[ $compiler_only = 1 ] || wheels="$wheels nvidia-cublas==13.0.2.14 nvidia-curand==10.4.0.35 nvidia-cuda-nvrtc==13.0.88"
+# NCCL for linking kto-trainer's `nccl` feature (its GPU test in the pack): the oldest CUDA 13 release, so that the
+# symbols linked are in whatever libnccl.so.2 the GPU machine's torch ships.
+[ $compiler_only = 1 ] || wheels="$wheels nvidia-cublas==13.0.2.14 nvidia-curand==10.4.0.35 nvidia-cuda-nvrtc==13.0.88 nvidia-nccl-cu13==2.27.7"
 # shellcheck disable=SC2086
 set -f  # the version patterns are not file globs
 python3 -m pip install -q --disable-pip-version-check --no-deps --target "$tmp/a" $wheels
@@ -33,7 +35,8 @@ C="$site/nvidia/cu13"
 ln -sfn "$C/bin" "$PREFIX/bin"
 ln -sfn "$C/include" "$PREFIX/include"
 ln -sfn "$C/nvvm" "$PREFIX/nvvm"
-for f in "$C"/lib/*.so.*; do
+for f in "$C"/lib/*.so.* "$site"/nvidia/nccl/lib/*.so.*; do
+  [ -e "$f" ] || continue
   b=$(basename "$f"); ln -sf "$f" "$PREFIX/lib64/$b"; ln -sf "$f" "$PREFIX/lib64/${b%%.so.*}.so"
 done
 if [ $compiler_only = 0 ]; then

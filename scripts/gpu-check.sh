@@ -10,10 +10,11 @@
 #   STEPS (default 20): training steps of d and e; KEEP_WORK=1 keeps the work folder (binaries, checkpoint, runs).
 #
 # Sections, verdict first; each runs whatever happened before it (no set -e across sections) under its own time
-# limit, and all of them under GPU_CHECK_SECONDS (default 540 s from the start, unpacking included, so one 600 s
+# limit, and all of them under GPU_CHECK_SECONDS (default 555 s from the start, unpacking included, so one 600 s
 # device call holds it; the dry run allows 4 times as long everywhere, the CPU standing in for the GPU):
 #   a. the GPU, the driver, the CUDA libraries, and `kto --version` saying it is the cuda build
 #   b. the kernels against their CPU twins (kernels-gpu-test, KTO_REQUIRE_GPU=1: no device is a failure)
+#   h. the NCCL gradient all-reduce with one rank (nccl-test, KTO_REQUIRE_GPU=1; needs the machine's libnccl.so.2)
 #   c. the TRL parity fixture on CUDA in f32, bf16, f16 (trl-parity-test)
 #   d. `kto train` alone on the TinyLlama-1.1B shape (random weights made here), STEPS steps, plain and precompute
 #   e. TRL's KTOTrainer beside it: same checkpoint, data, settings and steps, plain and precompute
@@ -24,7 +25,7 @@ dry=0
 if [ "${1:-}" = "--dry-run" ]; then dry=1; shift; fi
 pack=${1:-.gpu}
 steps=${STEPS:-20}
-deadline=${GPU_CHECK_SECONDS:-540}
+deadline=${GPU_CHECK_SECONDS:-555}
 # The dry run stands the CPU (2 busy cores here) in for the GPU machine's 16: its limits are 4 times longer.
 slack=1
 [ $dry = 1 ] && slack=4 && deadline=$((deadline * slack))
@@ -47,10 +48,11 @@ export dry pack steps root bin work logs
 export RUST_BACKTRACE=0
 
 # ---- the pack ---------------------------------------------------------------------------------------------------
-for f in kto.xz kernels-gpu-test.xz trl-parity-test.xz trl_kto_bench.py; do
+for f in kto.xz kernels-gpu-test.xz trl-parity-test.xz nccl-test.xz trl_kto_bench.py; do
   [ -f "$pack/$f" ] || { echo "the pack lacks $f: rerun scripts/gpu-pack.sh" >&2; exit 2; }
 done
-for f in kto kernels-gpu-test trl-parity-test; do
+binaries="kto kernels-gpu-test trl-parity-test nccl-test"
+for f in $binaries; do
   if ! xz -dc "$pack/$f.xz" > "$bin/$f"; then echo "cannot unpack $pack/$f.xz" >&2; exit 2; fi
   chmod +x "$bin/$f"
 done
@@ -82,7 +84,7 @@ lib_places() {
   if [ -d "$d" ]; then echo "$d"; fi
 }
 libs_found=""
-missing=$(for b in kto kernels-gpu-test trl-parity-test; do ldd "$bin/$b" 2>/dev/null; done |
+missing=$(for b in $binaries; do ldd "$bin/$b" 2>/dev/null; done |
   awk '/=> not found/ {print $1}' | sort -u)
 for lib in $missing; do
   hit=$(lib_places | while read -r d; do [ -e "$d/$lib" ] && { echo "$d"; break; }; done)
@@ -91,8 +93,8 @@ for lib in $missing; do
   fi
 done
 # Where each CUDA library resolves now (or "not found"), for the report: "libcublas.so.13 => /path".
-libs_found=$(for b in kto kernels-gpu-test trl-parity-test; do ldd "$bin/$b" 2>/dev/null; done |
-  awk '/lib(cuda|cublas|cublasLt|curand|nvrtc|cudart)[.]/ {print $1, "=>", ($3 == "not" ? "NOT FOUND" : $3)}' | sort -u)
+libs_found=$(for b in $binaries; do ldd "$bin/$b" 2>/dev/null; done |
+  awk '/lib(cuda|cublas|cublasLt|curand|nvrtc|cudart|nccl)[.]/ {print $1, "=>", ($3 == "not" ? "NOT FOUND" : $3)}' | sort -u)
 export LD_LIBRARY_PATH libs_found
 
 # ---- sections -----------------------------------------------------------------------------------------------------
@@ -239,23 +241,23 @@ sec_a() {
 }
 export -f sec_a
 
-# b. KTO_REQUIRE_GPU=1: without a device every test must fail, so a pass can only come from the GPU.
-sec_b() {
-  local rc
-  KTO_REQUIRE_GPU=1 libtest "$logs/b.tests" "$bin/kernels-gpu-test" --test-threads=1 --nocapture
+# b and h. KTO_REQUIRE_GPU=1: without a device every test must fail, so a pass can only come from the GPU.
+gpu_tests() {
+  local id=$1 binary=$2 rc
+  KTO_REQUIRE_GPU=1 libtest "$logs/$id.tests" "$bin/$binary" --test-threads=1 --nocapture
   rc=$?
   if [ "$dry" = 1 ]; then
     if [ "$rc" = 0 ]; then
       say "the binary passed without a device: KTO_REQUIRE_GPU=1 is not honoured (an old test binary?)"; return 1
-    elif grep -q "test result: FAILED" "$logs/b.tests" && grep -q "no CUDA device" "$logs/b.tests"; then
+    elif grep -q "test result: FAILED" "$logs/$id.tests" && grep -q "no CUDA device" "$logs/$id.tests"; then
       say "dry run: KTO_REQUIRE_GPU=1 refused to pass without a device, as it must"; return 3
     fi
     say "the binary failed, but not for want of a device (exit $rc)"; return 1
   fi
   [ "$rc" = 0 ] || return "$rc"
-  if grep -q "SKIPPED" "$logs/b.tests"; then say "a comparison was skipped on the GPU machine"; return 1; fi
+  if grep -q "SKIPPED" "$logs/$id.tests"; then say "a test was skipped on the GPU machine"; return 1; fi
 }
-export -f sec_b
+export -f gpu_tests
 
 # c. The fixture of TRL's own run: f32 with TRL's tolerances; bf16 and f16 loss and rewards within 2e-2.
 sec_c() {
@@ -381,9 +383,11 @@ export -f sec_g
 # 47 ms forward + backward per TinyLlama layer (GPU.md §4), ~2 s per KTO step for 22 layers; allowed: 3 s/step.
 # The kernel tests include real model sizes (LoRA rank 128 over TinyLlama's q|k|v, vocabularies of 32000/49152) in
 # three dtypes, each also computed by the CPU twins; the sanitizers slow the GPU side 10-100x: guesses, not measured.
-# Sum at 20 steps: 10 + 45 + 3*20 + 45 + 2*80 + 60 + 50 + 2*40 + 30 = 540 s, the 540 s deadline (9 minutes).
+# Sum at 20 steps: 10 + 45 + 15 + 3*20 + 45 + 2*80 + 60 + 50 + 2*40 + 30 = 555 s, the 555 s deadline.
 section a "GPU, driver, CUDA libraries, kto --version" 10 sec_a
-section b "kernels vs their CPU twins (KTO_REQUIRE_GPU=1)" 45 sec_b  # PTX JIT, context, CPU twins of real sizes
+section b "kernels vs their CPU twins (KTO_REQUIRE_GPU=1)" 45 gpu_tests b kernels-gpu-test  # PTX JIT, context, CPU twins of real sizes
+# a communicator on one GPU and two all-reduces (6.3 M and 1000 floats): context + NCCL init, a few seconds
+section h "NCCL all-reduce, one rank (KTO_REQUIRE_GPU=1)" 15 gpu_tests h nccl-test
 for dtype in f32 bf16 f16; do
   # 3 tests on a 4-sample fixture: 0.4 s on 2 CPU cores in f32 (dry run); the rest is CUDA context and PTX JIT
   section "c-$dtype" "TRL parity fixture, $dtype" 20 sec_c "$dtype"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build kto with CUDA here (no GPU needed) and pack everything the GPU machine needs into .gpu/ (ignored by git):
-# the kto binary and two test binaries (xz), TRL's bench script, the wheels TRL needs there and the
+# the kto binary and three test binaries (xz), TRL's bench script, the wheels TRL needs there and the
 # compute-sanitizer wheel. The device tool carries at most 64 MiB: this script fails if the pack is bigger.
 # Then, with the device tool, in one call:
 #   run: bash scripts/gpu-check.sh .gpu        (carry: [".gpu"], timeout_s 600)
@@ -39,16 +39,18 @@ git status --porcelain --untracked-files=no | grep -q . && echo "(uncommitted ch
 xz -T2 -c "$kto" > .gpu/kto.xz
 cp scripts/trl_kto_bench.py .gpu/
 
-# The test binary of `cargo test --release --features cuda -p PACKAGE --test TEST`, packed as .gpu/NAME.xz.
+# The test binary of `cargo test --release --features FEATURES -p PACKAGE --test TEST`, packed as .gpu/NAME.xz.
 pack_test() {
-  local package=$1 test=$2 name=$3 exe
-  exe=$(cargo test --release --locked --features cuda -p "$package" --test "$test" --no-run \
+  local package=$1 test=$2 name=$3 features=${4:-cuda} exe
+  exe=$(cargo test --release --locked --features "$features" -p "$package" --test "$test" --no-run \
     --message-format=json-render-diagnostics | executable "$test")
   [ -n "$exe" ] || { echo "no test binary for $package --test $test" >&2; exit 1; }
   xz -T2 -c "$exe" > ".gpu/$name.xz"
 }
 pack_test kto-kernels gpu kernels-gpu-test
 pack_test kto-trainer trl_parity trl-parity-test
+# The NCCL all-reduce with one rank (links libnccl.so.2: the GPU machine's comes with torch's nvidia-nccl wheel).
+pack_test kto-trainer nccl nccl-test nccl
 
 wheels=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp
   --platform manylinux_2_28_x86_64 --platform manylinux_2_25_x86_64 --platform manylinux_2_17_x86_64)
