@@ -61,6 +61,75 @@ impl Quantization {
     }
 }
 
+impl Quantization {
+    /// Refuses `keep` on a safetensors checkpoint (it has no blocks to keep).
+    pub(crate) fn check_format(&self, checkpoint: &ModelFiles) -> Result<()> {
+        if *self == Quantization::Keep && matches!(checkpoint.format, ModelFormat::Safetensors) {
+            bail!(
+                "[model] quantize = \"keep\" keeps a GGUF file's own block types, but {} is a safetensors \
+                 checkpoint; choose a type to quantize it to ({}) or \"none\"",
+                checkpoint.source().display(),
+                QUANTIZE_TYPES
+                    .iter()
+                    .map(|(n, _)| format!("\"{n}\""))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        Ok(())
+    }
+
+    /// `dense` (the f32 values of `checkpoint`'s matrix `name`) quantized to `block_type` on `device`; rows that
+    /// are not whole blocks are an error naming the tensor.
+    fn quantize_matrix(
+        &self,
+        checkpoint: &Path,
+        name: &str,
+        dense: &Tensor,
+        block_type: GgmlDType,
+        device: &Device,
+    ) -> Result<QTensor> {
+        let row = *dense.dims().last().unwrap_or(&0);
+        let block = block_type.block_size();
+        if !row.is_multiple_of(block) {
+            bail!(
+                "{}: tensor `{name}` has rows of {row} values, which {self}'s blocks of {block} do not divide; \
+                 choose a type with blocks of 32 (\"q8_0\", \"q4_0\") or [model] quantize = \"none\"",
+                checkpoint.display(),
+            );
+        }
+        QTensor::quantize_onto(dense, block_type, device)
+            .with_context(|| format!("quantizing `{name}` to {self}"))
+    }
+
+    /// The values a base held with this setting computes with, for `checkpoint`'s tensor `name` as
+    /// [`ModelFiles::tensors`] reads it (`stored`): a matrix (2-D) quantized to the block type and dequantized back,
+    /// in f32, for a type quantized at load; `stored` as it is otherwise (`keep`: a GGUF file's tensors are read as
+    /// its blocks dequantized). What `kto export` merges an adapter into.
+    pub fn values_as_held(
+        &self,
+        checkpoint: &ModelFiles,
+        name: &str,
+        stored: Tensor,
+    ) -> Result<Tensor> {
+        self.check_format(checkpoint)?;
+        match self {
+            Quantization::To(block_type) if stored.rank() == 2 => {
+                let dense = stored.to_dtype(DType::F32)?;
+                let blocks = self.quantize_matrix(
+                    checkpoint.source(),
+                    name,
+                    &dense,
+                    *block_type,
+                    &Device::Cpu,
+                )?;
+                Ok(blocks.dequantize(&Device::Cpu)?)
+            }
+            _ => Ok(stored),
+        }
+    }
+}
+
 impl std::fmt::Display for Quantization {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
@@ -133,20 +202,9 @@ impl BaseWeights {
         device: &Device,
         quantization: Quantization,
     ) -> Result<Self> {
+        quantization.check_format(checkpoint)?;
         let source = match &checkpoint.format {
             ModelFormat::Safetensors => {
-                if quantization == Quantization::Keep {
-                    bail!(
-                        "[model] quantize = \"keep\" keeps a GGUF file's own block types, but {} is a safetensors \
-                         checkpoint; choose a type to quantize it to ({}) or \"none\"",
-                        checkpoint.source().display(),
-                        QUANTIZE_TYPES
-                            .iter()
-                            .map(|(n, _)| format!("\"{n}\""))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    );
-                }
                 Source::Safetensors(SafetensorsFiles::open(&checkpoint.weight_files)?)
             }
             ModelFormat::Gguf(file) => Source::Gguf {
@@ -245,19 +303,14 @@ impl BaseWeights {
                 to_device(blocks, &self.device)?
             }
             Quantization::To(block_type) => {
-                let row = *shape.dims().last().unwrap_or(&0);
-                let block = block_type.block_size();
-                if !row.is_multiple_of(block) {
-                    bail!(
-                        "{}: tensor `{full}` has rows of {row} values, which {}'s blocks of {block} do not divide; \
-                         choose a type with blocks of 32 (\"q8_0\", \"q4_0\") or [model] quantize = \"none\"",
-                        self.origin.display(),
-                        self.quantization
-                    );
-                }
                 let dense = self.read_stored(name, &shape)?.to_dtype(DType::F32)?;
-                QTensor::quantize_onto(&dense, block_type, &self.device)
-                    .with_context(|| format!("quantizing `{full}` to {}", self.quantization))?
+                self.quantization.quantize_matrix(
+                    &self.origin,
+                    &full,
+                    &dense,
+                    block_type,
+                    &self.device,
+                )?
             }
         };
         Ok(FrozenWeight::quantized(

@@ -106,6 +106,8 @@ pub fn run(args: ExportArgs) -> Result<()> {
         }
     };
     let checkpoint = args.source.base_model(&config)?;
+    // The adapter was trained over the base as `[model] quantize` held it: merge into those values.
+    let quantize = config.model.quantize;
     // Merging touches every weight once: the CPU does it without an accelerator.
     let adapter = adapter_dir
         .as_ref()
@@ -142,7 +144,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
             }
             _ => {
                 tracing::info!("writing {what} as GGUF");
-                kto_model::merge_to_gguf(&checkpoint, adapter.as_ref(), &args.out, dtype)
+                kto_model::merge_to_gguf(&checkpoint, quantize, adapter.as_ref(), &args.out, dtype)
             }
         };
         written.with_context(|| format!("exporting to {}", args.out.display()))?;
@@ -155,8 +157,10 @@ pub fn run(args: ExportArgs) -> Result<()> {
         };
         tracing::info!("writing {what}");
         let written = match &adapter {
-            Some(adapter) => kto_model::merge_to_checkpoint(&checkpoint, adapter, &args.out, dtype),
-            None => kto_model::convert_to_checkpoint(&checkpoint, &args.out, dtype),
+            Some(adapter) => {
+                kto_model::merge_to_checkpoint(&checkpoint, quantize, adapter, &args.out, dtype)
+            }
+            None => kto_model::convert_to_checkpoint(&checkpoint, quantize, &args.out, dtype),
         };
         written.with_context(|| format!("exporting to {}", args.out.display()))?;
     }
