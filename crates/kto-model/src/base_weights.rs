@@ -7,15 +7,17 @@
 //! file is read the same way, tensor by tensor, so that no dequantized copy of the whole file waits beside the model.
 
 use crate::config::ModelConfig;
-use crate::frozen_linear::FrozenWeight;
+use crate::frozen_linear::{FrozenWeight, SLICE_ELEMENTS};
 use crate::gguf::GgufFile;
 use crate::model_files::{ModelFiles, ModelFormat};
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Shape, Tensor};
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -302,16 +304,47 @@ impl BaseWeights {
                 self.check_shape(&full, blocks.shape(), &shape)?;
                 to_device(blocks, &self.device)?
             }
-            Quantization::To(block_type) => {
-                let dense = self.read_stored(name, &shape)?.to_dtype(DType::F32)?;
-                self.quantization.quantize_matrix(
-                    &self.origin,
-                    &full,
-                    &dense,
-                    block_type,
-                    &self.device,
-                )?
-            }
+            // A safetensors matrix is read and quantized a slice of rows at a time (a row is whole blocks), so the
+            // dense f32 of the largest one (embedding, LM head) is never whole in memory beside the blocks.
+            Quantization::To(block_type) => match &*self.source {
+                Source::Safetensors(files) => {
+                    self.check_shape(
+                        &full,
+                        &Shape::from(files.stored(&full)?.shape.clone()),
+                        &shape,
+                    )?;
+                    let (rows, cols) = shape.dims2()?;
+                    let step = (SLICE_ELEMENTS / cols.max(1)).clamp(1, rows.max(1));
+                    let mut bytes = Vec::with_capacity(
+                        rows * cols / block_type.block_size() * block_type.type_size(),
+                    );
+                    for first in (0..rows).step_by(step) {
+                        let slice = files
+                            .read_rows(&full, first..(first + step).min(rows))?
+                            .to_dtype(DType::F32)?;
+                        let blocks = self.quantization.quantize_matrix(
+                            &self.origin,
+                            &full,
+                            &slice,
+                            block_type,
+                            &Device::Cpu,
+                        )?;
+                        bytes.extend_from_slice(&blocks.data()?);
+                    }
+                    let storage = QStorage::from_data(Cow::Owned(bytes), &self.device, block_type)?;
+                    QTensor::new(storage, shape)?
+                }
+                Source::Gguf { .. } => {
+                    let dense = self.read_stored(name, &shape)?.to_dtype(DType::F32)?;
+                    self.quantization.quantize_matrix(
+                        &self.origin,
+                        &full,
+                        &dense,
+                        block_type,
+                        &self.device,
+                    )?
+                }
+            },
         };
         Ok(FrozenWeight::quantized(
             vec![Arc::new(quantized)],
@@ -385,7 +418,22 @@ impl SafetensorsFiles {
 
     /// The tensor on the CPU in its stored dtype.
     fn read(&self, name: &str) -> Result<Tensor> {
-        let stored = self.tensors.get(name).ok_or_else(|| {
+        let stored = self.stored(name)?;
+        stored
+            .read()
+            .with_context(|| format!("{}: reading tensor `{name}`", stored.path.display()))
+    }
+
+    /// Rows `rows` of the 2-D tensor `name` on the CPU in its stored dtype.
+    fn read_rows(&self, name: &str, rows: Range<usize>) -> Result<Tensor> {
+        let stored = self.stored(name)?;
+        stored
+            .read_rows(rows)
+            .with_context(|| format!("{}: reading tensor `{name}`", stored.path.display()))
+    }
+
+    fn stored(&self, name: &str) -> Result<&StoredTensor> {
+        self.tensors.get(name).ok_or_else(|| {
             anyhow!(
                 "tensor `{name}` is not in {}",
                 self.paths()
@@ -394,10 +442,7 @@ impl SafetensorsFiles {
                     .collect::<Vec<_>>()
                     .join(", ")
             )
-        })?;
-        stored
-            .read()
-            .with_context(|| format!("{}: reading tensor `{name}`", stored.path.display()))
+        })
     }
 
     fn paths(&self) -> Vec<&Path> {
@@ -465,26 +510,54 @@ impl StoredTensor {
 
     fn read(&self) -> Result<Tensor> {
         let count: usize = self.shape.iter().product();
-        let shape = self.shape.as_slice();
+        self.read_values(0, count, self.shape.as_slice())
+    }
+
+    /// Rows `rows` of a 2-D tensor (contiguous in the file), as [rows, columns] in the stored dtype.
+    fn read_rows(&self, rows: Range<usize>) -> Result<Tensor> {
+        let &[total, cols] = self.shape.as_slice() else {
+            bail!("a tensor of shape {:?} has no rows to slice", self.shape);
+        };
+        if rows.end > total {
+            bail!("rows {rows:?} of a tensor of {total} rows");
+        }
+        self.read_values(rows.start * cols, rows.len() * cols, (rows.len(), cols))
+    }
+
+    /// `count` values from the `first` one, as a tensor of `shape`.
+    fn read_values(&self, first: usize, count: usize, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape = shape.into();
         Ok(match self.dtype {
-            DType::F32 => Tensor::from_vec(self.read_values::<f32>(count)?, shape, &Device::Cpu)?,
-            DType::F16 => {
-                Tensor::from_vec(self.read_values::<half::f16>(count)?, shape, &Device::Cpu)?
+            DType::F32 => {
+                Tensor::from_vec(self.read_raw::<f32>(first, count)?, shape, &Device::Cpu)?
             }
-            DType::BF16 => {
-                Tensor::from_vec(self.read_values::<half::bf16>(count)?, shape, &Device::Cpu)?
+            DType::F16 => Tensor::from_vec(
+                self.read_raw::<half::f16>(first, count)?,
+                shape,
+                &Device::Cpu,
+            )?,
+            DType::BF16 => Tensor::from_vec(
+                self.read_raw::<half::bf16>(first, count)?,
+                shape,
+                &Device::Cpu,
+            )?,
+            DType::F64 => {
+                Tensor::from_vec(self.read_raw::<f64>(first, count)?, shape, &Device::Cpu)?
             }
-            DType::F64 => Tensor::from_vec(self.read_values::<f64>(count)?, shape, &Device::Cpu)?,
-            DType::U8 => Tensor::from_vec(self.read_values::<u8>(count)?, shape, &Device::Cpu)?,
-            DType::U32 => Tensor::from_vec(self.read_values::<u32>(count)?, shape, &Device::Cpu)?,
-            DType::I64 => Tensor::from_vec(self.read_values::<i64>(count)?, shape, &Device::Cpu)?,
+            DType::U8 => Tensor::from_vec(self.read_raw::<u8>(first, count)?, shape, &Device::Cpu)?,
+            DType::U32 => {
+                Tensor::from_vec(self.read_raw::<u32>(first, count)?, shape, &Device::Cpu)?
+            }
+            DType::I64 => {
+                Tensor::from_vec(self.read_raw::<i64>(first, count)?, shape, &Device::Cpu)?
+            }
             other => bail!("dtype {other:?} cannot be read"),
         })
     }
 
-    /// `count` little-endian values of `T` read straight into their final buffer (one copy of the tensor, no
-    /// staging bytes).
-    fn read_values<T: candle_core::WithDType>(&self, count: usize) -> Result<Vec<T>> {
+    /// `count` little-endian values of `T` from the `first` one, read straight into their final buffer (one copy,
+    /// no staging bytes).
+    fn read_raw<T: candle_core::WithDType>(&self, first: usize, count: usize) -> Result<Vec<T>> {
         if cfg!(target_endian = "big") {
             bail!("safetensors files are little-endian; this machine is big-endian");
         }
@@ -498,7 +571,9 @@ impl StoredTensor {
             )
         };
         let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        file.seek(SeekFrom::Start(self.start))?;
+        file.seek(SeekFrom::Start(
+            self.start + (first * std::mem::size_of::<T>()) as u64,
+        ))?;
         file.read_exact(bytes)?;
         Ok(values)
     }
