@@ -395,9 +395,9 @@ fn dequantize_cpu(blocks: &QTensor, rows: Range<usize>, out: &mut [f32]) -> Resu
 fn decode<T: candle_core::quantized::GgmlType>(bytes: &[u8], out: &mut [f32]) -> Result<()> {
     use rayon::prelude::*;
     let size = std::mem::size_of::<T>();
-    if bytes.len() % size != 0
+    if !bytes.len().is_multiple_of(size)
         || bytes.len() / size * T::BLCK_SIZE != out.len()
-        || (bytes.as_ptr() as usize) % std::mem::align_of::<T>() != 0
+        || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
     {
         bail!(
             "{:?} blocks: {} bytes at {:p} do not decode to {} values",
