@@ -40,8 +40,10 @@ Examples:
 /// GGUF files are written as llama.cpp's converters write them: the merged model as convert_hf_to_gguf.py does
 /// (llama architecture, llama.* metadata, q/k rows permuted, tokenizer.ggml.* and tokenizer.chat_template), the
 /// adapter as convert_lora_to_gguf.py does (blk.N.attn_q.weight.lora_a / .lora_b, adapter.lora.alpha).
-/// Safetensors weights keep their Hugging Face names and stored dtypes unless --dtype is given. Every output is
-/// written under a temporary name and renamed into place, so an interrupted export leaves nothing half-written.
+/// The base is merged into as training held it: with [model] quantize set to a type, its blocks dequantized (not
+/// the file's original values). Safetensors weights keep their Hugging Face names and stored dtypes unless --dtype
+/// is given. Every output is written under a temporary name and renamed into place, so an interrupted export leaves
+/// nothing half-written.
 #[derive(Debug, Args)]
 #[command(after_help = EXAMPLES)]
 pub struct ExportArgs {
