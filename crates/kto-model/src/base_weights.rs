@@ -7,15 +7,17 @@
 //! file is read the same way, tensor by tensor, so that no dequantized copy of the whole file waits beside the model.
 
 use crate::config::ModelConfig;
-use crate::frozen_linear::FrozenWeight;
+use crate::frozen_linear::{FrozenWeight, SLICE_ELEMENTS};
 use crate::gguf::GgufFile;
 use crate::model_files::{ModelFiles, ModelFormat};
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Shape, Tensor};
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -57,6 +59,75 @@ impl Quantization {
                 .iter()
                 .find(|(_, d)| d == dtype)
                 .map_or("unsupported", |(name, _)| name),
+        }
+    }
+}
+
+impl Quantization {
+    /// Refuses `keep` on a safetensors checkpoint (it has no blocks to keep).
+    pub(crate) fn check_format(&self, checkpoint: &ModelFiles) -> Result<()> {
+        if *self == Quantization::Keep && matches!(checkpoint.format, ModelFormat::Safetensors) {
+            bail!(
+                "[model] quantize = \"keep\" keeps a GGUF file's own block types, but {} is a safetensors \
+                 checkpoint; choose a type to quantize it to ({}) or \"none\"",
+                checkpoint.source().display(),
+                QUANTIZE_TYPES
+                    .iter()
+                    .map(|(n, _)| format!("\"{n}\""))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        Ok(())
+    }
+
+    /// `dense` (the f32 values of `checkpoint`'s matrix `name`) quantized to `block_type` on `device`; rows that
+    /// are not whole blocks are an error naming the tensor.
+    fn quantize_matrix(
+        &self,
+        checkpoint: &Path,
+        name: &str,
+        dense: &Tensor,
+        block_type: GgmlDType,
+        device: &Device,
+    ) -> Result<QTensor> {
+        let row = *dense.dims().last().unwrap_or(&0);
+        let block = block_type.block_size();
+        if !row.is_multiple_of(block) {
+            bail!(
+                "{}: tensor `{name}` has rows of {row} values, which {self}'s blocks of {block} do not divide; \
+                 choose a type with blocks of 32 (\"q8_0\", \"q4_0\") or [model] quantize = \"none\"",
+                checkpoint.display(),
+            );
+        }
+        QTensor::quantize_onto(dense, block_type, device)
+            .with_context(|| format!("quantizing `{name}` to {self}"))
+    }
+
+    /// The values a base held with this setting computes with, for `checkpoint`'s tensor `name` as
+    /// [`ModelFiles::tensors`] reads it (`stored`): a matrix (2-D) quantized to the block type and dequantized back,
+    /// in f32, for a type quantized at load; `stored` as it is otherwise (`keep`: a GGUF file's tensors are read as
+    /// its blocks dequantized). What `kto export` merges an adapter into.
+    pub fn values_as_held(
+        &self,
+        checkpoint: &ModelFiles,
+        name: &str,
+        stored: Tensor,
+    ) -> Result<Tensor> {
+        self.check_format(checkpoint)?;
+        match self {
+            Quantization::To(block_type) if stored.rank() == 2 => {
+                let dense = stored.to_dtype(DType::F32)?;
+                let blocks = self.quantize_matrix(
+                    checkpoint.source(),
+                    name,
+                    &dense,
+                    *block_type,
+                    &Device::Cpu,
+                )?;
+                Ok(blocks.dequantize(&Device::Cpu)?)
+            }
+            _ => Ok(stored),
         }
     }
 }
@@ -133,20 +204,9 @@ impl BaseWeights {
         device: &Device,
         quantization: Quantization,
     ) -> Result<Self> {
+        quantization.check_format(checkpoint)?;
         let source = match &checkpoint.format {
             ModelFormat::Safetensors => {
-                if quantization == Quantization::Keep {
-                    bail!(
-                        "[model] quantize = \"keep\" keeps a GGUF file's own block types, but {} is a safetensors \
-                         checkpoint; choose a type to quantize it to ({}) or \"none\"",
-                        checkpoint.source().display(),
-                        QUANTIZE_TYPES
-                            .iter()
-                            .map(|(n, _)| format!("\"{n}\""))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    );
-                }
                 Source::Safetensors(SafetensorsFiles::open(&checkpoint.weight_files)?)
             }
             ModelFormat::Gguf(file) => Source::Gguf {
@@ -244,21 +304,47 @@ impl BaseWeights {
                 self.check_shape(&full, blocks.shape(), &shape)?;
                 to_device(blocks, &self.device)?
             }
-            Quantization::To(block_type) => {
-                let row = *shape.dims().last().unwrap_or(&0);
-                let block = block_type.block_size();
-                if !row.is_multiple_of(block) {
-                    bail!(
-                        "{}: tensor `{full}` has rows of {row} values, which {}'s blocks of {block} do not divide; \
-                         choose a type with blocks of 32 (\"q8_0\", \"q4_0\") or [model] quantize = \"none\"",
-                        self.origin.display(),
-                        self.quantization
+            // A safetensors matrix is read and quantized a slice of rows at a time (a row is whole blocks), so the
+            // dense f32 of the largest one (embedding, LM head) is never whole in memory beside the blocks.
+            Quantization::To(block_type) => match &*self.source {
+                Source::Safetensors(files) => {
+                    self.check_shape(
+                        &full,
+                        &Shape::from(files.stored(&full)?.shape.clone()),
+                        &shape,
+                    )?;
+                    let (rows, cols) = shape.dims2()?;
+                    let step = (SLICE_ELEMENTS / cols.max(1)).clamp(1, rows.max(1));
+                    let mut bytes = Vec::with_capacity(
+                        rows * cols / block_type.block_size() * block_type.type_size(),
                     );
+                    for first in (0..rows).step_by(step) {
+                        let slice = files
+                            .read_rows(&full, first..(first + step).min(rows))?
+                            .to_dtype(DType::F32)?;
+                        let blocks = self.quantization.quantize_matrix(
+                            &self.origin,
+                            &full,
+                            &slice,
+                            block_type,
+                            &Device::Cpu,
+                        )?;
+                        bytes.extend_from_slice(&blocks.data()?);
+                    }
+                    let storage = QStorage::from_data(Cow::Owned(bytes), &self.device, block_type)?;
+                    QTensor::new(storage, shape)?
                 }
-                let dense = self.read_stored(name, &shape)?.to_dtype(DType::F32)?;
-                QTensor::quantize_onto(&dense, block_type, &self.device)
-                    .with_context(|| format!("quantizing `{full}` to {}", self.quantization))?
-            }
+                Source::Gguf { .. } => {
+                    let dense = self.read_stored(name, &shape)?.to_dtype(DType::F32)?;
+                    self.quantization.quantize_matrix(
+                        &self.origin,
+                        &full,
+                        &dense,
+                        block_type,
+                        &self.device,
+                    )?
+                }
+            },
         };
         Ok(FrozenWeight::quantized(
             vec![Arc::new(quantized)],
@@ -332,7 +418,22 @@ impl SafetensorsFiles {
 
     /// The tensor on the CPU in its stored dtype.
     fn read(&self, name: &str) -> Result<Tensor> {
-        let stored = self.tensors.get(name).ok_or_else(|| {
+        let stored = self.stored(name)?;
+        stored
+            .read()
+            .with_context(|| format!("{}: reading tensor `{name}`", stored.path.display()))
+    }
+
+    /// Rows `rows` of the 2-D tensor `name` on the CPU in its stored dtype.
+    fn read_rows(&self, name: &str, rows: Range<usize>) -> Result<Tensor> {
+        let stored = self.stored(name)?;
+        stored
+            .read_rows(rows)
+            .with_context(|| format!("{}: reading tensor `{name}`", stored.path.display()))
+    }
+
+    fn stored(&self, name: &str) -> Result<&StoredTensor> {
+        self.tensors.get(name).ok_or_else(|| {
             anyhow!(
                 "tensor `{name}` is not in {}",
                 self.paths()
@@ -341,10 +442,7 @@ impl SafetensorsFiles {
                     .collect::<Vec<_>>()
                     .join(", ")
             )
-        })?;
-        stored
-            .read()
-            .with_context(|| format!("{}: reading tensor `{name}`", stored.path.display()))
+        })
     }
 
     fn paths(&self) -> Vec<&Path> {
@@ -412,26 +510,54 @@ impl StoredTensor {
 
     fn read(&self) -> Result<Tensor> {
         let count: usize = self.shape.iter().product();
-        let shape = self.shape.as_slice();
+        self.read_values(0, count, self.shape.as_slice())
+    }
+
+    /// Rows `rows` of a 2-D tensor (contiguous in the file), as [rows, columns] in the stored dtype.
+    fn read_rows(&self, rows: Range<usize>) -> Result<Tensor> {
+        let &[total, cols] = self.shape.as_slice() else {
+            bail!("a tensor of shape {:?} has no rows to slice", self.shape);
+        };
+        if rows.end > total {
+            bail!("rows {rows:?} of a tensor of {total} rows");
+        }
+        self.read_values(rows.start * cols, rows.len() * cols, (rows.len(), cols))
+    }
+
+    /// `count` values from the `first` one, as a tensor of `shape`.
+    fn read_values(&self, first: usize, count: usize, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape = shape.into();
         Ok(match self.dtype {
-            DType::F32 => Tensor::from_vec(self.read_values::<f32>(count)?, shape, &Device::Cpu)?,
-            DType::F16 => {
-                Tensor::from_vec(self.read_values::<half::f16>(count)?, shape, &Device::Cpu)?
+            DType::F32 => {
+                Tensor::from_vec(self.read_raw::<f32>(first, count)?, shape, &Device::Cpu)?
             }
-            DType::BF16 => {
-                Tensor::from_vec(self.read_values::<half::bf16>(count)?, shape, &Device::Cpu)?
+            DType::F16 => Tensor::from_vec(
+                self.read_raw::<half::f16>(first, count)?,
+                shape,
+                &Device::Cpu,
+            )?,
+            DType::BF16 => Tensor::from_vec(
+                self.read_raw::<half::bf16>(first, count)?,
+                shape,
+                &Device::Cpu,
+            )?,
+            DType::F64 => {
+                Tensor::from_vec(self.read_raw::<f64>(first, count)?, shape, &Device::Cpu)?
             }
-            DType::F64 => Tensor::from_vec(self.read_values::<f64>(count)?, shape, &Device::Cpu)?,
-            DType::U8 => Tensor::from_vec(self.read_values::<u8>(count)?, shape, &Device::Cpu)?,
-            DType::U32 => Tensor::from_vec(self.read_values::<u32>(count)?, shape, &Device::Cpu)?,
-            DType::I64 => Tensor::from_vec(self.read_values::<i64>(count)?, shape, &Device::Cpu)?,
+            DType::U8 => Tensor::from_vec(self.read_raw::<u8>(first, count)?, shape, &Device::Cpu)?,
+            DType::U32 => {
+                Tensor::from_vec(self.read_raw::<u32>(first, count)?, shape, &Device::Cpu)?
+            }
+            DType::I64 => {
+                Tensor::from_vec(self.read_raw::<i64>(first, count)?, shape, &Device::Cpu)?
+            }
             other => bail!("dtype {other:?} cannot be read"),
         })
     }
 
-    /// `count` little-endian values of `T` read straight into their final buffer (one copy of the tensor, no
-    /// staging bytes).
-    fn read_values<T: candle_core::WithDType>(&self, count: usize) -> Result<Vec<T>> {
+    /// `count` little-endian values of `T` from the `first` one, read straight into their final buffer (one copy,
+    /// no staging bytes).
+    fn read_raw<T: candle_core::WithDType>(&self, first: usize, count: usize) -> Result<Vec<T>> {
         if cfg!(target_endian = "big") {
             bail!("safetensors files are little-endian; this machine is big-endian");
         }
@@ -445,7 +571,9 @@ impl StoredTensor {
             )
         };
         let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        file.seek(SeekFrom::Start(self.start))?;
+        file.seek(SeekFrom::Start(
+            self.start + (first * std::mem::size_of::<T>()) as u64,
+        ))?;
         file.read_exact(bytes)?;
         Ok(values)
     }

@@ -6,16 +6,25 @@
 //! [`FrozenMatmul`] is a custom op over the input only: the weight is captured by the op, the forward calls the
 //! backend's own GEMM (cuBLAS on CUDA, gemm on CPU), and the backward returns `grad · W`.
 //!
-//! A quantized weight is dequantized for each product (forward, input gradient) and dropped after it, so only one
-//! weight is ever dense at a time, and the product is the one a dense twin holding the dequantized values computes.
+//! A quantized weight is dequantized for each product (forward, input gradient) and never held dense: on the CPU
+//! the product runs over slices of its rows (a quantized row is whole blocks, so a slice is a byte range of the
+//! blocks), each dequantized into a buffer of at most [`SLICE_ELEMENTS`] values, so the largest weight (the LM head)
+//! costs a few MB of f32 at a time instead of its whole dense size. The values are the dense twin's: the forward
+//! writes each slice's exact columns, the input gradient sums the slices' partial products (f32 summation order
+//! differs from one GEMM, nothing else). Elsewhere (CUDA, Metal) the whole weight is dequantized for each product.
 
 use candle_core::backend::BackendStorage;
 use candle_core::quantized::QTensor;
 use candle_core::{
     bail, CpuStorage, CudaStorage, CustomOp1, DType, Layout, MetalStorage, Result, Shape, Storage,
-    Tensor,
+    Tensor, WithDType,
 };
+use std::ops::Range;
 use std::sync::Arc;
+
+/// At most this many values of a quantized weight are dense at a time on the CPU (8 MiB of f32): rows per slice are
+/// this divided by the row length, and at least one row.
+pub const SLICE_ELEMENTS: usize = 2 * 1024 * 1024;
 
 /// A frozen base matrix ([out, in] for a linear, [vocab, hidden] for an embedding).
 #[derive(Debug, Clone)]
@@ -147,7 +156,7 @@ impl FrozenWeight {
                 let mut rest = dense.as_mut_slice();
                 for part in parts {
                     let (rows, others) = rest.split_at_mut(part.shape().elem_count());
-                    dequantize_cpu(part, rows)?;
+                    dequantize_cpu(part, 0..part.shape().dims()[0], rows)?;
                     rest = others;
                 }
                 Tensor::from_vec(dense, *shape, &candle_core::Device::Cpu)?.to_dtype(*dtype)
@@ -169,7 +178,56 @@ impl FrozenWeight {
 
     /// `grad` [m, rows] · `W` [rows, columns] in the weight's dtype: the input gradient of `x Wᵀ`.
     pub fn input_gradient(&self, grad: &Tensor) -> Result<Tensor> {
-        grad.to_dtype(self.dtype())?.matmul(&self.dense()?)
+        self.input_gradient_in_slices(grad, SLICE_ELEMENTS)
+    }
+
+    /// [`Self::input_gradient`], a quantized weight on the CPU dequantized `slice_elements` values at a time.
+    pub(crate) fn input_gradient_in_slices(
+        &self,
+        grad: &Tensor,
+        slice_elements: usize,
+    ) -> Result<Tensor> {
+        let grad = grad.to_dtype(self.dtype())?;
+        let Some(parts) = self.quantized_cpu_parts() else {
+            return grad.matmul(&self.dense()?);
+        };
+        let (n, k) = self.dims2()?;
+        let grad = grad.contiguous()?;
+        let m = grad.dim(0)?;
+        if grad.dims() != [m, n] {
+            bail!(
+                "frozen-linear: gradient of shape {:?} for a weight of {n} rows",
+                grad.dims()
+            );
+        }
+        let (storage, layout) = grad.storage_and_layout();
+        let Storage::Cpu(g) = &*storage else {
+            bail!(
+                "frozen-linear: gradient on {:?}, weight on the CPU",
+                grad.device().location()
+            );
+        };
+        let slices = RowSlices::new(parts, k, slice_elements);
+        match g {
+            CpuStorage::F32(_) => slices.input_gradient::<f32>(g, layout, m),
+            CpuStorage::F16(_) => slices.input_gradient::<half::f16>(g, layout, m),
+            CpuStorage::BF16(_) => slices.input_gradient::<half::bf16>(g, layout, m),
+            other => bail!(
+                "frozen-linear: no product in {:?} over quantized blocks",
+                other.dtype()
+            ),
+        }
+    }
+
+    /// The parts of a quantized weight held on the CPU (the sliced products); `None` for a dense weight or another
+    /// device.
+    fn quantized_cpu_parts(&self) -> Option<&[Arc<QTensor>]> {
+        match self {
+            FrozenWeight::Quantized { parts, .. } if parts.iter().all(|p| p.device().is_cpu()) => {
+                Some(parts)
+            }
+            _ => None,
+        }
     }
 
     /// Rows `ids` (u32, any shape) → [..ids, columns] in the weight's dtype: an embedding lookup; a quantized weight
@@ -193,37 +251,153 @@ impl FrozenWeight {
     }
 }
 
-/// `blocks` (on the CPU) dequantized into `out` (their element count) in chunks of whole blocks on rayon's threads:
-/// each block is decoded by candle's own `to_float`, so the values are `QTensor::dequantize`'s.
-fn dequantize_cpu(blocks: &QTensor, out: &mut [f32]) -> Result<()> {
+/// A quantized weight on the CPU (its parts stacked by rows, each row `cols` values) walked in slices of rows.
+struct RowSlices<'a> {
+    parts: &'a [Arc<QTensor>],
+    cols: usize,
+    rows: usize,
+    /// Rows per slice.
+    step: usize,
+}
+
+impl<'a> RowSlices<'a> {
+    fn new(parts: &'a [Arc<QTensor>], cols: usize, slice_elements: usize) -> Self {
+        let rows: usize = parts.iter().map(|p| p.shape().dims()[0]).sum();
+        let step = (slice_elements / cols.max(1)).clamp(1, rows.max(1));
+        Self {
+            parts,
+            cols,
+            rows,
+            step,
+        }
+    }
+
+    /// Each slice's rows, in order.
+    fn ranges(&self) -> impl Iterator<Item = Range<usize>> + '_ {
+        (0..self.rows)
+            .step_by(self.step)
+            .map(|r0| r0..(r0 + self.step).min(self.rows))
+    }
+
+    /// Rows `range` (of the stacked weight: a slice may cross from one part into the next) dequantized into `out`,
+    /// then converted to `T` (f32: as they are; others rounded once, as `to_dtype` rounds the dense twin).
+    fn dense<T: WithDType>(&self, range: Range<usize>, out: &mut Vec<f32>) -> Result<Vec<T>> {
+        out.resize(range.len() * self.cols, 0.0);
+        let mut first = 0;
+        let mut filled = 0;
+        for part in self.parts {
+            let rows = part.shape().dims()[0];
+            let (start, end) = (range.start.max(first), range.end.min(first + rows));
+            if start < end {
+                let values = (end - start) * self.cols;
+                dequantize_cpu(
+                    part,
+                    start - first..end - first,
+                    &mut out[filled..filled + values],
+                )?;
+                filled += values;
+            }
+            first += rows;
+        }
+        Ok(out.iter().map(|&v| T::from_f64(v as f64)).collect())
+    }
+
+    /// `x` [m, cols] (`x_layout`, row-major) · `Wᵀ` → [m, rows]: each slice's GEMM written into its columns.
+    fn forward<T: WithDType>(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        m: usize,
+    ) -> Result<CpuStorage> {
+        let (n, k) = (self.rows, self.cols);
+        let mut y = vec![T::zero(); m * n];
+        let mut buffer = Vec::new();
+        for range in self.ranges() {
+            let s = range.len();
+            let w = T::to_cpu_storage_owned(self.dense::<T>(range.clone(), &mut buffer)?);
+            let w_t = Layout::new(Shape::from((k, s)), vec![1, k], 0);
+            let part = x.matmul(&w, (1, m, s, k), x_layout, &w_t)?;
+            let part = part.as_slice::<T>()?;
+            for (row, values) in y.chunks_exact_mut(n).zip(part.chunks_exact(s)) {
+                row[range.clone()].copy_from_slice(values);
+            }
+        }
+        Ok(T::to_cpu_storage_owned(y))
+    }
+
+    /// `grad` [m, rows] (`layout`, row-major) · `W` → [m, cols]: Σ over slices of `grad[:, slice] · W[slice]`,
+    /// summed in f32 and rounded once to `T`.
+    fn input_gradient<T: WithDType>(
+        &self,
+        grad: &CpuStorage,
+        layout: &Layout,
+        m: usize,
+    ) -> Result<Tensor> {
+        let (n, k) = (self.rows, self.cols);
+        let mut sum = vec![0f32; m * k];
+        let mut buffer = Vec::new();
+        for range in self.ranges() {
+            let s = range.len();
+            let w = T::to_cpu_storage_owned(self.dense::<T>(range.clone(), &mut buffer)?);
+            let g = Layout::new(
+                Shape::from((m, s)),
+                vec![n, 1],
+                layout.start_offset() + range.start,
+            );
+            let part = grad.matmul(&w, (1, m, k, s), &g, &Layout::contiguous((s, k)))?;
+            let part = part.as_slice::<T>()?;
+            sum.iter_mut()
+                .zip(part)
+                .for_each(|(a, b)| *a += b.to_f64() as f32);
+        }
+        let out: Vec<T> = sum.into_iter().map(|v| T::from_f64(v as f64)).collect();
+        Tensor::from_vec(out, (m, k), &candle_core::Device::Cpu)
+    }
+}
+
+/// Rows `rows` of `blocks` (on the CPU) dequantized into `out` (their element count) in chunks of whole blocks on
+/// rayon's threads: a row is whole blocks, so the rows are a byte range; each block is decoded by candle's own
+/// `to_float`, so the values are `QTensor::dequantize`'s.
+fn dequantize_cpu(blocks: &QTensor, rows: Range<usize>, out: &mut [f32]) -> Result<()> {
     use candle_core::quantized::k_quants::*;
     use candle_core::quantized::GgmlDType as G;
-    let bytes = blocks.data()?;
-    match blocks.dtype() {
-        G::F32 => decode::<f32>(&bytes, out),
-        G::F16 => decode::<half::f16>(&bytes, out),
-        G::BF16 => decode::<half::bf16>(&bytes, out),
-        G::Q4_0 => decode::<BlockQ4_0>(&bytes, out),
-        G::Q4_1 => decode::<BlockQ4_1>(&bytes, out),
-        G::Q5_0 => decode::<BlockQ5_0>(&bytes, out),
-        G::Q5_1 => decode::<BlockQ5_1>(&bytes, out),
-        G::Q8_0 => decode::<BlockQ8_0>(&bytes, out),
-        G::Q8_1 => decode::<BlockQ8_1>(&bytes, out),
-        G::Q2K => decode::<BlockQ2K>(&bytes, out),
-        G::Q3K => decode::<BlockQ3K>(&bytes, out),
-        G::Q4K => decode::<BlockQ4K>(&bytes, out),
-        G::Q5K => decode::<BlockQ5K>(&bytes, out),
-        G::Q6K => decode::<BlockQ6K>(&bytes, out),
-        G::Q8K => decode::<BlockQ8K>(&bytes, out),
+    let all = blocks.data()?;
+    let block_type = blocks.dtype();
+    let cols = blocks.shape().dims()[1];
+    let row_bytes = cols / block_type.block_size() * block_type.type_size();
+    let bytes = all
+        .get(rows.start * row_bytes..rows.end * row_bytes)
+        .ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "rows {rows:?} of {block_type:?} blocks {:?} out of range",
+                blocks.shape()
+            ))
+        })?;
+    match block_type {
+        G::F32 => decode::<f32>(bytes, out),
+        G::F16 => decode::<half::f16>(bytes, out),
+        G::BF16 => decode::<half::bf16>(bytes, out),
+        G::Q4_0 => decode::<BlockQ4_0>(bytes, out),
+        G::Q4_1 => decode::<BlockQ4_1>(bytes, out),
+        G::Q5_0 => decode::<BlockQ5_0>(bytes, out),
+        G::Q5_1 => decode::<BlockQ5_1>(bytes, out),
+        G::Q8_0 => decode::<BlockQ8_0>(bytes, out),
+        G::Q8_1 => decode::<BlockQ8_1>(bytes, out),
+        G::Q2K => decode::<BlockQ2K>(bytes, out),
+        G::Q3K => decode::<BlockQ3K>(bytes, out),
+        G::Q4K => decode::<BlockQ4K>(bytes, out),
+        G::Q5K => decode::<BlockQ5K>(bytes, out),
+        G::Q6K => decode::<BlockQ6K>(bytes, out),
+        G::Q8K => decode::<BlockQ8K>(bytes, out),
     }
 }
 
 fn decode<T: candle_core::quantized::GgmlType>(bytes: &[u8], out: &mut [f32]) -> Result<()> {
     use rayon::prelude::*;
     let size = std::mem::size_of::<T>();
-    if bytes.len() % size != 0
+    if !bytes.len().is_multiple_of(size)
         || bytes.len() / size * T::BLCK_SIZE != out.len()
-        || (bytes.as_ptr() as usize) % std::mem::align_of::<T>() != 0
+        || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
     {
         bail!(
             "{:?} blocks: {} bytes at {:p} do not decode to {} values",
@@ -250,6 +424,8 @@ fn decode<T: candle_core::quantized::GgmlType>(bytes: &[u8], out: &mut [f32]) ->
 pub struct FrozenLinear {
     weight: FrozenWeight,
     bias: Option<Tensor>,
+    /// [`SLICE_ELEMENTS`]; smaller in tests, so that tiny weights have several slices.
+    slice_elements: usize,
 }
 
 impl FrozenLinear {
@@ -267,7 +443,18 @@ impl FrozenLinear {
             quantized => quantized,
         };
         let bias = bias.map(|b| b.detach());
-        Ok(Self { weight, bias })
+        Ok(Self {
+            weight,
+            bias,
+            slice_elements: SLICE_ELEMENTS,
+        })
+    }
+
+    /// The same linear with products over slices of at most `slice_elements` values of a quantized weight.
+    #[cfg(test)]
+    pub(crate) fn with_slice_elements(mut self, slice_elements: usize) -> Self {
+        self.slice_elements = slice_elements;
+        self
     }
 
     /// [out, in].
@@ -292,6 +479,7 @@ impl FrozenLinear {
         let x = x.contiguous()?;
         let y = x.apply_op1(FrozenMatmul {
             weight: self.weight.clone(),
+            slice_elements: self.slice_elements,
         })?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
@@ -302,13 +490,15 @@ impl FrozenLinear {
     /// `grad` [m, out] · `W` [out, in] → [m, in] in the weight's dtype: the input gradient of the product, without
     /// a graph (the LM head's log-prob gradient, [`FrozenMatmul`]'s backward).
     pub fn input_gradient(&self, grad: &Tensor) -> Result<Tensor> {
-        self.weight.input_gradient(grad)
+        self.weight
+            .input_gradient_in_slices(grad, self.slice_elements)
     }
 }
 
 /// The custom op behind [`FrozenLinear`]: `x` [..., in] ↦ `x Wᵀ` [..., out].
 pub struct FrozenMatmul {
     weight: FrozenWeight,
+    slice_elements: usize,
 }
 
 /// GEMM shapes and layouts: `x` viewed as [m, k] and `W` as the transposed view [k, n].
@@ -348,6 +538,29 @@ impl FrozenMatmul {
         })
     }
 
+    /// The forward over a quantized weight on the CPU, `slice_elements` values dequantized at a time.
+    fn cpu_fwd_in_slices(
+        &self,
+        parts: &[Arc<QTensor>],
+        x: &CpuStorage,
+        x_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, k) = self.weight.dims2()?;
+        // The plan only reads the weight layout's dims and offset.
+        let p = self.plan(x_layout, &Layout::contiguous((n, k)))?;
+        let slices = RowSlices::new(parts, k, self.slice_elements);
+        let y = match x {
+            CpuStorage::F32(_) => slices.forward::<f32>(x, &p.lhs, p.m)?,
+            CpuStorage::F16(_) => slices.forward::<half::f16>(x, &p.lhs, p.m)?,
+            CpuStorage::BF16(_) => slices.forward::<half::bf16>(x, &p.lhs, p.m)?,
+            other => bail!(
+                "frozen-linear: no product in {:?} over quantized blocks",
+                other.dtype()
+            ),
+        };
+        Ok((y, p.out_shape))
+    }
+
     fn check_dtype(&self, x: DType) -> Result<()> {
         if x != self.weight.dtype() {
             bail!(
@@ -366,6 +579,9 @@ impl CustomOp1 for FrozenMatmul {
 
     fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> Result<(CpuStorage, Shape)> {
         self.check_dtype(x.dtype())?;
+        if let Some(parts) = self.weight.quantized_cpu_parts() {
+            return self.cpu_fwd_in_slices(parts, x, x_layout);
+        }
         let weight = self.weight.dense()?;
         let (w_storage, w_layout) = weight.storage_and_layout();
         let Storage::Cpu(w) = &*w_storage else {
@@ -414,7 +630,9 @@ impl CustomOp1 for FrozenMatmul {
         let (n, _) = self.weight.dims2()?;
         let m = grad_res.elem_count() / n.max(1);
         let grad = grad_res.contiguous()?.reshape((m, n))?;
-        let grad_in = self.weight.input_gradient(&grad)?;
+        let grad_in = self
+            .weight
+            .input_gradient_in_slices(&grad, self.slice_elements)?;
         Ok(Some(grad_in.reshape(arg.shape())?.to_dtype(arg.dtype())?))
     }
 }
@@ -472,6 +690,75 @@ mod tests {
             lin16.forward(&x).is_err(),
             "dtype mismatch must be an error"
         );
+        Ok(())
+    }
+
+    /// A quantized weight walked in slices (several per product, some crossing from one part into the next, one
+    /// row, all rows) gives the forward and input gradient of a plain matmul over its dequantized twin.
+    #[test]
+    fn quantized_products_over_row_slices_are_the_dense_twins() -> Result<()> {
+        use candle_core::quantized::GgmlDType;
+        let dev = Device::Cpu;
+        let cols = 256; // one K-quant block per row
+        let quantize = |rows: usize, block_type: GgmlDType| -> Result<Arc<QTensor>> {
+            let w = Tensor::randn(0f32, 1., (rows, cols), &dev)?;
+            Ok(Arc::new(QTensor::quantize(&w, block_type)?))
+        };
+        // q|k|v with three block types, kept as parts (rows 0..5, 5..8, 8..12).
+        let mixed = FrozenWeight::stack_rows(vec![
+            FrozenWeight::quantized(vec![quantize(5, GgmlDType::Q4K)?], DType::F32)?,
+            FrozenWeight::quantized(vec![quantize(3, GgmlDType::Q8_0)?], DType::F32)?,
+            FrozenWeight::quantized(vec![quantize(4, GgmlDType::Q6K)?], DType::F32)?,
+        ])?;
+        assert!(matches!(&mixed, FrozenWeight::Quantized { parts, .. } if parts.len() == 3));
+        // gate|up of one block type, byte-concatenated into one part.
+        let same = FrozenWeight::stack_rows(vec![
+            FrozenWeight::quantized(vec![quantize(7, GgmlDType::Q4_0)?], DType::F32)?,
+            FrozenWeight::quantized(vec![quantize(6, GgmlDType::Q4_0)?], DType::F32)?,
+        ])?;
+        assert!(matches!(&same, FrozenWeight::Quantized { parts, .. } if parts.len() == 1));
+
+        for weight in [mixed, same] {
+            let dense = weight.dense()?;
+            let rows = dense.dim(0)?;
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 3, cols), &dev)?)?;
+            let probe = Tensor::randn(0f32, 1., (2, 3, rows), &dev)?;
+            let y_ref = x.as_tensor().broadcast_matmul(&dense.t()?)?;
+            let g_ref = (&y_ref * &probe)?.sum_all()?.backward()?;
+            let gx_ref = g_ref.get(x.as_tensor()).expect("reference input gradient");
+            // Rows per slice: 1; 5 (slices 0..5, 5..10, 10..: one crosses from k into v); 7; all at once.
+            // Relative to the largest value: the input gradient sums the slices' partial products in another order.
+            let close = |got: &Tensor, want: &Tensor, what: &str| -> Result<()> {
+                let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                let scale = want.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
+                assert!(
+                    diff <= 1e-5 * scale,
+                    "{what} differs by {diff} (largest value {scale})"
+                );
+                Ok(())
+            };
+            for slice_rows in [1, 5, 7, rows] {
+                let lin = FrozenLinear::from_weight(weight.clone(), None)?
+                    .with_slice_elements(slice_rows * cols);
+                let y = lin.forward(x.as_tensor())?;
+                close(&y, &y_ref, &format!("{slice_rows} rows per slice: forward"))?;
+                let g = (&y * &probe)?.sum_all()?.backward()?;
+                let gx = g.get(x.as_tensor()).expect("input gradient");
+                close(
+                    gx,
+                    gx_ref,
+                    &format!("{slice_rows} rows per slice: input gradient"),
+                )?;
+                // The gradient straight from the linear (the LM head's log-prob path).
+                let grad = probe.reshape((6, rows))?;
+                let direct = lin.input_gradient(&grad)?;
+                close(
+                    &direct,
+                    &grad.matmul(&dense)?,
+                    &format!("{slice_rows} rows per slice: input_gradient"),
+                )?;
+            }
+        }
         Ok(())
     }
 }

@@ -2,6 +2,7 @@
 //! plain conversion of a GGUF checkpoint, without an adapter), or a llama-architecture GGUF file as llama.cpp's
 //! converter writes one.
 
+use crate::base_weights::Quantization;
 use crate::config::{ModelConfig, RopeScaling};
 use crate::device::torch_dtype_name;
 use crate::files::{pt_metadata, write_safetensors};
@@ -17,29 +18,34 @@ use candle_core::{DType, Device, Tensor};
 use std::path::Path;
 
 /// `W + scale · B A` for every adapted linear of `checkpoint`, written with its config and tokenizer files to
-/// `out_dir` (which must not exist or be empty). `dtype` converts every weight; `None` keeps the stored dtypes.
-/// The folder is assembled under a temporary name and renamed into place, so a failure leaves nothing behind.
+/// `out_dir` (which must not exist or be empty). `W` is the base as `quantization` held it in training (a type
+/// quantized at load: the dequantized blocks, not the file's values). `dtype` converts every weight; `None` keeps
+/// the stored dtypes. The folder is assembled under a temporary name and renamed into place, so a failure leaves
+/// nothing behind.
 pub fn merge_to_checkpoint(
     checkpoint: &ModelFiles,
+    quantization: Quantization,
     adapter: &LoraAdapter,
     out_dir: &Path,
     dtype: Option<DType>,
 ) -> Result<()> {
-    write_checkpoint(checkpoint, Some(adapter), out_dir, dtype)
+    write_checkpoint(checkpoint, quantization, Some(adapter), out_dir, dtype)
 }
 
-/// `checkpoint` as a Hugging Face folder at `out_dir` (`kto convert` of a GGUF file), written as atomically as
-/// [`merge_to_checkpoint`] writes.
+/// `checkpoint` (its values as `quantization` holds them) as a Hugging Face folder at `out_dir` (`kto convert` of a
+/// GGUF file), written as atomically as [`merge_to_checkpoint`] writes.
 pub fn convert_to_checkpoint(
     checkpoint: &ModelFiles,
+    quantization: Quantization,
     out_dir: &Path,
     dtype: Option<DType>,
 ) -> Result<()> {
-    write_checkpoint(checkpoint, None, out_dir, dtype)
+    write_checkpoint(checkpoint, quantization, None, out_dir, dtype)
 }
 
 fn write_checkpoint(
     checkpoint: &ModelFiles,
+    quantization: Quantization,
     adapter: Option<&LoraAdapter>,
     out_dir: &Path,
     dtype: Option<DType>,
@@ -58,16 +64,19 @@ fn write_checkpoint(
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent)
         .with_context(|| format!("cannot create {}", parent.display()))?;
-    kto_data::atomic::write_dir(out_dir, |tmp| write_merged(checkpoint, adapter, tmp, dtype))
+    kto_data::atomic::write_dir(out_dir, |tmp| {
+        write_merged(checkpoint, quantization, adapter, tmp, dtype)
+    })
 }
 
 fn write_merged(
     checkpoint: &ModelFiles,
+    quantization: Quantization,
     adapter: Option<&LoraAdapter>,
     dir: &Path,
     dtype: Option<DType>,
 ) -> Result<()> {
-    let tensors = merged_weights(checkpoint, adapter, dtype)?;
+    let tensors = merged_weights(checkpoint, quantization, adapter, dtype)?;
     write_safetensors(&dir.join(SINGLE_WEIGHTS_FILE), &tensors, pt_metadata())?;
 
     let mut config = checkpoint.hf_config_json()?;
@@ -86,10 +95,12 @@ fn write_merged(
     checkpoint.write_tokenizer_files(dir)
 }
 
-/// Every weight of `checkpoint` under its Hugging Face name, sorted, with `W + scale · B A` for each linear the
-/// adapter adapts (computed in f32), converted to `dtype` (`None`: each weight's stored dtype).
+/// Every weight of `checkpoint` under its Hugging Face name, sorted, with its values as `quantization` holds them
+/// in training and `W + scale · B A` for each linear the adapter adapts (computed in f32), converted to `dtype`
+/// (`None`: each weight's stored dtype).
 fn merged_weights(
     checkpoint: &ModelFiles,
+    quantization: Quantization,
     adapter: Option<&LoraAdapter>,
     dtype: Option<DType>,
 ) -> Result<Vec<(String, Tensor)>> {
@@ -98,6 +109,7 @@ fn merged_weights(
     let mut tensors = Vec::new();
     for (name, stored) in checkpoint.tensors()? {
         let out_dtype = dtype.unwrap_or(stored.dtype());
+        let stored = quantization.values_as_held(checkpoint, &name, stored)?;
         let pair = adapter.and_then(|adapter| {
             adapted_site(&name).and_then(|site| adapter.pair(site).map(|p| (site, p)))
         });
@@ -134,9 +146,11 @@ fn merged_weights(
 /// `checkpoint` with `adapter` merged in (or alone), written to the file `out` as a llama-architecture GGUF the way
 /// llama.cpp's `convert_hf_to_gguf.py` writes one: `llama.*` hyperparameters, GGUF tensor names, q/k rows permuted,
 /// matrices in `dtype` (`None`: its `--outtype auto`, bf16 for a bf16 checkpoint, else f16), norms in f32, and the
-/// tokenizer and chat template as `tokenizer.*` metadata. Written under a temporary name and renamed into place.
+/// tokenizer and chat template as `tokenizer.*` metadata. The base's values are those `quantization` holds in
+/// training, as for [`merge_to_checkpoint`]. Written under a temporary name and renamed into place.
 pub fn merge_to_gguf(
     checkpoint: &ModelFiles,
+    quantization: Quantization,
     adapter: Option<&LoraAdapter>,
     out: &Path,
     dtype: Option<GgufDType>,
@@ -150,7 +164,7 @@ pub fn merge_to_gguf(
             checkpoint.source().display()
         );
     }
-    let tensors = merged_weights(checkpoint, adapter, None)?;
+    let tensors = merged_weights(checkpoint, quantization, adapter, None)?;
     let dtype = dtype.unwrap_or_else(|| {
         let first_matrix = tensors.iter().find(|(_, t)| t.rank() == 2);
         GgufDType::auto(first_matrix.map_or(DType::F32, |(_, t)| t.dtype()))

@@ -117,7 +117,7 @@ fn convert_writes_a_folder_that_loads_with_the_same_logits_and_tokenizer() -> Re
             .unwrap(),
     )?;
     let out = dir.path().join("converted");
-    kto_model::convert_to_checkpoint(&gguf, &out, None)?;
+    kto_model::convert_to_checkpoint(&gguf, kto_model::Quantization::None, &out, None)?;
     let folder = ModelFiles::from_dir(&out)?;
     assert_eq!(folder.config, gguf.config);
     let ids = [1u32, 50, 60, 70, 2];

@@ -11,7 +11,7 @@ use kto_model::lora::LoraMatrix;
 use kto_model::lora_gguf::{save_adapter_gguf, tensor_name};
 use kto_model::{
     generate, load_adapter, merge_to_gguf, AdapterChoice, GenerationOptions, LlamaModel,
-    LoraTarget, ModelFiles,
+    LoraTarget, ModelFiles, Quantization,
 };
 use std::path::{Path, PathBuf};
 
@@ -74,7 +74,13 @@ fn merged_gguf_generates_as_base_plus_adapter() -> Result<()> {
     let adapter = kto_model::testing::random_adapter(&checkpoint.config, false, 11)?;
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("merged.gguf");
-    merge_to_gguf(&checkpoint, Some(&adapter), &path, Some(GgufDType::F32))?;
+    merge_to_gguf(
+        &checkpoint,
+        Quantization::None,
+        Some(&adapter),
+        &path,
+        Some(GgufDType::F32),
+    )?;
     let leftovers: Vec<_> = std::fs::read_dir(dir.path())?
         .map(|e| e.unwrap().file_name())
         .collect();
@@ -136,7 +142,13 @@ fn merged_gguf_generates_as_base_plus_adapter() -> Result<()> {
 
     // The base alone in q8_0: norms f32, the 344-wide rows of ffn_down no whole Q8_0 block (f16), the rest Q8_0.
     let q8 = dir.path().join("base-q8_0.gguf");
-    merge_to_gguf(&checkpoint, None, &q8, Some(GgufDType::Q8_0))?;
+    merge_to_gguf(
+        &checkpoint,
+        Quantization::None,
+        None,
+        &q8,
+        Some(GgufDType::Q8_0),
+    )?;
     let q8_files = ModelFiles::locate(q8.to_str().unwrap())?;
     let q8_model = LlamaModel::load(&q8_files, DType::F32, &Device::Cpu)?;
     let q8_logits = q8_model.forward_logits(&input, &[n], AdapterChoice::Reference)?;
@@ -154,7 +166,13 @@ fn bad_adapter_files_are_refused_naming_the_file_and_what_is_wrong() -> Result<(
 
     // A model GGUF is no adapter.
     let base = dir.path().join("base.gguf");
-    merge_to_gguf(&checkpoint, None, &base, Some(GgufDType::F32))?;
+    merge_to_gguf(
+        &checkpoint,
+        Quantization::None,
+        None,
+        &base,
+        Some(GgufDType::F32),
+    )?;
     let message = err(&base);
     assert!(
         message.contains("base.gguf") && message.contains("general.type"),

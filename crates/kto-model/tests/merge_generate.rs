@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor};
 use kto_data::testing::trl_fixture;
 use kto_model::{
     generate, load_adapter, merge_to_checkpoint, AdapterChoice, GenerationOptions, LlamaModel,
-    ModelFiles, StopReason,
+    ModelFiles, Quantization, StopReason,
 };
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
@@ -29,7 +29,7 @@ fn merged_checkpoint_reproduces_the_adapted_model() -> Result<()> {
     )?;
     let tmp = tempfile::tempdir()?;
     let out = tmp.path().join("export/merged");
-    merge_to_checkpoint(&ckpt, &adapter, &out, None)?;
+    merge_to_checkpoint(&ckpt, Quantization::None, &adapter, &out, None)?;
     for file in [
         "config.json",
         "model.safetensors",
@@ -50,11 +50,17 @@ fn merged_checkpoint_reproduces_the_adapted_model() -> Result<()> {
     // A non-empty destination is refused; bf16 export records its dtype.
     assert!(format!(
         "{:#}",
-        merge_to_checkpoint(&ckpt, &adapter, &out, None).unwrap_err()
+        merge_to_checkpoint(&ckpt, Quantization::None, &adapter, &out, None).unwrap_err()
     )
     .contains("not empty"));
     let out16 = tmp.path().join("bf16");
-    merge_to_checkpoint(&ckpt, &adapter, &out16, Some(DType::BF16))?;
+    merge_to_checkpoint(
+        &ckpt,
+        Quantization::None,
+        &adapter,
+        &out16,
+        Some(DType::BF16),
+    )?;
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out16.join("config.json"))?)?;
     assert_eq!(cfg["dtype"], "bfloat16");

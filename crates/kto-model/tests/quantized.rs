@@ -9,8 +9,8 @@ use candle_core::{DType, Device, Tensor};
 use kto_model::testing::gguf::{gguf_metadata, gguf_tensors, write_gguf, TestVocab};
 use kto_model::testing::{dequantized_twin, TinyModel};
 use kto_model::{
-    AdapterChoice, LlamaModel, LoraAdapter, LoraConfig, LoraTarget, ModelFiles, Quantization,
-    SequenceBatch,
+    merge_to_checkpoint, AdapterChoice, LlamaModel, LoraAdapter, LoraConfig, LoraTarget,
+    ModelFiles, Quantization, SequenceBatch,
 };
 use std::path::Path;
 
@@ -271,5 +271,99 @@ fn the_f32_base_is_read_once_without_a_mapping() -> Result<()> {
     let (a, b) = (outputs(&mut one)?, outputs(&mut three)?);
     assert_same(&a, &b, "sharded")?;
     assert_eq!(a.base_bytes, model.parameter_count() * 4);
+    Ok(())
+}
+
+/// Logits of `checkpoint` (f32, as `quantization` holds it) with `adapter` as the policy, or the bare base.
+fn logits_of(
+    checkpoint: &ModelFiles,
+    quantization: Quantization,
+    adapter: Option<LoraAdapter>,
+) -> Result<Tensor> {
+    let mut model = LlamaModel::load_quantized(checkpoint, DType::F32, &Device::Cpu, quantization)?;
+    let choice = match adapter {
+        Some(_) => AdapterChoice::Policy,
+        None => AdapterChoice::Reference,
+    };
+    model.set_policy_adapter(adapter)?;
+    let ids = Tensor::new(&[1u32, 5, 9, 2, 7, 3, 11][..], &Device::Cpu)?.unsqueeze(0)?;
+    model.forward_logits(&ids, &[7], choice)
+}
+
+#[test]
+fn export_merges_into_the_base_values_training_saw() -> Result<()> {
+    use kto_model::testing::random_adapter;
+    // Quantized at load: the merge is into the dequantized blocks (the twin), not into the file's values.
+    for tie in [false, true] {
+        let dir = tempfile::tempdir()?;
+        let model = tiny(64, tie);
+        let (source, twin) = write_pair(dir.path(), &model, GgmlDType::Q8_0)?;
+        let q8_0 = Quantization::To(GgmlDType::Q8_0);
+        let adapter = || random_adapter(&source.config, false, 7);
+        let merged = dir.path().join("merged");
+        merge_to_checkpoint(&source, q8_0, &adapter()?, &merged, None)?;
+        let got = logits_of(&ModelFiles::from_dir(&merged)?, Quantization::None, None)?;
+        let want = logits_of(&twin, Quantization::None, Some(adapter()?))?;
+        let d = max_abs_diff(&got, &want)?;
+        assert!(
+            d <= 1e-4,
+            "tied {tie}: merged logits differ from twin + adapter by {d}"
+        );
+        // The same run quantized at load gives the twin's numbers, so the merged model is what training ran.
+        let trained = logits_of(&source, q8_0, Some(adapter()?))?;
+        assert!(max_abs_diff(&trained, &want)? <= 1e-5, "tied {tie}");
+        // Merging into the file's own values would be another model: the test tells the two apart.
+        let file_values = dir.path().join("file-values");
+        merge_to_checkpoint(&source, Quantization::None, &adapter()?, &file_values, None)?;
+        let other = logits_of(
+            &ModelFiles::from_dir(&file_values)?,
+            Quantization::None,
+            None,
+        )?;
+        let d = max_abs_diff(&other, &want)?;
+        assert!(
+            d > 1e-3,
+            "tied {tie}: q8_0's rounding should show in the logits ({d})"
+        );
+    }
+
+    // keep on a GGUF base: the file's blocks dequantized, as training held them (Q4_K with Q6_K v/down).
+    let vocab = TestVocab::byte_level("smollm", &["Ġ t", "h e"]);
+    let dir = tempfile::tempdir()?;
+    let model = tiny(vocab.tokens.len(), false);
+    let weights = model.random_weights(5)?;
+    let mut tensors = gguf_tensors(&model, &weights, GgmlDType::Q4K)?;
+    for (name, blocks) in gguf_tensors(&model, &weights, GgmlDType::Q6K)? {
+        if name.contains("attn_v") || name.contains("ffn_down") {
+            let slot = tensors
+                .iter_mut()
+                .find(|(n, _)| *n == name)
+                .expect("same names");
+            slot.1 = blocks;
+        }
+    }
+    let path = dir.path().join("tiny.gguf");
+    write_gguf(&path, &gguf_metadata(&model, &vocab), &tensors)?;
+    let checkpoint = ModelFiles::locate(path.to_str().unwrap())?;
+    let adapter = || random_adapter(&checkpoint.config, false, 9);
+    let merged = dir.path().join("merged");
+    merge_to_checkpoint(&checkpoint, Quantization::Keep, &adapter()?, &merged, None)?;
+    let got = logits_of(&ModelFiles::from_dir(&merged)?, Quantization::None, None)?;
+    let want = logits_of(&checkpoint, Quantization::Keep, Some(adapter()?))?;
+    let d = max_abs_diff(&got, &want)?;
+    assert!(
+        d <= 1e-4,
+        "keep: merged logits differ from the kept base + adapter by {d}"
+    );
+
+    // keep on a safetensors base is refused at export as at load.
+    let folder = dir.path().join("safetensors");
+    tiny(64, false).write(&folder, 1, 1)?;
+    let safetensors = ModelFiles::from_dir(&folder)?;
+    let adapter = random_adapter(&safetensors.config, false, 1)?;
+    let refused = dir.path().join("refused");
+    let error = merge_to_checkpoint(&safetensors, Quantization::Keep, &adapter, &refused, None)
+        .unwrap_err();
+    assert!(format!("{error:#}").contains("safetensors"), "{error:#}");
     Ok(())
 }

@@ -52,7 +52,7 @@ pub fn run(args: ConvertArgs) -> Result<()> {
         .map(kto_model::parse_dtype)
         .transpose()?;
     tracing::info!("converting {}", args.gguf.display());
-    kto_model::convert_to_checkpoint(&checkpoint, &args.out, dtype)
+    kto_model::convert_to_checkpoint(&checkpoint, kto_model::Quantization::None, &args.out, dtype)
         .with_context(|| format!("converting to {}", args.out.display()))?;
     println!("wrote {}", args.out.display());
     Ok(())

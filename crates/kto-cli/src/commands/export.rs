@@ -40,8 +40,10 @@ Examples:
 /// GGUF files are written as llama.cpp's converters write them: the merged model as convert_hf_to_gguf.py does
 /// (llama architecture, llama.* metadata, q/k rows permuted, tokenizer.ggml.* and tokenizer.chat_template), the
 /// adapter as convert_lora_to_gguf.py does (blk.N.attn_q.weight.lora_a / .lora_b, adapter.lora.alpha).
-/// Safetensors weights keep their Hugging Face names and stored dtypes unless --dtype is given. Every output is
-/// written under a temporary name and renamed into place, so an interrupted export leaves nothing half-written.
+/// The base is merged into as training held it: with [model] quantize set to a type, its blocks dequantized (not
+/// the file's original values). Safetensors weights keep their Hugging Face names and stored dtypes unless --dtype
+/// is given. Every output is written under a temporary name and renamed into place, so an interrupted export leaves
+/// nothing half-written.
 #[derive(Debug, Args)]
 #[command(after_help = EXAMPLES)]
 pub struct ExportArgs {
@@ -106,6 +108,8 @@ pub fn run(args: ExportArgs) -> Result<()> {
         }
     };
     let checkpoint = args.source.base_model(&config)?;
+    // The adapter was trained over the base as `[model] quantize` held it: merge into those values.
+    let quantize = config.model.quantize;
     // Merging touches every weight once: the CPU does it without an accelerator.
     let adapter = adapter_dir
         .as_ref()
@@ -142,7 +146,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
             }
             _ => {
                 tracing::info!("writing {what} as GGUF");
-                kto_model::merge_to_gguf(&checkpoint, adapter.as_ref(), &args.out, dtype)
+                kto_model::merge_to_gguf(&checkpoint, quantize, adapter.as_ref(), &args.out, dtype)
             }
         };
         written.with_context(|| format!("exporting to {}", args.out.display()))?;
@@ -155,8 +159,10 @@ pub fn run(args: ExportArgs) -> Result<()> {
         };
         tracing::info!("writing {what}");
         let written = match &adapter {
-            Some(adapter) => kto_model::merge_to_checkpoint(&checkpoint, adapter, &args.out, dtype),
-            None => kto_model::convert_to_checkpoint(&checkpoint, &args.out, dtype),
+            Some(adapter) => {
+                kto_model::merge_to_checkpoint(&checkpoint, quantize, adapter, &args.out, dtype)
+            }
+            None => kto_model::convert_to_checkpoint(&checkpoint, quantize, &args.out, dtype),
         };
         written.with_context(|| format!("exporting to {}", args.out.display()))?;
     }
