@@ -98,10 +98,7 @@ impl<'a> PassStop<'a> {
     }
 
     /// `batches` for as long as no rank asks to stop (and the collective that agrees it works).
-    pub fn batches<I: Iterator>(&self, batches: I) -> impl Iterator<Item = I::Item> + '_
-    where
-        I: 'a,
-    {
+    pub fn batches<I: Iterator + 'a>(&self, batches: I) -> impl Iterator<Item = I::Item> + '_ {
         batches.take_while(move |_| match agreed(self.stop, self.world) {
             Ok(None) => true,
             Ok(Some(signal)) => {
