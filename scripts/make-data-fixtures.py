@@ -260,6 +260,51 @@ def make_hub():
             "harmless-base/test.jsonl.gz": gzip.compress(jsonl(HH[:1]).encode(), mtime=0),
         },
     )
+    # A card whose data_files do not follow the layout rules (a notes file the rules would put in train; a split
+    # named by a list of paths), a default config marked so, and a config given only by its data_dir.
+    repo(
+        "kto-test/card-paths",
+        {
+            "README.md": (
+                "---\nlicense: mit\nconfigs:\n- config_name: chat\n  data_dir: conversations\n"
+                "- config_name: prefs\n  default: true\n  data_files:\n  - split: train\n    path: raw/prefs-*.jsonl\n"
+                "  - split: test\n    path:\n    - raw/heldout.jsonl\n---\n\nA kto test fixture.\n"
+            ).encode(),
+            "raw/prefs-a.jsonl": jsonl(UNPAIRED[:3]).encode(),
+            "raw/prefs-b.jsonl": jsonl(UNPAIRED[3:]).encode(),
+            "raw/heldout.jsonl": jsonl(UNPAIRED[:2]).encode(),
+            "raw/notes-train.jsonl": jsonl(UNPAIRED[:1]).encode(),
+            "conversations/train.jsonl": jsonl(CONVERSATIONAL).encode(),
+            "conversations/test.jsonl": jsonl(CONVERSATIONAL[:2]).encode(),
+        },
+    )
+    write_resolved(hub)
+
+
+def write_resolved(hub):
+    """What `datasets` itself resolves each faked data set's splits to (load_dataset_builder on the snapshot folder,
+    offline): hub-resolved.json, {"repo[:config]": {split: [files relative to the snapshot]} or {"error": text}},
+    which crates/kto-data/tests/data_kinds.rs compares kto's resolution with."""
+    resolved = {}
+    for folder in sorted(os.listdir(hub)):
+        repo_id = folder.removeprefix("datasets--").replace("--", "/")
+        commit = open(os.path.join(hub, folder, "refs", "main")).read().strip()
+        snapshot = os.path.join(hub, folder, "snapshots", commit)
+        for config in [None, "chat", "plain", "prefs", "nope"]:
+            key = repo_id + (f":{config}" if config else "")
+            try:
+                builder = datasets.load_dataset_builder(snapshot, name=config)
+            except Exception as e:  # noqa: BLE001 - the error is what is recorded
+                if config is None:
+                    resolved[key] = {"error": f"{type(e).__name__}: {e}"}
+                continue
+            if config is not None and builder.config.name != config:
+                continue
+            resolved[key] = {
+                str(split): [os.path.relpath(f, snapshot) for f in files]
+                for split, files in builder.config.data_files.items()
+            }
+    write_text(os.path.join(OUT, "hub-resolved.json"), json.dumps(resolved, indent=1, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":

@@ -18,12 +18,15 @@
 //!    evaluation), delimited by `-._ `, a digit or the end;
 //! 4. otherwise every data file is the `train` split.
 //!
-//! Files are taken in name order. The `configs:` / `data_files:` of a data set card (README.md YAML) are not read:
-//! they name these same layouts for data sets `push_to_hub` wrote.
+//! Files are taken in name order. When the snapshot's README.md lists `configs:` (as `push_to_hub` writes, or as an
+//! author wrote them), they decide instead, as in `datasets` ([`crate::dataset_card`]): the config named, else the
+//! card's default one (several configs without a default need `dataset_config`); its `data_files` patterns give
+//! each split's files, or without them the rules above apply under its `data_dir`.
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
+use crate::dataset_card::{self, CardConfig};
 use crate::sources::FileKind;
 
 /// `datasets`' default splits and the words that name each (`data_files.SPLIT_KEYWORDS`).
@@ -128,14 +131,16 @@ pub(crate) fn splits_in(names: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// A data set in the cache: where its snapshot is, its data files (relative, `/`-separated, name order).
+/// A data set in the cache: where its snapshot is and the files of each split (relative, `/`-separated).
 pub struct CachedDataset {
     /// `owner/name` as given (with `@REV` when given).
     pub id: String,
+    /// The config asked for, or the card's default config.
     pub config: Option<String>,
     /// The folder the relative file names start from (the snapshot, or its config folder).
     pub root: PathBuf,
-    pub files: Vec<String>,
+    /// Each split and its files, in `datasets`' order (the card's, or train, validation, test first).
+    splits: Vec<(String, Vec<String>)>,
 }
 
 impl CachedDataset {
@@ -166,6 +171,12 @@ impl CachedDataset {
             );
         };
         let all = data_files_under(&snapshot)?;
+        let card = snapshot.join("README.md");
+        if card.is_file() {
+            if let Some(configs) = dataset_card::read_configs(&card)? {
+                return Self::from_card(dataset, &snapshot, &all, &configs, config);
+            }
+        }
         let (root, files) = match config {
             None => (snapshot.clone(), all),
             Some(config) => {
@@ -204,21 +215,105 @@ impl CachedDataset {
             id: dataset.to_owned(),
             config: config.map(str::to_owned),
             root,
-            files,
+            splits: assign_splits(&files),
+        })
+    }
+
+    /// The splits of `config` (or of the default config) among the card's `configs`; `all`: the snapshot's data
+    /// files.
+    fn from_card(
+        dataset: &str,
+        snapshot: &Path,
+        all: &[String],
+        configs: &[CardConfig],
+        config: Option<&str>,
+    ) -> Result<Self> {
+        let mut names: Vec<&str> = configs.iter().map(|c| c.name.as_str()).collect();
+        names.sort();
+        let names = names.join(", ");
+        let card = snapshot.join("README.md");
+        let chosen = match config {
+            Some(name) => match configs.iter().find(|c| c.name == name) {
+                Some(chosen) => chosen,
+                None => bail!(
+                    "dataset `{dataset}` has no config `{name}`: its card {} lists {names}; set [data] dataset_config \
+                     to one of them",
+                    card.display()
+                ),
+            },
+            None => match dataset_card::default_config(configs)
+                .with_context(|| format!("dataset `{dataset}`: {}", card.display()))?
+            {
+                Some(chosen) => chosen,
+                None => bail!(
+                    "dataset `{dataset}` has several configs and its card {} marks none as the default: set [data] \
+                     dataset_config to one of {names}",
+                    card.display()
+                ),
+            },
+        };
+        let under = |dir: &str, file: &str| match dir {
+            "" => file.to_owned(),
+            dir => format!("{dir}/{file}"),
+        };
+        let data_dir = chosen.data_dir.as_deref().unwrap_or("");
+        let splits = match &chosen.data_files {
+            Some(patterns) => patterns
+                .iter()
+                .map(|(split, patterns)| {
+                    let mut files = Vec::new();
+                    for pattern in patterns {
+                        let matched = dataset_card::matching(&under(data_dir, pattern), all)?;
+                        files.extend(matched.into_iter().cloned());
+                    }
+                    if files.is_empty() {
+                        bail!(
+                            "dataset `{dataset}`, config `{}` of its card {}: no data file kto reads (.parquet, .jsonl, \
+                             .json, .csv, .arrow, compressed JSON) matches the split `{split}`'s patterns {patterns:?}{}",
+                            chosen.name,
+                            card.display(),
+                            if data_dir.is_empty() { String::new() } else { format!(" under `{data_dir}`") }
+                        );
+                    }
+                    Ok((split.clone(), files))
+                })
+                .collect::<Result<Vec<_>>>()?,
+            None => {
+                let prefix = if data_dir.is_empty() { String::new() } else { format!("{data_dir}/") };
+                let inside: Vec<String> = all
+                    .iter()
+                    .filter_map(|f| f.strip_prefix(&prefix).map(str::to_owned))
+                    .collect();
+                assign_splits(&inside)
+                    .into_iter()
+                    .map(|(split, files)| (split, files.iter().map(|f| under(data_dir, f)).collect()))
+                    .collect()
+            }
+        };
+        if splits.is_empty() {
+            bail!(
+                "dataset `{dataset}`, config `{}` of its card {}: no data files (.parquet, .jsonl, .json, .csv, .arrow, \
+                 compressed JSON) under `{data_dir}`",
+                chosen.name,
+                card.display()
+            );
+        }
+        Ok(Self {
+            id: dataset.to_owned(),
+            config: Some(chosen.name.clone()),
+            root: snapshot.to_owned(),
+            splits,
         })
     }
 
     /// The splits found, in `datasets`' order.
     pub fn splits(&self) -> Vec<String> {
-        assign_splits(&self.files)
-            .into_iter()
-            .map(|(split, _)| split)
-            .collect()
+        self.splits.iter().map(|(split, _)| split.clone()).collect()
     }
 
-    /// The files of `split`, in name order.
+    /// The files of `split` (in name order, or the card's patterns' order).
     pub fn split_files(&self, split: &str) -> Result<Vec<PathBuf>> {
-        let splits = assign_splits(&self.files);
+        let splits = &self.splits;
         match splits.iter().find(|(s, _)| s == split) {
             Some((_, files)) => Ok(files.iter().map(|f| self.root.join(f)).collect()),
             None => bail!(

@@ -7,6 +7,7 @@ pub mod atomic;
 pub mod balance;
 pub mod batch;
 pub mod chat_template;
+pub mod dataset_card;
 pub mod drops;
 pub mod faults;
 pub mod formats;

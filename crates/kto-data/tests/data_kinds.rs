@@ -263,6 +263,99 @@ fn hub_ids_resolve_in_the_cache() {
     assert_eq!(hh.split_files("test").unwrap().len(), 1);
 }
 
+/// Every faked data set (and config) resolves to the splits and files `datasets` 5.2 itself resolves it to
+/// (`hub-resolved.json`, written by scripts/make-data-fixtures.py with `load_dataset_builder` on each snapshot): the
+/// layout rules, push_to_hub's cards, and a card whose `data_files` and `data_dir` do not follow the layout.
+#[test]
+fn splits_and_files_are_those_datasets_resolves() {
+    let text = std::fs::read_to_string(fixtures().join("hub-resolved.json")).unwrap();
+    let resolved: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text).unwrap();
+    assert!(
+        resolved.len() >= 9,
+        "{} data sets and configs",
+        resolved.len()
+    );
+    for (key, want) in &resolved {
+        let (id, config) = match key.split_once(':') {
+            Some((id, config)) => (id, Some(config)),
+            None => (key.as_str(), None),
+        };
+        let located = CachedDataset::locate(&hub(), id, config);
+        if let Some(error) = want.get("error") {
+            // datasets: "Config name is missing ... available configs: ['plain', 'chat']".
+            let ours = format!(
+                "{:#}",
+                located.err().unwrap_or_else(|| panic!(
+                    "{key}: kto resolved it, datasets did not ({error})"
+                ))
+            );
+            assert!(
+                ours.contains("several configs") && ours.contains("chat, plain"),
+                "{key}: {ours}"
+            );
+            continue;
+        }
+        let dataset = located.unwrap_or_else(|e| panic!("{key}: {e:#}"));
+        let want = want.as_object().unwrap();
+        let mut splits = dataset.splits();
+        splits.sort();
+        let mut want_splits: Vec<String> = want.keys().cloned().collect();
+        want_splits.sort();
+        assert_eq!(splits, want_splits, "{key}: splits");
+        for (split, files) in want {
+            let ours: Vec<String> = dataset
+                .split_files(split)
+                .unwrap()
+                .iter()
+                .map(|f| {
+                    f.strip_prefix(hub())
+                        .unwrap()
+                        .components()
+                        .skip(3)
+                        .collect::<PathBuf>()
+                        .display()
+                        .to_string()
+                })
+                .collect();
+            let theirs: Vec<String> = files
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| f.as_str().unwrap().to_owned())
+                .collect();
+            assert_eq!(ours, theirs, "{key}: files of split {split}");
+        }
+    }
+    // The card's files read as the rows they hold (the notes file the layout rules would add to train is left out).
+    let prefs = CachedDataset::locate(&hub(), "kto-test/card-paths", None).unwrap();
+    assert_eq!(prefs.config.as_deref(), Some("prefs"));
+    let out = read_dataset(
+        "prefs",
+        &prefs.split_files("train").unwrap(),
+        &ReadOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(out.samples, reference("unpaired"));
+    let chat = CachedDataset::locate(&hub(), "kto-test/card-paths", Some("chat")).unwrap();
+    let out = read_dataset(
+        "chat",
+        &chat.split_files("train").unwrap(),
+        &ReadOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(out.samples, reference("conversational"));
+    let missing = format!(
+        "{:#}",
+        CachedDataset::locate(&hub(), "kto-test/card-paths", Some("nope"))
+            .err()
+            .unwrap()
+    );
+    assert!(
+        missing.contains("no config `nope`") && missing.contains("lists chat, prefs"),
+        "{missing}"
+    );
+}
+
 #[test]
 fn a_miss_says_where_kto_looked_and_how_to_fill_the_cache() {
     let miss = format!(

@@ -328,7 +328,9 @@ fn accumulate_gradients<M: PolicyModel>(
                 grads.insert(name.clone(), summed);
             }
         }
-        pending.add_micro_batch(&scored.metrics, scaled_value, batch.indices.len());
+        // samples/s counts every rank's samples (each rank's micro-batch is as long, even_batches padding aside).
+        let all_ranks = batch.indices.len() * stepping.world.size();
+        pending.add_micro_batch(&scored.metrics, scaled_value, all_ranks);
         samples += batch.indices.len();
         micro_batches_seen += 1;
     }
@@ -357,10 +359,18 @@ fn average_over_ranks(
     }
     let flat = Tensor::cat(&pieces, 0)?;
     let ranks = Tensor::new(stepping.world.size() as f32, flat.device())?;
+    // Timed for scripts/bench-dp.sh (RUST_LOG=kto::all_reduce=debug): the sum includes waiting for the slowest rank.
+    let started = Instant::now();
     let averaged = stepping
         .world
         .sum_f32_tensor(&flat)?
         .broadcast_div(&ranks)?;
+    tracing::debug!(
+        target: "kto::all_reduce",
+        seconds = started.elapsed().as_secs_f64(),
+        floats = flat.elem_count(),
+        "gradient all-reduce"
+    );
     let mut offset = 0;
     for (name, var) in stepping.params {
         let len = var.elem_count();
