@@ -3,7 +3,8 @@
 //! strings, logits of a few prompts and their greedy continuations.
 //!
 //! The 93 MB file is not in the repository: `scripts/get-smollm2.sh` puts it in ~/.cache/kto/ (or set
-//! KTO_SMOLLM2_GGUF). Without it these tests print a skip line and pass.
+//! KTO_SMOLLM2_GGUF). Without it these tests print a skip line and pass, unless KTO_SMOLLM2_GGUF is set: then a
+//! missing file fails them.
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
@@ -14,13 +15,21 @@ use std::path::PathBuf;
 
 const FILE_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
+/// The file, or `None` (with a skip line) when it is absent; a KTO_SMOLLM2_GGUF naming no file fails the test, as a
+/// test asked for must not pass by skipping.
 fn real_file() -> Option<PathBuf> {
-    let path = match std::env::var_os("KTO_SMOLLM2_GGUF") {
-        Some(path) => PathBuf::from(path),
-        None => PathBuf::from(std::env::var_os("HOME")?)
-            .join(".cache/kto")
-            .join(FILE_NAME),
-    };
+    if let Some(path) = std::env::var_os("KTO_SMOLLM2_GGUF") {
+        let path = PathBuf::from(path);
+        assert!(
+            path.is_file(),
+            "KTO_SMOLLM2_GGUF={} is not a file (run scripts/get-smollm2.sh)",
+            path.display()
+        );
+        return Some(path);
+    }
+    let path = PathBuf::from(std::env::var_os("HOME")?)
+        .join(".cache/kto")
+        .join(FILE_NAME);
     if path.is_file() {
         Some(path)
     } else {
