@@ -192,7 +192,9 @@ impl FrozenWeight {
         let grad = grad.to_dtype(self.dtype())?;
         let Some(parts) = self.quantized_cpu_parts() else {
             return match self {
-                FrozenWeight::Dense(w) if w.device().is_cpu() => {
+                // f32 only: that is where a run and its quantized twin must agree to the bit; a bf16 GEMM per
+                // slice would round each partial product to bf16.
+                FrozenWeight::Dense(w) if w.device().is_cpu() && w.dtype() == DType::F32 => {
                     dense_input_gradient(&grad, w, slice_elements)
                 }
                 _ => grad.matmul(&self.dense()?),
