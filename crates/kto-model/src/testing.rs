@@ -320,3 +320,30 @@ pub fn random_adapter(
     }
     crate::LoraAdapter::from_pairs(config, model, pairs, &Device::Cpu)
 }
+
+/// The real SmolLM2-135M-Instruct Q4_1 GGUF (93 MB, not in the repository: `scripts/get-smollm2.sh` puts it in
+/// ~/.cache/kto/), or `None` with a skip line when it is absent. `KTO_SMOLLM2_GGUF` naming no file fails the test
+/// instead: a test asked for must not pass by skipping.
+pub fn smollm2_gguf() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("KTO_SMOLLM2_GGUF") {
+        let path = PathBuf::from(path);
+        assert!(
+            path.is_file(),
+            "KTO_SMOLLM2_GGUF={} is not a file (run scripts/get-smollm2.sh)",
+            path.display()
+        );
+        return Some(path);
+    }
+    let path = PathBuf::from(std::env::var_os("HOME")?)
+        .join(".cache/kto")
+        .join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    if path.is_file() {
+        Some(path)
+    } else {
+        println!(
+            "skipped: {} not found (run scripts/get-smollm2.sh)",
+            path.display()
+        );
+        None
+    }
+}

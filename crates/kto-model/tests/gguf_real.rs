@@ -11,35 +11,6 @@ use candle_core::{DType, Device, Tensor};
 use kto_data::testing::fixture;
 use kto_model::{generate, AdapterChoice, GenerationOptions, LlamaModel, ModelFiles};
 use serde_json::Value;
-use std::path::PathBuf;
-
-const FILE_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-
-/// The file, or `None` (with a skip line) when it is absent; a KTO_SMOLLM2_GGUF naming no file fails the test, as a
-/// test asked for must not pass by skipping.
-fn real_file() -> Option<PathBuf> {
-    if let Some(path) = std::env::var_os("KTO_SMOLLM2_GGUF") {
-        let path = PathBuf::from(path);
-        assert!(
-            path.is_file(),
-            "KTO_SMOLLM2_GGUF={} is not a file (run scripts/get-smollm2.sh)",
-            path.display()
-        );
-        return Some(path);
-    }
-    let path = PathBuf::from(std::env::var_os("HOME")?)
-        .join(".cache/kto")
-        .join(FILE_NAME);
-    if path.is_file() {
-        Some(path)
-    } else {
-        println!(
-            "skipped: {} not found (run scripts/get-smollm2.sh)",
-            path.display()
-        );
-        None
-    }
-}
 
 /// The parity data of `tests/fixtures/gguf-parity/smollm2.json`.
 fn smollm2_parity() -> Result<Value> {
@@ -58,7 +29,7 @@ fn ids(value: &Value) -> Vec<u32> {
 
 #[test]
 fn tokenizer_matches_transformers() -> Result<()> {
-    let Some(path) = real_file() else {
+    let Some(path) = kto_model::testing::smollm2_gguf() else {
         return Ok(());
     };
     let bundle = ModelFiles::from_gguf(&path)?.tokenizer()?;
@@ -91,7 +62,7 @@ fn tokenizer_matches_transformers() -> Result<()> {
 
 #[test]
 fn logits_and_greedy_text_match_transformers() -> Result<()> {
-    let Some(path) = real_file() else {
+    let Some(path) = kto_model::testing::smollm2_gguf() else {
         return Ok(());
     };
     let checkpoint = ModelFiles::from_gguf(&path)?;

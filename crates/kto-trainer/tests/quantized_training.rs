@@ -1,6 +1,7 @@
 //! KTO training over a base held quantized (`[model] quantize`) gives the per-step metrics and the final adapter of
 //! the same run over its dense twin (the weights quantized and dequantized, written as a plain checkpoint), and a
-//! run cannot be resumed with another `quantize`.
+//! run cannot be resumed with another `quantize`. The real SmolLM2-135M-Instruct Q4_1 GGUF (when present:
+//! `scripts/get-smollm2.sh`) trains with `keep` as with `none` (the file dequantized at load).
 
 use anyhow::Result;
 use candle_core::quantized::GgmlDType;
@@ -36,15 +37,36 @@ fn write_model(dir: &Path, weights: &[(String, Tensor)]) -> Result<()> {
     Ok(())
 }
 
-fn config(model: &Path, out: &Path, quantize: &str) -> Result<Config> {
+/// What a compared run trains on: its data, row length, batch and learning rate (3 steps, LoRA r 4, f32).
+struct Shape<'a> {
+    data: &'a Path,
+    max_length: usize,
+    batch: usize,
+    learning_rate: f64,
+}
+
+/// The TRL fixture's data on the tiny model.
+fn fixture_shape(data: &Path) -> Shape<'_> {
+    Shape {
+        data,
+        max_length: 64,
+        batch: 4,
+        learning_rate: 0.01,
+    }
+}
+
+fn config(model: &Path, out: &Path, quantize: &str, shape: &Shape) -> Result<Config> {
     let text = format!(
         "[model]\npath = \"{}\"\nquantize = \"{quantize}\"\n[lora]\nr = 4\nalpha = 8\n\
-         [data]\ntrain_file = \"{}\"\nmax_length = 64\n\
-         [train]\noutput_dir = \"{}\"\nper_device_train_batch_size = 4\nlearning_rate = 0.01\n\
+         [data]\ntrain_file = \"{}\"\nmax_length = {}\n\
+         [train]\noutput_dir = \"{}\"\nper_device_train_batch_size = {}\nlearning_rate = {}\n\
          lr_scheduler_type = \"constant\"\nmax_steps = 3\nlogging_steps = 1\nsave_steps = 3\n",
         model.display(),
-        trl_fixture().join("data.jsonl").display(),
-        out.display()
+        shape.data.display(),
+        shape.max_length,
+        out.display(),
+        shape.batch,
+        shape.learning_rate,
     );
     Config::from_toml_str(&text, Path::new("."), &[])
 }
@@ -85,6 +107,40 @@ fn close(a: f64, b: f64) -> bool {
     (a - b).abs() <= 1e-5 * b.abs().max(1.0)
 }
 
+/// The runs in `got` and `want` logged the same rows (timings aside) and saved the same adapter, to 1e-5; and the
+/// adapter's B moved from its zero init, so the runs trained and the comparison compared something.
+fn assert_same_runs(label: &str, got: &Path, want: &Path) -> Result<()> {
+    let (got_rows, want_rows) = (rows(got)?, rows(want)?);
+    assert_eq!(got_rows.len(), want_rows.len());
+    assert!(got_rows.len() >= 3, "{label}: a row per step");
+    for (g, w) in got_rows.iter().zip(&want_rows) {
+        assert_eq!(g.keys().collect::<Vec<_>>(), w.keys().collect::<Vec<_>>());
+        assert!(w.get("loss").and_then(Value::as_f64).is_some(), "{w:?}");
+        for (key, value) in w {
+            if let (Some(a), Some(b)) = (g[key].as_f64(), value.as_f64()) {
+                assert!(close(a, b), "{label}: {key} is {a}, the twin's {b}");
+            }
+        }
+    }
+    let (got, want) = (adapter(got)?, adapter(want)?);
+    assert_eq!(got.len(), want.len());
+    for ((key, a), (other, b)) in got.iter().zip(&want) {
+        assert_eq!((key, a.len()), (other, b.len()));
+        for (a, b) in a.iter().zip(b) {
+            assert!(
+                close(*a as f64, *b as f64),
+                "{label}: {key} has {a}, the twin's {b}"
+            );
+        }
+    }
+    assert!(
+        want.iter()
+            .any(|(k, v)| k.contains("lora_B") && v.iter().any(|x| *x != 0.0)),
+        "{label}: no lora_B moved"
+    );
+    Ok(())
+}
+
 #[test]
 fn training_over_a_quantized_base_equals_training_over_its_dequantized_twin() -> Result<()> {
     let weights = tiny().random_weights(3)?;
@@ -93,38 +149,27 @@ fn training_over_a_quantized_base_equals_training_over_its_dequantized_twin() ->
         let (source, twin) = (dir.path().join("source"), dir.path().join("twin"));
         write_model(&source, &weights)?;
         write_model(&twin, &dequantized_twin(&weights, block_type)?)?;
-        let quantized = config(&source, &dir.path().join("run-q"), name)?;
-        let dense = config(&twin, &dir.path().join("run-twin"), "none")?;
+        let data = trl_fixture().join("data.jsonl");
+        let quantized = config(
+            &source,
+            &dir.path().join("run-q"),
+            name,
+            &fixture_shape(&data),
+        )?;
+        let dense = config(
+            &twin,
+            &dir.path().join("run-twin"),
+            "none",
+            &fixture_shape(&data),
+        )?;
         train(&quantized)?;
         train(&dense)?;
 
-        let (got, want) = (
-            rows(&dir.path().join("run-q"))?,
-            rows(&dir.path().join("run-twin"))?,
-        );
-        assert_eq!(got.len(), want.len());
-        assert!(got.len() >= 3, "a row per step");
-        for (g, w) in got.iter().zip(&want) {
-            assert_eq!(g.keys().collect::<Vec<_>>(), w.keys().collect::<Vec<_>>());
-            for (key, value) in w {
-                if let (Some(a), Some(b)) = (g[key].as_f64(), value.as_f64()) {
-                    assert!(close(a, b), "{name}: {key} is {a}, the twin's {b}");
-                }
-            }
-        }
-        let (got, want) = (
-            adapter(&dir.path().join("run-q"))?,
-            adapter(&dir.path().join("run-twin"))?,
-        );
-        assert_eq!(got.len(), want.len());
-        for ((key, a), (_, b)) in got.iter().zip(&want) {
-            for (a, b) in a.iter().zip(b) {
-                assert!(
-                    close(*a as f64, *b as f64),
-                    "{name}: {key} has {a}, the twin's {b}"
-                );
-            }
-        }
+        assert_same_runs(
+            name,
+            &dir.path().join("run-q"),
+            &dir.path().join("run-twin"),
+        )?;
 
         // The checkpoint records the setting; resuming with another one is refused, naming the key.
         let checkpoint = dir.path().join("run-q/checkpoint-3");
@@ -141,5 +186,30 @@ fn training_over_a_quantized_base_equals_training_over_its_dequantized_twin() ->
             "{error}"
         );
     }
+    Ok(())
+}
+
+#[test]
+fn the_real_q4_1_file_trains_kept_quantized_as_dequantized() -> Result<()> {
+    let Some(path) = kto_model::testing::smollm2_gguf() else {
+        return Ok(());
+    };
+    // Short rows: SmolLM2 has 30 layers and this runs in a dev build.
+    let data = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../data/hh-sample/train.jsonl")
+        .canonicalize()?;
+    let shape = Shape {
+        data: &data,
+        max_length: 48,
+        batch: 2,
+        learning_rate: 0.001,
+    };
+    let dir = tempfile::tempdir()?;
+    let (kept, dense) = (dir.path().join("run-keep"), dir.path().join("run-none"));
+    train(&config(&path, &kept, "keep", &shape)?)?;
+    train(&config(&path, &dense, "none", &shape)?)?;
+    assert_same_runs("SmolLM2 Q4_1 keep", &kept, &dense)?;
+    // Every linear of SmolLM2's 30 layers (q, k, v, o, gate, up, down), A and B.
+    assert_eq!(adapter(&dense)?.len(), 30 * 7 * 2);
     Ok(())
 }
