@@ -2,7 +2,7 @@
 # Data parallelism on the CPU, measured: the same run with 1 process and with `mpirun -n 2`, each process on ONE
 # thread (RAYON_NUM_THREADS=1, CANDLE_NUM_THREADS=1), in one invocation; samples/s of each, the ratio (2.0 would be
 # perfect scaling), and the gradient all-reduce's share of a step (kto's `kto::all_reduce` debug lines: the sum
-# over MPI, including the wait for the slower rank).
+# over MPI, as the slower rank sees it) beside the faster rank's wait for the slower one.
 #
 #   bash scripts/bench-dp.sh [TIMED_STEPS]      # default 10 timed steps after WARMUP (2) untimed ones
 #
@@ -67,14 +67,19 @@ def rates(name):
     # samples/s of each logged step (every rank's samples), the warm-up steps left out
     return [r["samples_per_second"] for r in rows if "loss" in r and "samples_per_second" in r][warm:]
 one, two = rates("one"), rates("two")
-# Both ranks log their all-reduce of each step (interleaved); the warm-up steps' lines (2 per step) left out.
+# Both ranks log their all-reduce of each step, at about the same moment (the sum ends on both together): a step's
+# two lines are consecutive. The slower rank arrives last and waits for no one: its time is the transfer; the faster
+# rank's time adds its wait for the slower one (micro-batches of different lengths).
 reduce = [float(m) for m in re.findall(r"gradient all-reduce seconds=([0-9.e-]+)", open(f"{work}/two.log").read())]
-reduce = reduce[2 * warm:]
+pairs = [sorted(reduce[i:i + 2]) for i in range(2 * warm, len(reduce) - 1, 2)]
+transfer = statistics.median(p[0] for p in pairs)
+wait = statistics.mean(p[1] - p[0] for p in pairs)
 step_seconds = 8 / statistics.median(two)  # 2 ranks x batch 4 per step
-print(f"| processes (1 thread each) | samples/s (median of {len(one)} steps) | vs 1 process | all-reduce per step | share of a step |")
-print("|---|---|---|---|---|")
-print(f"| 1 | {statistics.median(one):.3f} | 1.00x | - | - |")
+print(f"| processes (1 thread each) | samples/s (median of {len(one)} steps) | vs 1 process "
+      f"| all-reduce per step (median) | its share of a step | the faster rank's wait (mean) |")
+print("|---|---|---|---|---|---|")
+print(f"| 1 | {statistics.median(one):.3f} | 1.00x | - | - | - |")
 print(f"| 2 (mpirun) | {statistics.median(two):.3f} | {statistics.median(two) / statistics.median(one):.2f}x "
-      f"| {statistics.mean(reduce) * 1e3:.1f} ms | {statistics.mean(reduce) / step_seconds:.1%} |")
+      f"| {transfer * 1e3:.1f} ms | {transfer / step_seconds:.2%} | {wait * 1e3:.0f} ms ({wait / step_seconds:.1%}) |")
 print(f"\nload average before {load_start}, after {load_end}")
 PY
