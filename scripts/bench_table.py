@@ -2,7 +2,8 @@
 
 usage: python3 scripts/bench_table.py WORK STEPS
 
-Reads, for each run NAME in kto-plain, trl-plain, kto-precompute, trl-precompute:
+Reads, for each run NAME in kto-plain, trl-plain, kto-precompute, trl-precompute, kto-q4k (plain, the base held
+as q4_k blocks: compared with TRL plain):
   WORK/NAME.status  the section's outcome (PASS, FAIL (...), TIMEOUT, SKIPPED (...)), written by gpu-check.sh
   WORK/NAME.mem     nvidia-smi's used memory (MiB), one sample every 100 ms while the run lasted
   WORK/NAME.base    the used memory (MiB) just before the run started
@@ -68,8 +69,10 @@ def fmt(x, spec):
 
 print("| run | outcome | steps | s/step | samples/s | peak GiB (nvidia-smi) | samples/s kto/TRL | peak kto/TRL |")
 print("|---|---|---|---|---|---|---|---|")
-for variant in ("plain", "precompute"):
-    kto_name, trl_name = f"kto-{variant}", f"trl-{variant}"
+for variant, trl_variant in (("plain", "plain"), ("precompute", "precompute"), ("q4k", "plain")):
+    kto_name, trl_name = f"kto-{variant}", f"trl-{trl_variant}"
+    if variant == "q4k" and read(kto_name + ".status") is None:
+        continue  # not run (an older pack's check, or no time left)
     kto, trl = kto_run(kto_name), trl_run(trl_name)
     kto_peak, trl_peak = peak_gib(kto_name), peak_gib(trl_name)
     kto_sps = BATCH / kto[0] if kto else None
@@ -79,6 +82,8 @@ for variant in ("plain", "precompute"):
     print(f"| kto {variant} | {read(kto_name + '.status', 'not run')} | {f'{kto[1]}/{steps}' if kto else '—'} "
           f"| {fmt(kto and kto[0], '.3f')} | {fmt(kto_sps, '.1f')} | {fmt(kto_peak, '.1f')} "
           f"| {fmt(ratio, '.2f')} | {fmt(mem_ratio, '.2f')} |")
+    if variant == "q4k":
+        continue  # its TRL row is plain's, printed above
     torch_peak = f" (torch: {trl[2]:.1f})" if trl else ""
     print(f"| TRL {variant} | {read(trl_name + '.status', 'not run')} | {f'{trl[1]}/{steps}' if trl else '—'} "
           f"| {fmt(trl and trl[0], '.3f')} | {fmt(trl_sps, '.1f')} | {fmt(trl_peak, '.1f')}{torch_peak} | | |")
