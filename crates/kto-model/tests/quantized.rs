@@ -15,6 +15,26 @@ use kto_model::{
 use std::path::Path;
 
 /// K-quants need rows of 256 values: hidden and intermediate sizes are multiples of 256.
+/// `weights` as llama.cpp's Q4_K mixes store them: v and down in Q6_K, the other matrices in Q4_K.
+fn llama_cpp_q4_k_mix(
+    model: &TinyModel,
+    weights: &[(String, Tensor)],
+) -> Result<Vec<(String, candle_core::quantized::QTensor)>> {
+    let q6_k = gguf_tensors(model, weights, GgmlDType::Q6K)?;
+    Ok(gguf_tensors(model, weights, GgmlDType::Q4K)?
+        .into_iter()
+        .zip(q6_k)
+        .map(|((name, q4_k), (_, q6_k))| {
+            let blocks = if name.contains("attn_v") || name.contains("ffn_down") {
+                q6_k
+            } else {
+                q4_k
+            };
+            (name, blocks)
+        })
+        .collect())
+}
+
 fn tiny(vocab_size: usize, tie: bool) -> TinyModel {
     TinyModel {
         vocab_size,
@@ -160,21 +180,12 @@ fn a_gguf_base_kept_in_its_block_types_computes_what_it_does_dequantized() -> Re
     ] {
         let dir = tempfile::tempdir()?;
         let model = tiny(vocab.tokens.len(), false);
-        let mut tensors = gguf_tensors(&model, &model.random_weights(5)?, block_type)?;
-        // llama.cpp's mixes: v and down in another block type than q, k, gate and up.
-        if block_type == GgmlDType::Q4K {
-            let weights = model.random_weights(5)?;
-            let mixed = gguf_tensors(&model, &weights, GgmlDType::Q6K)?;
-            for (name, blocks) in mixed {
-                if name.contains("attn_v") || name.contains("ffn_down") {
-                    let slot = tensors
-                        .iter_mut()
-                        .find(|(n, _)| *n == name)
-                        .expect("same names");
-                    slot.1 = blocks;
-                }
-            }
-        }
+        let weights = model.random_weights(5)?;
+        let tensors = if block_type == GgmlDType::Q4K {
+            llama_cpp_q4_k_mix(&model, &weights)?
+        } else {
+            gguf_tensors(&model, &weights, block_type)?
+        };
         let path = dir.path().join("tiny.gguf");
         write_gguf(&path, &gguf_metadata(&model, &vocab), &tensors)?;
         let checkpoint = ModelFiles::locate(path.to_str().unwrap())?;
@@ -331,17 +342,7 @@ fn export_merges_into_the_base_values_training_saw() -> Result<()> {
     let vocab = TestVocab::byte_level("smollm", &["Ġ t", "h e"]);
     let dir = tempfile::tempdir()?;
     let model = tiny(vocab.tokens.len(), false);
-    let weights = model.random_weights(5)?;
-    let mut tensors = gguf_tensors(&model, &weights, GgmlDType::Q4K)?;
-    for (name, blocks) in gguf_tensors(&model, &weights, GgmlDType::Q6K)? {
-        if name.contains("attn_v") || name.contains("ffn_down") {
-            let slot = tensors
-                .iter_mut()
-                .find(|(n, _)| *n == name)
-                .expect("same names");
-            slot.1 = blocks;
-        }
-    }
+    let tensors = llama_cpp_q4_k_mix(&model, &model.random_weights(5)?)?;
     let path = dir.path().join("tiny.gguf");
     write_gguf(&path, &gguf_metadata(&model, &vocab), &tensors)?;
     let checkpoint = ModelFiles::locate(path.to_str().unwrap())?;
