@@ -7,7 +7,7 @@
 //! file is read the same way, tensor by tensor, so that no dequantized copy of the whole file waits beside the model.
 
 use crate::config::ModelConfig;
-use crate::frozen_linear::{FrozenWeight, SLICE_ELEMENTS};
+use crate::frozen_linear::{dequantize_cpu, FrozenWeight, SLICE_ELEMENTS};
 use crate::gguf::GgufFile;
 use crate::model_files::{ModelFiles, ModelFormat};
 use anyhow::{anyhow, bail, Context, Result};
@@ -304,47 +304,51 @@ impl BaseWeights {
                 self.check_shape(&full, blocks.shape(), &shape)?;
                 to_device(blocks, &self.device)?
             }
-            // A safetensors matrix is read and quantized a slice of rows at a time (a row is whole blocks), so the
-            // dense f32 of the largest one (embedding, LM head) is never whole in memory beside the blocks.
-            Quantization::To(block_type) => match &*self.source {
-                Source::Safetensors(files) => {
-                    self.check_shape(
-                        &full,
-                        &Shape::from(files.stored(&full)?.shape.clone()),
-                        &shape,
-                    )?;
-                    let (rows, cols) = shape.dims2()?;
-                    let step = (SLICE_ELEMENTS / cols.max(1)).clamp(1, rows.max(1));
-                    let mut bytes = Vec::with_capacity(
-                        rows * cols / block_type.block_size() * block_type.type_size(),
-                    );
-                    for first in (0..rows).step_by(step) {
-                        let slice = files
-                            .read_rows(&full, first..(first + step).min(rows))?
-                            .to_dtype(DType::F32)?;
-                        let blocks = self.quantization.quantize_matrix(
-                            &self.origin,
-                            &full,
-                            &slice,
-                            block_type,
-                            &Device::Cpu,
-                        )?;
-                        bytes.extend_from_slice(&blocks.data()?);
-                    }
-                    let storage = QStorage::from_data(Cow::Owned(bytes), &self.device, block_type)?;
-                    QTensor::new(storage, shape)?
-                }
-                Source::Gguf { .. } => {
-                    let dense = self.read_stored(name, &shape)?.to_dtype(DType::F32)?;
-                    self.quantization.quantize_matrix(
+            // Read and quantized a slice of rows at a time (a row is whole blocks), so that the dense f32 of the
+            // largest matrix (embedding, LM head) is never whole in memory beside the blocks already made.
+            Quantization::To(block_type) => {
+                let (rows, cols) = shape.dims2()?;
+                let mut read_rows: Box<dyn FnMut(Range<usize>) -> Result<Tensor>> =
+                    match &*self.source {
+                        Source::Safetensors(files) => {
+                            let stored = Shape::from(files.stored(&full)?.shape.clone());
+                            self.check_shape(&full, &stored, &shape)?;
+                            Box::new(|range| files.read_rows(&full, range))
+                        }
+                        // The file's own blocks (smaller than the result's f32) are read whole.
+                        Source::Gguf { file, config } => {
+                            let blocks = file.hf_quantized_tensor(&full, config)?;
+                            self.check_shape(&full, blocks.shape(), &shape)?;
+                            let mut slice = Vec::new();
+                            Box::new(move |range: Range<usize>| {
+                                slice.resize(range.len() * cols, 0.0);
+                                dequantize_cpu(&blocks, range.clone(), &mut slice)?;
+                                Ok(Tensor::from_slice(
+                                    &slice,
+                                    (range.len(), cols),
+                                    &Device::Cpu,
+                                )?)
+                            })
+                        }
+                    };
+                let step = (SLICE_ELEMENTS / cols.max(1)).clamp(1, rows.max(1));
+                let mut bytes = Vec::with_capacity(
+                    rows * cols / block_type.block_size() * block_type.type_size(),
+                );
+                for first in (0..rows).step_by(step) {
+                    let dense = read_rows(first..(first + step).min(rows))?.to_dtype(DType::F32)?;
+                    let blocks = self.quantization.quantize_matrix(
                         &self.origin,
                         &full,
                         &dense,
                         block_type,
-                        &self.device,
-                    )?
+                        &Device::Cpu,
+                    )?;
+                    bytes.extend_from_slice(&blocks.data()?);
                 }
-            },
+                let storage = QStorage::from_data(Cow::Owned(bytes), &self.device, block_type)?;
+                QTensor::new(storage, shape)?
+            }
         };
         Ok(FrozenWeight::quantized(
             vec![Arc::new(quantized)],

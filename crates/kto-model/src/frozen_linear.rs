@@ -397,7 +397,7 @@ impl<'a> RowSlices<'a> {
 /// Rows `rows` of `blocks` (on the CPU) dequantized into `out` (their element count) in chunks of whole blocks on
 /// rayon's threads: a row is whole blocks, so the rows are a byte range; each block is decoded by candle's own
 /// `to_float`, so the values are `QTensor::dequantize`'s.
-fn dequantize_cpu(blocks: &QTensor, rows: Range<usize>, out: &mut [f32]) -> Result<()> {
+pub(crate) fn dequantize_cpu(blocks: &QTensor, rows: Range<usize>, out: &mut [f32]) -> Result<()> {
     use candle_core::quantized::k_quants::*;
     use candle_core::quantized::GgmlDType as G;
     let all = blocks.data()?;

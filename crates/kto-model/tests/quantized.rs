@@ -202,6 +202,54 @@ fn a_gguf_base_kept_in_its_block_types_computes_what_it_does_dequantized() -> Re
     Ok(())
 }
 
+/// A matrix quantized at load is read a slice of rows (2 M values) at a time: with an intermediate size of 33 × 256,
+/// gate and up (8448 × 256) are two slices and down (256 × 8448) is two, so the slices' blocks must join into the
+/// whole tensor's, from a safetensors file and from a GGUF file (its own blocks dequantized slice by slice first).
+#[test]
+fn a_base_quantized_at_load_slice_by_slice_holds_the_whole_tensors_blocks() -> Result<()> {
+    let vocab = TestVocab::byte_level("smollm", &["Ġ t", "h e"]);
+    let model = TinyModel {
+        intermediate_size: 33 * 256,
+        ..tiny(vocab.tokens.len(), false)
+    };
+    let q4_k = Quantization::To(GgmlDType::Q4K);
+    let weights = model.random_weights(13)?;
+    let dir = tempfile::tempdir()?;
+
+    let (source, twin) = (dir.path().join("source"), dir.path().join("twin"));
+    model.write_weights(&source, &weights, 1)?;
+    model.write_weights(&twin, &dequantized_twin(&weights, GgmlDType::Q4K)?, 1)?;
+    let source = ModelFiles::from_dir(&source)?;
+    let mut quantized = LlamaModel::load_quantized(&source, DType::F32, &Device::Cpu, q4_k)?;
+    let mut dense = LlamaModel::load(&ModelFiles::from_dir(&twin)?, DType::F32, &Device::Cpu)?;
+    assert_same(
+        &outputs(&mut quantized)?,
+        &outputs(&mut dense)?,
+        "safetensors to q4_k",
+    )?;
+
+    // A Q8_0 GGUF re-quantized to Q4_K: the twin is the file's values (Q8_0 dequantized) through Q4_K.
+    let path = dir.path().join("q8_0.gguf");
+    let tensors = gguf_tensors(&model, &weights, GgmlDType::Q8_0)?;
+    write_gguf(&path, &gguf_metadata(&model, &vocab), &tensors)?;
+    let file_values = dequantized_twin(&weights, GgmlDType::Q8_0)?;
+    let gguf_twin = dir.path().join("gguf-twin");
+    model.write_weights(
+        &gguf_twin,
+        &dequantized_twin(&file_values, GgmlDType::Q4K)?,
+        1,
+    )?;
+    let checkpoint = ModelFiles::locate(path.to_str().unwrap())?;
+    let mut requantized = LlamaModel::load_quantized(&checkpoint, DType::F32, &Device::Cpu, q4_k)?;
+    let mut dense = LlamaModel::load(&ModelFiles::from_dir(&gguf_twin)?, DType::F32, &Device::Cpu)?;
+    assert_same(
+        &outputs(&mut requantized)?,
+        &outputs(&mut dense)?,
+        "Q8_0 GGUF to q4_k",
+    )?;
+    Ok(())
+}
+
 #[test]
 fn bad_quantize_settings_fail_with_one_clear_error() -> Result<()> {
     let error = "q3_k".parse::<Quantization>().unwrap_err().to_string();
