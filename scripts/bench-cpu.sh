@@ -15,11 +15,18 @@
 #   KTO_BIN=PATH           kto binary to time (default: `cargo build --release -p kto-cli`, then its binary)
 #   KTO_BIN_BASELINE=PATH  a second kto binary (e.g. an older commit's), timed in the same run: one more row
 #   WARMUP=3               untimed first steps, on both sides
-#   BENCH_MODELS="tiny smollm2"
+#   BENCH_MODELS="tiny smollm2"   also: tinyllama (a random TinyLlama-1.1B-shaped f32 checkpoint, 4.4 GB, made once),
+#                                 smollm2-gguf (the real SmolLM2-135M-Instruct Q4_1 file: KTO_SMOLLM2_GGUF or
+#                                 ~/.cache/kto/SmolLM2-135M-Instruct.Q4_1.gguf, from scripts/get-smollm2.sh; TRL loads
+#                                 it through transformers' GGUF reader, dequantized to f32)
 #   BENCH_DATA="hh long"
-#   KTO_VARIANTS="kto kto-plain"  kto-plain: [kto] padding_free = false, kl_prefix_sharing = false (the work before
-#                                 issue 14), with the same binary; kto-gc: [train] gradient_checkpointing = true
-#                                 (recompute each layer in backward), with the same binary
+#   BENCH_BATCH=8 BENCH_MAX_LENGTH=256   the batch on both sides (the 1.1B shape: 4 and 128 fit this machine's time)
+#   KTO_VARIANTS="kto kto-plain"  kto, with any of these suffixes, each a setting, all with the same binary:
+#                                 -plain: [kto] padding_free = false, kl_prefix_sharing = false (the work before
+#                                 issue 14); -gc: [train] gradient_checkpointing = true (recompute each layer in
+#                                 backward); -keep or -q8_0, -q4_0, -q4_1, -q4_k, -q5_k, -q6_k...: [model] quantize
+#                                 (issue 24), e.g. "kto kto-q4_k kto-gc kto-gc-q4_k"; a quantized run's row carries
+#                                 its ratios to the same run unquantized where that run is in the list
 #   TRL_VARIANTS="gc nogc"  TRL with gradient checkpointing (KTOConfig's default) and without (kto has none):
 #                           the kto rows carry their ratios to each
 #   BENCH_THREADS=$(nproc) torch.set_num_threads / RAYON_NUM_THREADS
@@ -35,6 +42,8 @@ done
 cd "$(dirname "$0")/.."
 root=$PWD
 timed=${1:-20}
+export BENCH_BATCH=${BENCH_BATCH:-8} BENCH_MAX_LENGTH=${BENCH_MAX_LENGTH:-256}  # read by the helper too
+batch=$BENCH_BATCH
 warm=${WARMUP:-3}
 steps=$((warm + timed))
 threads=${BENCH_THREADS:-$(nproc)}
@@ -50,7 +59,8 @@ load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 log() { echo "[bench-cpu $(date +%H:%M:%S)] $*" >&2; }
 
 # 1. The Python side: a venv with the pinned stack, reused while the pins are unchanged.
-pins=("torch==2.11.*" "transformers==5.17.*" "peft==0.21.*" "trl==1.16.*" "datasets==5.2.*" "accelerate")
+# gguf: transformers' GGUF reader (the smollm2-gguf model).
+pins=("torch==2.11.*" "transformers==5.17.*" "peft==0.21.*" "trl==1.16.*" "datasets==5.2.*" "accelerate" "gguf==0.19.*")
 if [ "$(cat "$venv/.bench-pins" 2>/dev/null)" != "${pins[*]}" ]; then
   log "pip install ${pins[*]} into $venv (from PyPI; ~5 GiB and minutes when new)"
   t0=$(date +%s)
@@ -70,7 +80,8 @@ if [ -z "${KTO_BIN:-}" ]; then
 fi
 runs=() bins=()
 for v in ${KTO_VARIANTS:-kto kto-plain}; do
-  case $v in kto|kto-plain|kto-gc) runs+=("$v"); bins+=("$KTO_BIN") ;; *) echo "unknown KTO_VARIANTS entry $v" >&2; exit 2 ;; esac
+  [[ $v =~ ^kto(-(plain|gc|keep|q[0-9a-z_]+))*$ ]] || { echo "unknown KTO_VARIANTS entry $v (kto[-plain][-gc][-keep|-TYPE])" >&2; exit 2; }
+  runs+=("$v"); bins+=("$KTO_BIN")
 done
 if [ -n "${KTO_BIN_BASELINE:-}" ]; then runs+=(kto-baseline); bins+=("$KTO_BIN_BASELINE"); fi
 for b in "${bins[@]}"; do [ -x "$b" ] || { echo "not an executable: $b" >&2; exit 2; }; done
@@ -110,8 +121,8 @@ data_file() {
 }
 for data in $datasets; do
   samples=$(wc -l < "$(data_file "$data")")
-  if [ $((steps * 8)) -gt "$samples" ]; then
-    log "note: $data: $steps steps × 8 > $samples samples: the run goes into a second epoch (same order on both sides)"
+  if [ $((steps * batch)) -gt "$samples" ]; then
+    log "note: $data: $steps steps × $batch > $samples samples: the run goes into a second epoch (same order on both sides)"
   fi
 done
 
@@ -125,7 +136,18 @@ model_dir() {
         "$py" "$helper" make-smollm2 "$root/assets/tiny-llama" "$d" >&2
       fi
       echo "$d" ;;
-    *) echo "unknown model $1 (tiny | smollm2)" >&2; return 2 ;;
+    tinyllama)
+      local d=$work/tinyllama-random
+      if [ ! -f "$d/model.safetensors.index.json" ] && [ ! -f "$d/model.safetensors" ]; then
+        log "making the TinyLlama-1.1B-shaped checkpoint in $d (once; 4.4 GB)"
+        "$py" "$helper" make-tinyllama "$root/assets/tiny-llama" "$d" >&2
+      fi
+      echo "$d" ;;
+    smollm2-gguf)
+      local f=${KTO_SMOLLM2_GGUF:-$HOME/.cache/kto/SmolLM2-135M-Instruct.Q4_1.gguf}
+      [ -f "$f" ] || { echo "smollm2-gguf: no file $f (bash scripts/get-smollm2.sh, or set KTO_SMOLLM2_GGUF)" >&2; return 2; }
+      realpath "$f" ;;
+    *) echo "unknown model $1 (tiny | smollm2 | tinyllama | smollm2-gguf)" >&2; return 2 ;;
   esac
 }
 
@@ -133,11 +155,16 @@ model_dir() {
 set_kto_args() {
   kto_args=(train --config "$root/configs/bench-cpu.toml" --set model.path="$2"
     --set data.train_file="$(data_file "$data")" --set train.output_dir="$work/$data/$model/$1/out"
-    --set train.max_steps="$steps")
-  case $1 in
-    kto-plain) kto_args+=(--set kto.padding_free=false --set kto.kl_prefix_sharing=false) ;;
-    kto-gc) kto_args+=(--set train.gradient_checkpointing=true) ;;
-  esac
+    --set train.max_steps="$steps" --set train.per_device_train_batch_size="$batch"
+    --set data.max_length="$BENCH_MAX_LENGTH")
+  local part
+  for part in $(tr - ' ' <<< "${1#kto}"); do
+    case $part in
+      plain) kto_args+=(--set kto.padding_free=false --set kto.kl_prefix_sharing=false) ;;
+      gc) kto_args+=(--set train.gradient_checkpointing=true) ;;
+      *) kto_args+=(--set model.quantize="$part") ;;
+    esac
+  done
 }
 
 # 4. Each data set and model: TRL, then every kto run, each in a fresh process.

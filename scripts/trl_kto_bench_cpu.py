@@ -4,10 +4,13 @@ usage:
   trl_kto_bench_cpu.py data PREPARED_TRAIN_JSONL OUT_JSONL          (standard library only)
   trl_kto_bench_cpu.py data-long UNPAIRED_JSONL OUT_JSONL            (standard library only)
   trl_kto_bench_cpu.py make-smollm2 TOKENIZER_DIR OUT_DIR            (torch + transformers)
-  trl_kto_bench_cpu.py trl MODEL_DIR DATA_JSONL OUT_DIR STEPS THREADS gc|nogc
+  trl_kto_bench_cpu.py make-tinyllama TOKENIZER_DIR OUT_DIR          (torch + transformers)
+  trl_kto_bench_cpu.py trl MODEL DATA_JSONL OUT_DIR STEPS THREADS gc|nogc
   trl_kto_bench_cpu.py table WORK STEPS WARMUP THREADS DATA... -- MODEL... -- RUN...   (standard library only)
 
-RUN: a folder name under WORK/DATA/MODEL: trl-gc, trl-nogc (TRL) or any other (kto; its metrics.jsonl).
+MODEL: a checkpoint folder, or a .gguf file (transformers dequantizes it to f32 at load, as kto's quantize = "none").
+RUN: a folder name under WORK/DATA/MODEL: trl-gc, trl-nogc (TRL) or kto[-plain][-gc][-keep|-TYPE] (kto; its
+metrics.jsonl). BENCH_BATCH and BENCH_MAX_LENGTH (default 8 and 256) set the batch on both sides.
 
 `trl` prints nothing useful itself: it writes OUT_DIR/trl.json (per step: the time at on_step_end, TRL's running
 `num_tokens` and the tokens its forward passes embedded). `table` reads every run's files and prints the markdown
@@ -15,7 +18,7 @@ table.
 """
 import json, os, shutil, sys
 
-BATCH, MAX_LENGTH = 8, 256
+BATCH, MAX_LENGTH = int(os.environ.get("BENCH_BATCH", 8)), int(os.environ.get("BENCH_MAX_LENGTH", 256))
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -56,19 +59,30 @@ def cmd_data_long(unpaired, out, n=480, seed=0):
     print(f"{n} long-prompt samples -> {out}")
 
 
-def cmd_make_smollm2(tokenizer_dir, out):
-    """A SmolLM2-135M-shaped Llama with random N(0, 0.02) weights (transformers' init, seed 0), f32 safetensors,
-    with the tokenizer of `tokenizer_dir` (its ids must stay below the vocabulary of 49152)."""
+# Random checkpoints of real models' shapes (their config.json), for TRL and kto alike.
+SHAPES = {
+    "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
+                    rope_theta=100000.0, tie_word_embeddings=True),
+    # TinyLlama-1.1B-Chat-v1.0 (issue 24's 1.1B shape): 1.100 G parameters, 4.40 GB of f32.
+    "tinyllama": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                      num_attention_heads=32, num_key_value_heads=4, head_dim=64, max_position_embeddings=2048,
+                      rope_theta=10000.0, tie_word_embeddings=False),
+}
+
+
+def cmd_make_random(shape, tokenizer_dir, out):
+    """A Llama of a real model's shape with random N(0, 0.02) weights (transformers' init, seed 0), f32
+    safetensors, with the tokenizer of `tokenizer_dir` (its ids must stay below the shape's vocabulary)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    dims = SHAPES[shape]
     tok_cfg = json.load(open(os.path.join(tokenizer_dir, "tokenizer_config.json")))
     vocab = json.load(open(os.path.join(tokenizer_dir, "tokenizer.json")))["model"]["vocab"]
-    assert max(vocab.values()) < 49152, "the tokenizer's ids must fit the 49152-token vocabulary"
+    assert max(vocab.values()) < dims["vocab_size"], f"the tokenizer's ids must fit the {shape} vocabulary"
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
-                      rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=1,
-                      eos_token_id=2, pad_token_id=2, attention_bias=False, mlp_bias=False)
+    cfg = LlamaConfig(**dims, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                      attention_bias=False, mlp_bias=False)
     model = LlamaForCausalLM(cfg).to(torch.float32)
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -78,7 +92,7 @@ def cmd_make_smollm2(tokenizer_dir, out):
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     params = sum(p.numel() for p in model.parameters())
-    print(f"SmolLM2-135M-shaped checkpoint ({params / 1e6:.1f} M parameters, tokenizer "
+    print(f"{shape}-shaped checkpoint ({params / 1e6:.1f} M parameters, tokenizer "
           f"{tok_cfg.get('tokenizer_class')}, {len(vocab)} tokens) -> {out}")
 
 
@@ -104,8 +118,15 @@ def cmd_trl(model_dir, data, out, steps, threads, gc):
             self.forward_tokens.append(embedded[0])
 
     ds = load_dataset("json", data_files=data, split="train")
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    # A GGUF file: its tokenizer converted, every tensor dequantized to f32 (`dequantize=True` asks for the plain
+    # dense model that Trainer accepts; transformers keeps no GGUF blocks on the CPU anyway). Needs `gguf`.
+    folder, gguf = ((os.path.dirname(model_dir), {"gguf_file": os.path.basename(model_dir)})
+                    if model_dir.endswith(".gguf") else (model_dir, {}))
+    tok = AutoTokenizer.from_pretrained(folder, **gguf)
+    if gguf:
+        from transformers import GgufConfig
+        gguf["quantization_config"] = GgufConfig(dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **gguf)
     # Gradient checkpointing recomputes decoder layers, not the embedding: this counts each pass once.
     model.get_input_embeddings().register_forward_hook(
         lambda module, inputs, output: embedded.__setitem__(0, embedded[0] + inputs[0].numel()))
@@ -174,8 +195,22 @@ TRL_LABELS = {"trl-gc": "TRL (gc: its default)", "trl-nogc": "TRL (no gc)"}
 TRL_SHORT = {"trl-gc": "gc", "trl-nogc": "no gc"}
 
 
-KTO_LABELS = {"kto": "kto", "kto-plain": "kto, padding_free and kl_prefix_sharing off",
-              "kto-gc": "kto, gradient_checkpointing on"}
+def kto_parts(run):
+    """`kto-plain-gc-q4_k` -> {"plain", "gc", "q4_k"}: the settings bench-cpu.sh gave that run."""
+    return set(run.split("-")[1:])
+
+
+def kto_label(run):
+    words = {"plain": "padding_free and kl_prefix_sharing off", "gc": "gradient_checkpointing on"}
+    said = [words.get(p, f'quantize = "{p}"') for p in sorted(kto_parts(run), key=lambda p: p not in words)]
+    return ", ".join(["kto"] + said)
+
+
+def unquantized_twin(run, runs):
+    """The run of the same settings on the base as the file has it (quantize = "none"), when measured."""
+    quantized = {p for p in kto_parts(run) if p not in ("plain", "gc")}
+    twin = [r for r in runs if r.startswith("kto") and kto_parts(r) == kto_parts(run) - quantized]
+    return twin[0] if quantized and twin else None
 
 
 def cmd_table(work, steps, warmup, threads, datasets, models, runs):
@@ -183,9 +218,10 @@ def cmd_table(work, steps, warmup, threads, datasets, models, runs):
     trl_runs = [r for r in runs if r in TRL_LABELS]
     kto_runs = [r for r in runs if r not in TRL_LABELS]
     vs = " / ".join(TRL_SHORT[r] for r in trl_runs)
+    quantized = any(unquantized_twin(r, kto_runs) for r in kto_runs)
     print(f"| data | model | trainer | s/step | samples/s | tokens/s | forward tokens/step | peak RSS GiB | "
-          f"samples/s ÷ TRL ({vs}) | RSS ÷ TRL ({vs}) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"samples/s ÷ TRL ({vs}) | RSS ÷ TRL ({vs}) |" + (" s/step, RSS ÷ kto unquantized |" if quantized else ""))
+    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if quantized else ""))
     notes, meta = [], None
     for data, model in [(d, m) for d in datasets for m in models]:
         where = os.path.join(work, data, model)
@@ -203,9 +239,12 @@ def cmd_table(work, steps, warmup, threads, datasets, models, runs):
                              f"{ref['tokens'][:3]}…: not the same samples or tokenization")
             speed = " / ".join(f"{t['step_s'] / r['step_s']:.2f}×" for t in trl.values()) if name in kto else ""
             mem = " / ".join(f"{r['rss'] / t['rss']:.2f}×" for t in trl.values()) if name in kto else ""
-            label = TRL_LABELS.get(name) or KTO_LABELS.get(name, name)
+            label = TRL_LABELS.get(name) or kto_label(name)
+            twin = kto.get(unquantized_twin(name, kto_runs)) if name in kto else None
+            vs_twin = f" {r['step_s'] / twin['step_s']:.2f}×, {r['rss'] / twin['rss']:.2f}× |" if twin else " |"
             print(f"| {data} | {model} | {label} | {r['step_s']:.3f} | {BATCH / r['step_s']:.2f} | "
-                  f"{per_step / r['step_s']:.0f} | {r['forward_per_step']:.0f} | {r['rss']:.2f} | {speed} | {mem} |")
+                  f"{per_step / r['step_s']:.0f} | {r['forward_per_step']:.0f} | {r['rss']:.2f} | {speed} | {mem} |"
+                  + (vs_twin if quantized else ""))
     print()
     print(f"{steps} steps of batch {BATCH} on every side ({steps * BATCH} samples; running num_tokens "
           f"{'DIFFER, see below' if notes else 'identical on every side, step by step'}), the first {warmup} not "
@@ -221,6 +260,11 @@ def cmd_table(work, steps, warmup, threads, datasets, models, runs):
           "Forward tokens/step: the tokens every forward pass of a step pushed through the model, padding included "
           "(TRL: counted at its input embedding; kto: its `num_forward_tokens`); tokens/s counts real prompt + "
           "completion tokens.")
+    print("Models: `tiny` the embedded test model; `smollm2` and `tinyllama` random f32 checkpoints of "
+          "SmolLM2-135M's and TinyLlama-1.1B's shapes; `smollm2-gguf` the real SmolLM2-135M-Instruct Q4_1 GGUF "
+          "file, which TRL (transformers' GGUF loader) and kto's `quantize = \"none\"` dequantize to f32 at load "
+          "and `quantize = \"keep\"` holds as Q4_1 blocks. `÷ kto unquantized`: a quantized run against the kto run "
+          "of the same settings on the f32 base.")
     for n in notes:
         print(f"WARNING: {n}")
 
@@ -231,8 +275,8 @@ def main(argv):
         cmd_data(argv[1], argv[2])
     elif cmd == "data-long":
         cmd_data_long(argv[1], argv[2])
-    elif cmd == "make-smollm2":
-        cmd_make_smollm2(argv[1], argv[2])
+    elif cmd in ("make-smollm2", "make-tinyllama"):
+        cmd_make_random(cmd.removeprefix("make-"), argv[1], argv[2])
     elif cmd == "trl":
         if argv[6] not in ("gc", "nogc"):
             raise SystemExit(__doc__)
