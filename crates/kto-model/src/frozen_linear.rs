@@ -15,6 +15,7 @@
 //! differs from the slices' by rounding, which AdamW amplified into 7e-4 differences in the adapter of 3 steps on
 //! the real SmolLM2 file, whose LM head is 14 slices). Elsewhere (CUDA, Metal) the whole weight is dequantized for each product.
 
+use crate::block_decode;
 use candle_core::backend::BackendStorage;
 use candle_core::quantized::QTensor;
 use candle_core::{
@@ -319,8 +320,10 @@ impl<'a> RowSlices<'a> {
     }
 
     /// Rows `range` (of the stacked weight: a slice may cross from one part into the next) dequantized into `out`,
-    /// then converted to `T` (f32: as they are; others rounded once, as `to_dtype` rounds the dense twin).
-    fn dense<T: WithDType>(&self, range: Range<usize>, out: &mut Vec<f32>) -> Result<Vec<T>> {
+    /// as `T`'s storage: f32 is `out` itself, lent until [`RowSlices::give_back`] (no copy, and the next slice
+    /// reuses its pages); others are rounded once from it, as `to_dtype` rounds the dense twin.
+    fn dense<T: WithDType>(&self, range: Range<usize>, out: &mut Vec<f32>) -> Result<CpuStorage> {
+        use rayon::prelude::*;
         out.resize(range.len() * self.cols, 0.0);
         let mut first = 0;
         let mut filled = 0;
@@ -338,7 +341,19 @@ impl<'a> RowSlices<'a> {
             }
             first += rows;
         }
-        Ok(out.iter().map(|&v| T::from_f64(v as f64)).collect())
+        if T::DTYPE == candle_core::DType::F32 {
+            return Ok(CpuStorage::F32(std::mem::take(out)));
+        }
+        Ok(T::to_cpu_storage_owned(
+            out.par_iter().map(|&v| T::from_f64(v as f64)).collect(),
+        ))
+    }
+
+    /// The buffer [`RowSlices::dense`] lent as an f32 slice's storage, back for the next slice.
+    fn give_back(w: CpuStorage, out: &mut Vec<f32>) {
+        if let CpuStorage::F32(values) = w {
+            *out = values;
+        }
     }
 
     /// `x` [m, cols] (`x_layout`, row-major) · `Wᵀ` → [m, rows]: each slice's GEMM written into its columns.
@@ -348,18 +363,20 @@ impl<'a> RowSlices<'a> {
         x_layout: &Layout,
         m: usize,
     ) -> Result<CpuStorage> {
+        use rayon::prelude::*;
         let (n, k) = (self.rows, self.cols);
         let mut y = vec![T::zero(); m * n];
         let mut buffer = Vec::new();
         for range in self.ranges() {
             let s = range.len();
-            let w = T::to_cpu_storage_owned(self.dense::<T>(range.clone(), &mut buffer)?);
+            let w = self.dense::<T>(range.clone(), &mut buffer)?;
             let w_t = Layout::new(Shape::from((k, s)), vec![1, k], 0);
             let part = x.matmul(&w, (1, m, s, k), x_layout, &w_t)?;
+            Self::give_back(w, &mut buffer);
             let part = part.as_slice::<T>()?;
-            for (row, values) in y.chunks_exact_mut(n).zip(part.chunks_exact(s)) {
-                row[range.clone()].copy_from_slice(values);
-            }
+            y.par_chunks_exact_mut(n)
+                .zip(part.par_chunks_exact(s))
+                .for_each(|(row, values)| row[range.clone()].copy_from_slice(values));
         }
         Ok(T::to_cpu_storage_owned(y))
     }
@@ -372,31 +389,34 @@ impl<'a> RowSlices<'a> {
         layout: &Layout,
         m: usize,
     ) -> Result<Tensor> {
+        use rayon::prelude::*;
         let (n, k) = (self.rows, self.cols);
         let mut sum = vec![0f32; m * k];
         let mut buffer = Vec::new();
         for range in self.ranges() {
             let s = range.len();
-            let w = T::to_cpu_storage_owned(self.dense::<T>(range.clone(), &mut buffer)?);
+            let w = self.dense::<T>(range.clone(), &mut buffer)?;
             let g = Layout::new(
                 Shape::from((m, s)),
                 vec![n, 1],
                 layout.start_offset() + range.start,
             );
             let part = grad.matmul(&w, (1, m, k, s), &g, &Layout::contiguous((s, k)))?;
+            Self::give_back(w, &mut buffer);
             let part = part.as_slice::<T>()?;
-            sum.iter_mut()
-                .zip(part)
+            sum.par_iter_mut()
+                .zip(part.par_iter())
                 .for_each(|(a, b)| *a += b.to_f64() as f32);
         }
-        let out: Vec<T> = sum.into_iter().map(|v| T::from_f64(v as f64)).collect();
+        let out: Vec<T> = sum.into_par_iter().map(|v| T::from_f64(v as f64)).collect();
         Tensor::from_vec(out, (m, k), &candle_core::Device::Cpu)
     }
 }
 
 /// Rows `rows` of `blocks` (on the CPU) dequantized into `out` (their element count) in chunks of whole blocks on
-/// rayon's threads: a row is whole blocks, so the rows are a byte range; each block is decoded by candle's own
-/// `to_float`, so the values are `QTensor::dequantize`'s.
+/// rayon's threads: a row is whole blocks, so the rows are a byte range; each block is decoded by
+/// [`block_decode`]'s vectorized decoder for its type, else by candle's own `to_float`: the values are
+/// `QTensor::dequantize`'s either way.
 pub(crate) fn dequantize_cpu(blocks: &QTensor, rows: Range<usize>, out: &mut [f32]) -> Result<()> {
     use candle_core::quantized::k_quants::*;
     use candle_core::quantized::GgmlDType as G;
@@ -412,6 +432,9 @@ pub(crate) fn dequantize_cpu(blocks: &QTensor, rows: Range<usize>, out: &mut [f3
                 blocks.shape()
             ))
         })?;
+    if let Some(decoder) = block_decode::decoder(block_type) {
+        return decode_with(decoder, block_type, bytes, out);
+    }
     match block_type {
         G::F32 => decode::<f32>(bytes, out),
         G::F16 => decode::<half::f16>(bytes, out),
@@ -429,6 +452,31 @@ pub(crate) fn dequantize_cpu(blocks: &QTensor, rows: Range<usize>, out: &mut [f3
         G::Q6K => decode::<BlockQ6K>(bytes, out),
         G::Q8K => decode::<BlockQ8K>(bytes, out),
     }
+}
+
+/// Blocks of `block_type` through this crate's vectorized `decoder` (candle's values), in tasks of about 64 KiB of
+/// output on rayon's threads.
+fn decode_with(
+    decoder: block_decode::Decoder,
+    block_type: candle_core::quantized::GgmlDType,
+    bytes: &[u8],
+    out: &mut [f32],
+) -> Result<()> {
+    use rayon::prelude::*;
+    let (size, values) = (block_type.type_size(), block_type.block_size());
+    if !bytes.len().is_multiple_of(size) || bytes.len() / size * values != out.len() {
+        bail!(
+            "{block_type:?} blocks: {} bytes do not decode to {} values",
+            bytes.len(),
+            out.len()
+        );
+    }
+    let per_task = (16 * 1024 / values).max(1);
+    bytes
+        .par_chunks(per_task * size)
+        .zip(out.par_chunks_mut(per_task * values))
+        .for_each(|(bytes, out)| decoder(bytes, out));
+    Ok(())
 }
 
 fn decode<T: candle_core::quantized::GgmlType>(bytes: &[u8], out: &mut [f32]) -> Result<()> {

@@ -25,6 +25,7 @@
 //! ```
 
 pub mod base_weights;
+mod block_decode;
 pub mod config;
 pub mod device;
 pub mod files;
