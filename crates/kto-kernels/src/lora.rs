@@ -261,37 +261,9 @@ pub fn lora_epilogue(
     segment_starts: &[usize],
     scale: f64,
 ) -> Result<Tensor> {
-    let cols = base.dim(D::Minus1)?;
-    let (b_rows, rank) = b.dims2()?;
-    check_segments(cols, segment_starts)?;
-    if b_rows != cols || rank == 0 {
-        bail!("lora epilogue: B {:?} for {cols} output columns", b.shape());
-    }
-    if h.dtype() != DType::F32 || b.dtype() != DType::F32 {
-        bail!(
-            "lora epilogue: h is {:?} and B {:?}, both must be f32",
-            h.dtype(),
-            b.dtype()
-        );
-    }
-    let h_cols = h.dim(D::Minus1)?;
-    let rows = base.elem_count() / cols;
-    if h_cols != segment_starts.len() * rank || h.elem_count() != rows * h_cols {
-        bail!(
-            "lora epilogue: h {:?} for a base {:?} with {} segments of rank {rank}",
-            h.shape(),
-            base.shape(),
-            segment_starts.len()
-        );
-    }
-    base.contiguous()?.apply_op3(
-        &h.contiguous()?,
-        &b.contiguous()?,
-        LoraEpilogue {
-            segment_starts: segment_starts.to_vec(),
-            scale,
-        },
-    )
+    let op = LoraEpilogue::new(base.shape(), h, b, segment_starts, scale)?;
+    base.contiguous()?
+        .apply_op3(&h.contiguous()?, &b.contiguous()?, op)
 }
 
 /// The gradients of `h` and `B` for the output gradient `grad` ([M, N], any float dtype; cast to f32):
@@ -326,9 +298,65 @@ pub fn lora_epilogue_backward(
     Ok((Tensor::cat(&dh, 1)?, Tensor::cat(&db, 0)?))
 }
 
-struct LoraEpilogue {
+/// The epilogue as a candle op over (base, h, B). Public so that a caller can run it inside an op of its own right
+/// after the product that makes `base` (kto-model's frozen linear), which then never exists as a tensor of the
+/// graph: this backward needs only `h` and `B`, so a separate `base` tensor would be kept for nothing.
+pub struct LoraEpilogue {
     segment_starts: Vec<usize>,
     scale: f64,
+}
+
+impl LoraEpilogue {
+    /// The epilogue of a base output of `base_shape` ([..., N]) with `h` [M, S·r] and `B` [N, r], both f32; fails
+    /// on any other shapes or segments.
+    pub fn new(
+        base_shape: &Shape,
+        h: &Tensor,
+        b: &Tensor,
+        segment_starts: &[usize],
+        scale: f64,
+    ) -> Result<Self> {
+        let cols = base_shape.dims().last().copied().unwrap_or(1);
+        let (b_rows, rank) = b.dims2()?;
+        check_segments(cols, segment_starts)?;
+        if b_rows != cols || rank == 0 {
+            bail!("lora epilogue: B {:?} for {cols} output columns", b.shape());
+        }
+        if h.dtype() != DType::F32 || b.dtype() != DType::F32 {
+            bail!(
+                "lora epilogue: h is {:?} and B {:?}, both must be f32",
+                h.dtype(),
+                b.dtype()
+            );
+        }
+        let h_cols = h.dim(D::Minus1)?;
+        let rows = base_shape.elem_count() / cols;
+        if h_cols != segment_starts.len() * rank || h.elem_count() != rows * h_cols {
+            bail!(
+                "lora epilogue: h {:?} for a base {:?} with {} segments of rank {rank}",
+                h.shape(),
+                base_shape,
+                segment_starts.len()
+            );
+        }
+        Ok(Self {
+            segment_starts: segment_starts.to_vec(),
+            scale,
+        })
+    }
+
+    /// (dh in `h`'s shape, dB) for the output gradient `grad` ([..., N]), without a graph.
+    pub fn backward(&self, grad: &Tensor, h: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
+        let cols = grad.dim(D::Minus1)?;
+        let rows = grad.elem_count() / cols;
+        let g = grad.reshape((rows, cols))?;
+        // Detached: the gradients must not carry a graph back into the forward (a leaf's gradient is kept as it is
+        // returned, and an optimizer state built from it would hold every step's graph alive).
+        let h2 = h.detach().reshape((rows, h.dim(D::Minus1)?))?;
+        let (dh, db) =
+            lora_epilogue_backward(&g, &h2, &b.detach(), &self.segment_starts, self.scale)?;
+        Ok((dh.reshape(h.shape())?, db))
+    }
 }
 
 impl CustomOp3 for LoraEpilogue {
@@ -406,20 +434,13 @@ impl CustomOp3 for LoraEpilogue {
 
     fn bwd(
         &self,
-        base: &Tensor,
+        _base: &Tensor,
         h: &Tensor,
         b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let cols = base.dim(D::Minus1)?;
-        let rows = base.elem_count() / cols;
-        let g = grad.reshape((rows, cols))?;
-        // Detached: the gradients must not carry a graph back into the forward (a leaf's gradient is kept as it is
-        // returned, and an optimizer state built from it would hold every step's graph alive).
-        let h2 = h.detach().reshape((rows, h.dim(D::Minus1)?))?;
-        let (dh, db) =
-            lora_epilogue_backward(&g, &h2, &b.detach(), &self.segment_starts, self.scale)?;
-        Ok((Some(grad.clone()), Some(dh.reshape(h.shape())?), Some(db)))
+        let (dh, db) = self.backward(grad, h, b)?;
+        Ok((Some(grad.clone()), Some(dh), Some(db)))
     }
 }

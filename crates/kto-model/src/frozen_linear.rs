@@ -19,9 +19,10 @@ use crate::block_decode;
 use candle_core::backend::BackendStorage;
 use candle_core::quantized::QTensor;
 use candle_core::{
-    bail, CpuStorage, CudaStorage, CustomOp1, DType, Layout, MetalStorage, Result, Shape, Storage,
-    Tensor, WithDType,
+    bail, CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, MetalStorage, Result,
+    Shape, Storage, Tensor, WithDType,
 };
+use kto_kernels::lora::LoraEpilogue;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -574,6 +575,42 @@ impl FrozenLinear {
         }
     }
 
+    /// `x` [..., in] → [..., out]: `x Wᵀ (+ b)` followed by the LoRA epilogue `+ scale · h Bᵀ`
+    /// ([`kto_kernels::lora::lora_epilogue`], `h` [M, S·r] and `B` [out, r] in f32, segments as there), the same
+    /// values as the two ops one after the other. Without a bias both run in one op, so the base output is never a
+    /// tensor of the graph: backward needs only `W`, `h` and `B`, and a kept base output would be one more
+    /// activation per linear for nothing (a third of a layer's). With a bias, the two ops.
+    pub fn forward_with_lora(
+        &self,
+        x: &Tensor,
+        h: &Tensor,
+        b: &Tensor,
+        segment_starts: &[usize],
+        scale: f64,
+    ) -> Result<Tensor> {
+        if self.bias.is_some() {
+            let y = self.forward(x)?;
+            return kto_kernels::lora::lora_epilogue(&y, h, b, segment_starts, scale);
+        }
+        let x = x.contiguous()?;
+        let mut base_dims = x.dims().to_vec();
+        if let Some(last) = base_dims.last_mut() {
+            *last = self.out_features();
+        }
+        let epilogue = LoraEpilogue::new(&Shape::from(base_dims), h, b, segment_starts, scale)?;
+        x.apply_op3(
+            &h.contiguous()?,
+            &b.contiguous()?,
+            FrozenMatmulWithLora {
+                matmul: FrozenMatmul {
+                    weight: self.weight.clone(),
+                    slice_elements: self.slice_elements,
+                },
+                epilogue,
+            },
+        )
+    }
+
     /// `grad` [m, out] · `W` [out, in] → [m, in] in the weight's dtype: the input gradient of the product, without
     /// a graph (the LM head's log-prob gradient, [`FrozenMatmul`]'s backward).
     pub fn input_gradient(&self, grad: &Tensor) -> Result<Tensor> {
@@ -724,6 +761,60 @@ impl CustomOp1 for FrozenMatmul {
     }
 }
 
+/// The op behind [`FrozenLinear::forward_with_lora`]: (`x`, `h`, `B`) ↦ the epilogue of `x Wᵀ`, with the product's
+/// output a buffer inside the op, dropped before the op returns.
+struct FrozenMatmulWithLora {
+    matmul: FrozenMatmul,
+    epilogue: LoraEpilogue,
+}
+
+impl CustomOp3 for FrozenMatmulWithLora {
+    fn name(&self) -> &'static str {
+        "frozen-linear-lora"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        h: &CpuStorage,
+        h_layout: &Layout,
+        b: &CpuStorage,
+        b_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (base, shape) = self.matmul.cpu_fwd(x, x_layout)?;
+        self.epilogue
+            .cpu_fwd(&base, &Layout::contiguous(shape), h, h_layout, b, b_layout)
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        x_layout: &Layout,
+        h: &CudaStorage,
+        h_layout: &Layout,
+        b: &CudaStorage,
+        b_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (base, shape) = self.matmul.cuda_fwd(x, x_layout)?;
+        self.epilogue
+            .cuda_fwd(&base, &Layout::contiguous(shape), h, h_layout, b, b_layout)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        h: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad_x = self.matmul.bwd(x, res, grad)?;
+        let (dh, db) = self.epilogue.backward(grad, h, b)?;
+        Ok((grad_x, Some(dh), Some(db)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -777,6 +868,50 @@ mod tests {
             lin16.forward(&x).is_err(),
             "dtype mismatch must be an error"
         );
+        Ok(())
+    }
+
+    /// The base product and the LoRA epilogue in one op give the two ops' output and gradients (of `x`, of the `A`
+    /// behind `h`, of `B`) bit for bit, over a dense weight and a quantized one in slices, with three segments as
+    /// q|k|v has.
+    #[test]
+    fn a_linear_and_its_lora_epilogue_in_one_op_are_the_two_ops_to_the_bit() -> Result<()> {
+        use candle_core::quantized::GgmlDType;
+        let dev = Device::Cpu;
+        let (cols, rows, r, starts) = (256, 12, 2, [0, 5, 8]);
+        let w = Tensor::randn(0f32, 1., (rows, cols), &dev)?;
+        let quantized = FrozenWeight::quantized(
+            vec![Arc::new(QTensor::quantize(&w, GgmlDType::Q4K)?)],
+            DType::F32,
+        )?;
+        for weight in [FrozenWeight::Dense(w.clone()), quantized] {
+            let lin = FrozenLinear::from_weight(weight, None)?.with_slice_elements(5 * cols);
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 3, cols), &dev)?)?;
+            let a = Var::from_tensor(&Tensor::randn(0f32, 0.1, (starts.len() * r, cols), &dev)?)?;
+            let b = Var::from_tensor(&Tensor::randn(0f32, 0.1, (rows, r), &dev)?)?;
+            let probe = Tensor::randn(0f32, 1., (2, 3, rows), &dev)?;
+            let run = |one_op: bool| -> Result<Vec<Vec<f32>>> {
+                let h = x
+                    .as_tensor()
+                    .reshape((6, cols))?
+                    .matmul(&a.as_tensor().t()?)?;
+                let y = if one_op {
+                    lin.forward_with_lora(x.as_tensor(), &h, b.as_tensor(), &starts, 2.0)?
+                } else {
+                    let base = lin.forward(x.as_tensor())?;
+                    kto_kernels::lora::lora_epilogue(&base, &h, b.as_tensor(), &starts, 2.0)?
+                };
+                assert_eq!(y.dims(), [2, 3, rows]);
+                let grads = (&y * &probe)?.sum_all()?.backward()?;
+                let mut values = vec![y.flatten_all()?.to_vec1::<f32>()?];
+                for v in [&x, &a, &b] {
+                    let g = grads.get(v.as_tensor()).expect("a gradient");
+                    values.push(g.flatten_all()?.to_vec1::<f32>()?);
+                }
+                Ok(values)
+            };
+            assert_eq!(run(true)?, run(false)?);
+        }
         Ok(())
     }
 

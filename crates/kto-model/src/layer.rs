@@ -2,7 +2,8 @@
 //!
 //! Shaped like candle-transformers' `models/llama.rs`, with these differences, all for training speed and memory:
 //! the linears that read the same input run as one GEMM over weights concatenated at load (`q|k|v`, `gate|up`), each
-//! followed by the LoRA epilogue (`base + scale · h·Bᵀ` in f32, one rounding, PEFT's semantics); RMSNorm, RoPE (which
+//! followed by the LoRA epilogue (`base + scale · h·Bᵀ` in f32, one rounding, PEFT's semantics) in the same op, so
+//! the base output is not kept for backward; RMSNorm, RoPE (which
 //! also moves q and k into the attention layout), SwiGLU and attention are single ops with their own backward, so
 //! autograd keeps their inputs and nothing of their insides. Base weights are frozen ([`FrozenLinear`]: no weight
 //! gradient is computed).
@@ -124,9 +125,8 @@ impl FusedLinear {
     /// The q|k|v (and gate|up) LoRA inputs share one `x·Aᵀ` GEMM over the stacked `A`s when dropout is off (TRL's
     /// default); with dropout each module draws its own mask, in module order, as separate linears would.
     fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
-        let y = self.base.forward(x)?;
         let Some(adapter) = pass.adapter else {
-            return Ok(y);
+            return Ok(self.base.forward(x)?);
         };
         let pairs: Vec<_> = self
             .modules
@@ -134,7 +134,7 @@ impl FusedLinear {
             .map(|&(target, _, _)| adapter.pair((self.layer, target)))
             .collect();
         if pairs.iter().all(Option::is_none) {
-            return Ok(y);
+            return Ok(self.base.forward(x)?);
         }
         let config = adapter.config();
         let r = config.r;
@@ -184,15 +184,10 @@ impl FusedLinear {
             }
         };
         let starts: Vec<usize> = self.modules.iter().map(|&(_, start, _)| start).collect();
-        let out_dims = y.dims().to_vec();
-        let out = kto_kernels::lora::lora_epilogue(
-            &y.reshape((rows, y.dim(candle_core::D::Minus1)?))?,
-            &h,
-            &cat(&b_rows, 0)?,
-            &starts,
-            config.scale(),
-        )?;
-        Ok(out.reshape(out_dims)?)
+        // The base product and the epilogue as one op: the base output is not kept for backward.
+        Ok(self
+            .base
+            .forward_with_lora(x, &h, &cat(&b_rows, 0)?, &starts, config.scale())?)
     }
 }
 
