@@ -99,6 +99,15 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
+/// The (scale, min) of a K-quant group's low and high sub-blocks: `d·scale` and `dmin·min`, candle's products.
+#[inline(always)]
+fn group_scales(group: usize, d: f32, min: f32, scales: &[u8]) -> ((f32, f32), (f32, f32)) {
+    let (sc, m) = scale_min_k4(2 * group, scales);
+    let low = (d * sc as f32, min * m as f32);
+    let (sc, m) = scale_min_k4(2 * group + 1, scales);
+    (low, (d * sc as f32, min * m as f32))
+}
+
 /// Q4_K: 144 bytes, f16 `d` and `dmin`, 12 scale bytes, 128 bytes of nibbles; 4 groups of 64 values, the 32 low
 /// nibbles of a group's bytes then the 32 high ones, sub-block `s` being `d·scale_s · q − dmin·min_s`.
 #[inline(always)]
@@ -111,10 +120,7 @@ fn q4_k_body(bytes: &[u8], out: &mut [f32]) {
             .zip(y.chunks_exact_mut(64))
             .enumerate()
         {
-            let (sc, m) = scale_min_k4(2 * group, scales);
-            let (d1, m1) = (d * sc as f32, min * m as f32);
-            let (sc, m) = scale_min_k4(2 * group + 1, scales);
-            let (d2, m2) = (d * sc as f32, min * m as f32);
+            let ((d1, m1), (d2, m2)) = group_scales(group, d, min, scales);
             let (low, high) = y.split_at_mut(32);
             for ((l, h), q) in low.iter_mut().zip(high).zip(qs) {
                 *l = d1 * (q & 0x0F) as f32 - m1;
@@ -138,10 +144,7 @@ fn q5_k_body(bytes: &[u8], out: &mut [f32]) {
             .zip(y.chunks_exact_mut(64))
             .enumerate()
         {
-            let (sc, m) = scale_min_k4(2 * group, scales);
-            let (d1, m1) = (d * sc as f32, min * m as f32);
-            let (sc, m) = scale_min_k4(2 * group + 1, scales);
-            let (d2, m2) = (d * sc as f32, min * m as f32);
+            let ((d1, m1), (d2, m2)) = group_scales(group, d, min, scales);
             let (low, high) = y.split_at_mut(32);
             for (((l, h), q), bits) in low.iter_mut().zip(high).zip(qs).zip(qh) {
                 let bits = bits >> (2 * group);
