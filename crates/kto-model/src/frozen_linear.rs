@@ -564,14 +564,18 @@ impl FrozenLinear {
 
     /// `x` [..., in] → [..., out], in the weight's dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = x.contiguous()?;
-        let y = x.apply_op1(FrozenMatmul {
-            weight: self.weight.clone(),
-            slice_elements: self.slice_elements,
-        })?;
+        let y = x.contiguous()?.apply_op1(self.matmul())?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
+        }
+    }
+
+    /// The op of this linear's product `x Wᵀ`.
+    fn matmul(&self) -> FrozenMatmul {
+        FrozenMatmul {
+            weight: self.weight.clone(),
+            slice_elements: self.slice_elements,
         }
     }
 
@@ -602,10 +606,7 @@ impl FrozenLinear {
             &h.contiguous()?,
             &b.contiguous()?,
             FrozenMatmulWithLora {
-                matmul: FrozenMatmul {
-                    weight: self.weight.clone(),
-                    slice_elements: self.slice_elements,
-                },
+                matmul: self.matmul(),
                 epilogue,
             },
         )

@@ -3,9 +3,9 @@
 //! Shaped like candle-transformers' `models/llama.rs`, with these differences, all for training speed and memory:
 //! the linears that read the same input run as one GEMM over weights concatenated at load (`q|k|v`, `gate|up`), each
 //! followed by the LoRA epilogue (`base + scale · h·Bᵀ` in f32, one rounding, PEFT's semantics) in the same op, so
-//! the base output is not kept for backward; RMSNorm, RoPE (which
-//! also moves q and k into the attention layout), SwiGLU and attention are single ops with their own backward, so
-//! autograd keeps their inputs and nothing of their insides. Base weights are frozen ([`FrozenLinear`]: no weight
+//! the base output is not kept for backward; RMSNorm, RoPE (which also moves q and k into the attention layout),
+//! SwiGLU and attention are single ops with their own backward, so autograd keeps their inputs and nothing of their
+//! insides. Base weights are frozen ([`FrozenLinear`]: no weight
 //! gradient is computed).
 
 use crate::base_weights::BaseWeights;
