@@ -129,18 +129,11 @@ done
 model_dir() {
   case $1 in
     tiny) echo "$root/assets/tiny-llama" ;;
-    smollm2)
-      local d=$work/smollm2-random
-      if [ ! -f "$d/model.safetensors" ]; then
-        log "making the SmolLM2-135M-shaped checkpoint in $d (once)"
-        "$py" "$helper" make-smollm2 "$root/assets/tiny-llama" "$d" >&2
-      fi
-      echo "$d" ;;
-    tinyllama)
-      local d=$work/tinyllama-random
+    smollm2|tinyllama)  # random checkpoints of the real shapes, made once (tinyllama: 4.4 GB, sharded)
+      local d=$work/$1-random
       if [ ! -f "$d/model.safetensors.index.json" ] && [ ! -f "$d/model.safetensors" ]; then
-        log "making the TinyLlama-1.1B-shaped checkpoint in $d (once; 4.4 GB)"
-        "$py" "$helper" make-tinyllama "$root/assets/tiny-llama" "$d" >&2
+        log "making the $1-shaped checkpoint in $d (once)"
+        "$py" "$helper" make-$1 "$root/assets/tiny-llama" "$d" >&2
       fi
       echo "$d" ;;
     smollm2-gguf)

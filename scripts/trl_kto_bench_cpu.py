@@ -200,7 +200,13 @@ def kto_parts(run):
     return set(run.split("-")[1:])
 
 
+# KTO_BIN_BASELINE's row: another binary with the default settings, not a setting of this one.
+BASELINE = "kto-baseline"
+
+
 def kto_label(run):
+    if run == BASELINE:
+        return run
     words = {"plain": "padding_free and kl_prefix_sharing off", "gc": "gradient_checkpointing on"}
     said = [words.get(p, f'quantize = "{p}"') for p in sorted(kto_parts(run), key=lambda p: p not in words)]
     return ", ".join(["kto"] + said)
@@ -208,6 +214,8 @@ def kto_label(run):
 
 def unquantized_twin(run, runs):
     """The run of the same settings on the base as the file has it (quantize = "none"), when measured."""
+    if run == BASELINE:
+        return None
     quantized = {p for p in kto_parts(run) if p not in ("plain", "gc")}
     twin = [r for r in runs if r.startswith("kto") and kto_parts(r) == kto_parts(run) - quantized]
     return twin[0] if quantized and twin else None
